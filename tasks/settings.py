@@ -1,0 +1,91 @@
+"""Typed settings, read from the environment (prefix ``CQRS_``) with defaults that match the
+local stack, so the same code points at a remote ScyllaDB cluster, Kafka and Postgres.
+
+Secrets are ``SecretStr``: they never print in logs, reprs or Prefect parameters. In a
+Prefect deployment they may instead come from Secret blocks (see ``secret_or_env``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class PostgresSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CQRS_PG_")
+
+    host: str = "127.0.0.1"
+    port: int = 54329
+    database: str = "cqrs"
+    admin_user: str = "postgres"
+    admin_password: SecretStr = SecretStr("postgres-local")
+    app_user: str = "cqrs_app"
+    app_password: SecretStr = SecretStr("app-local")
+    reader_user: str = "cqrs_reader"
+    reader_password: SecretStr = SecretStr("reader-local")
+    debezium_user: str = "cqrs_debezium"
+    debezium_password: SecretStr = SecretStr("debezium-local")
+    slot_name: str = "cqrs_sync"
+    publication_name: str = "cqrs_sync"
+
+    def conninfo(self, role: str = "app") -> str:
+        """A libpq connection string for one of the roles: admin, app, reader, debezium."""
+        user, password = {
+            "admin": (self.admin_user, self.admin_password),
+            "app": (self.app_user, self.app_password),
+            "reader": (self.reader_user, self.reader_password),
+            "debezium": (self.debezium_user, self.debezium_password),
+        }[role]
+        return (
+            f"host={self.host} port={self.port} dbname={self.database} "
+            f"user={user} password={password.get_secret_value()} application_name=cqrs-sync"
+        )
+
+
+class ScyllaSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CQRS_SCYLLA_")
+
+    contact_points: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
+    port: int = 9042
+    keyspace: str = "cqrs"
+    # Replication for the keyspace the migration creates; production passes e.g.
+    # {"class": "NetworkTopologyStrategy", "dc1": 3}.
+    replication: dict[str, str | int] = Field(
+        default_factory=lambda: {"class": "SimpleStrategy", "replication_factor": 1}
+    )
+    local_dc: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    request_timeout_s: float = 10.0
+    # Writes in flight at once from one process (execute_concurrent's window).
+    concurrency: int = 64
+
+
+class KafkaSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CQRS_KAFKA_")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = "cqrs"
+    consumer_group: str = "cqrs-sync-cdc"
+    dead_letter_topic: str = "cqrs.dlq"
+    connect_url: str = "http://127.0.0.1:8083"
+    connector_name: str = "cqrs-postgres"
+
+    def topic(self, table: str) -> str:
+        return f"{self.topic_prefix}.public.{table}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CQRS_")
+
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings)
+    scylla: ScyllaSettings = Field(default_factory=ScyllaSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    prefect_api_url: str = "http://127.0.0.1:4200/api"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
