@@ -382,7 +382,8 @@ def cassandra_start() -> None:
         .splitlines() if line.strip() and not line.startswith("#")
     ]
     spawn("cassandra", [
-        java, "-Xms1g", "-Xmx1g", "-Xss512k", "-XX:+UseG1GC", f"-javaagent:{jamm}",
+        java, "-Xms1g", "-Xmx1g", "-Xss512k", "-XX:+UseG1GC", "-XX:+ExitOnOutOfMemoryError",
+        f"-javaagent:{jamm}",
         *jvm_flags,
         f"-Dcassandra.config=file://{yaml}", "-Dcassandra-foreground=yes",
         f"-Dcassandra.storagedir={home}", f"-Dcassandra.logdir={LOGS}",

@@ -1,0 +1,48 @@
+# cqrs-sync: the two commands a new user needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PY    := .venv/bin/python
+export PREFECT_API_URL ?= http://127.0.0.1:4200/api
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.stack/data/prefect-client
+
+.PHONY: venv up down status clean schemas demo test test-unit lint bench cdc
+
+venv: .venv/.installed
+.venv/.installed: pyproject.toml
+	@command -v python3 >/dev/null || { echo "python3 (>= 3.11) is required"; exit 1; }
+	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is required, found $$(python3 --version)"; exit 1; }
+	@[ -x $(PY) ] || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+up: venv          ## start the local stack (idempotent)
+	$(PY) -m infra.stack up
+
+down: venv        ## stop what `up` started, keep data
+	$(PY) -m infra.stack down
+
+status: venv      ## exit 0 only when every service is healthy
+	$(PY) -m infra.stack status
+
+clean: venv       ## stop and remove data and logs (the jar cache stays)
+	$(PY) -m infra.stack clean
+
+schemas: up       ## apply schemas and register the Debezium connector
+	$(PY) -m flows.setup
+
+demo: schemas     ## the main job: the whole system at work on the local stack
+	$(PY) -m flows.demo
+
+test: up          ## install, start the stack, run every test
+	$(PY) -m pytest
+
+test-unit: venv   ## pure tests only, no stack
+	$(PY) -m pytest tests/unit
+
+lint: venv
+	$(PY) -m ruff check tasks flows deployments infra tests
+	$(PY) -m mypy tasks flows infra
+
+cdc: schemas      ## run the CDC consumer in the foreground until interrupted
+	$(PY) -m flows.cdc

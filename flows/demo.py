@@ -1,0 +1,92 @@
+"""The main job: the whole system at work on the local stack.
+
+    make demo        (= make up, python -m flows.setup, python -m flows.demo)
+
+1. writes a sample conversation to Postgres (a session, human and agent turns, agent steps);
+2. shows the Debezium change events arriving in Kafka, one line per event.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from confluent_kafka import Consumer, TopicPartition
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+
+from tasks import kafka, postgres
+from tasks.settings import get_settings
+
+
+def end_offsets(consumer: Consumer, topics: list[str]) -> list[TopicPartition]:
+    parts = []
+    for topic in topics:
+        for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions:
+            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            parts.append(TopicPartition(topic, p, high))
+    return parts
+
+
+@task(cache_policy=NONE)
+def write_sample_conversation() -> dict[str, str]:
+    user_id, session_id = uuid.uuid4(), uuid.uuid4()
+    human_id, agent_id = uuid.uuid4(), uuid.uuid4()
+    with postgres.connect("app") as conn:
+        conn.execute("INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, %s)",
+                     (session_id, user_id, "Planning a trip to Lisbon"))
+        conn.execute("INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, %s)",
+                     (human_id, session_id, "What should I see in Lisbon in two days?"))
+        conn.execute("INSERT INTO agent_turns (id, session_id, content, model) "
+                     "VALUES (%s, %s, %s, %s)",
+                     (agent_id, session_id, "Day 1: Alfama and Belém; day 2: Sintra.", "demo-1"))
+        for kind, payload in (("tool_call", {"tool": "search", "q": "Lisbon sights"}),
+                              ("tool_result", {"hits": 12}),
+                              ("answer", {"tokens": 48})):
+            conn.execute("INSERT INTO steps (id, agent_turn_id, session_id, kind, payload) "
+                         "VALUES (%s, %s, %s, %s, %s)",
+                         (uuid.uuid4(), agent_id, session_id, kind, json.dumps(payload)))
+        conn.execute("UPDATE sessions SET title = %s WHERE id = %s",
+                     ("Two days in Lisbon", session_id))
+        conn.commit()
+    return {"user_id": str(user_id), "session_id": str(session_id)}
+
+
+@task(cache_policy=NONE)  # a live consumer is not hashable input
+def show_change_events(consumer: Consumer, session_id: str, expected: int,
+                       timeout_s: float = 30) -> int:
+    log = get_run_logger()
+    seen, deadline = 0, time.monotonic() + timeout_s
+    while seen < expected and time.monotonic() < deadline:
+        msg = consumer.poll(0.5)
+        if msg is None or msg.error() or msg.value() is None:
+            continue
+        event = json.loads(msg.value())
+        row = event["after"] or event["before"]
+        if str(row.get("session_id", row.get("id"))) != session_id:
+            continue
+        seen += 1
+        lag_ms = time.time() * 1000 - event["source"]["ts_ms"]
+        log.info("%-28s op=%s lsn=%s commit→seen %.0f ms  %s", msg.topic(), event["op"],
+                 event["source"]["lsn"], lag_ms,
+                 {k: row[k] for k in list(row)[:4]})
+    return seen
+
+
+@flow(name="demo")
+def demo_flow() -> None:
+    log = get_run_logger()
+    consumer = Consumer(kafka.consumer_config(**{"group.id": f"demo-{uuid.uuid4()}"}))
+    consumer.assign(end_offsets(consumer, kafka.change_topics()))
+    ids = write_sample_conversation()
+    log.info("wrote session %s for user %s to Postgres", ids["session_id"], ids["user_id"])
+    # 1 session insert + 2 turns (each also updates the session header) + 3 steps + 1 rename.
+    seen = show_change_events(consumer, ids["session_id"], expected=9)
+    consumer.close()
+    log.info("%d change events arrived in Kafka (topic prefix %r)", seen,
+             get_settings().kafka.topic_prefix)
+
+
+if __name__ == "__main__":
+    demo_flow()

@@ -1,0 +1,81 @@
+"""Set-up flow: apply the write-model and read-model schemas (idempotent, recorded) and
+register the Debezium connector, then report the connector's and the slot's state.
+
+    python -m flows.setup
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from prefect import flow, get_run_logger, task
+
+from tasks import kafka, postgres, scylla
+from tasks.errors import is_transient
+from tasks.kafka_connect import ConnectorState, register_connector
+from tasks.settings import get_settings
+
+
+@task(retries=5, retry_delay_seconds=3, retry_condition_fn=lambda t, r, s: _transient(s))
+def apply_postgres_schema() -> list[str]:
+    return postgres.migrate()
+
+
+@task(retries=5, retry_delay_seconds=3, retry_condition_fn=lambda t, r, s: _transient(s))
+def apply_scylla_schema() -> list[str]:
+    session = scylla.connect()
+    try:
+        return scylla.migrate(session)
+    finally:
+        scylla.close(session)
+
+
+@task(retries=5, retry_delay_seconds=3, retry_condition_fn=lambda t, r, s: _transient(s))
+def create_topics() -> list[str]:
+    return kafka.ensure_topics()
+
+
+@task(retries=5, retry_delay_seconds=3, retry_condition_fn=lambda t, r, s: _transient(s))
+def register_debezium_connector() -> ConnectorState:
+    return register_connector()
+
+
+def _transient(state: object) -> bool:
+    try:
+        state.result()  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - we only classify it
+        return is_transient(exc)
+    return False
+
+
+@flow(name="setup", log_prints=False)
+def setup_flow(register_connector: bool = True) -> dict[str, object]:
+    log = get_run_logger()
+    pg = apply_postgres_schema()
+    log.info("Postgres migrations applied now: %s", pg or "none (up to date)")
+    cql = apply_scylla_schema()
+    log.info("Scylla migrations applied now: %s", cql or "none (up to date)")
+    result: dict[str, object] = {"postgres": pg, "scylla": cql}
+    if register_connector:
+        log.info("Kafka topics created now: %s", create_topics() or "none (all exist)")
+        state = register_debezium_connector()
+        slot = postgres.slot_status()
+        log.info("connector %s: %s, tasks %s; slot %s exists=%s active=%s retained=%s bytes",
+                 state.name, state.connector_state, state.task_states, slot.name, slot.exists,
+                 slot.active, slot.retained_bytes)
+        result["connector"] = state.connector_state
+        result["slot_active"] = slot.active
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.setup", description=__doc__)
+    parser.add_argument("--no-connector", action="store_true",
+                        help="apply schemas only; do not register the Debezium connector")
+    args = parser.parse_args()
+    print(setup_flow(register_connector=not args.no_connector))
+    print(f"topics: {[get_settings().kafka.topic(t) for t in ('sessions', 'human_turns')]} ...")
+
+
+if __name__ == "__main__":
+    main()

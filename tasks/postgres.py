@@ -1,0 +1,104 @@
+"""PostgreSQL adapter: connections per role, the migration runner for the write model, and the
+replication slot's health (existence, activity, retained WAL)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from tasks.errors import ConfigurationError, ServiceUnavailable
+from tasks.settings import PostgresSettings, get_settings
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas" / "postgres"
+
+
+def connect(role: str = "app", settings: PostgresSettings | None = None,
+            autocommit: bool = False) -> psycopg.Connection:
+    """A connection as one of the least-privilege roles (admin, app, reader, debezium)."""
+    cfg = settings or get_settings().postgres
+    try:
+        return psycopg.connect(cfg.conninfo(role), autocommit=autocommit, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        # The message names host and port but never the password.
+        raise ServiceUnavailable("PostgreSQL", f"{cfg.host}:{cfg.port} as {role}: "
+                                 f"{str(exc).splitlines()[0]}") from exc
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    path: Path
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+def migrations(directory: Path = SCHEMA_DIR, suffix: str = ".sql") -> list[Migration]:
+    return [Migration(p.stem, p) for p in sorted(directory.glob(f"*{suffix}"))]
+
+
+def migrate(settings: PostgresSettings | None = None) -> list[str]:
+    """Apply the write-model migrations not applied yet, each in its own transaction, and
+    record them; set the roles' passwords from the settings. Returns the versions applied."""
+    cfg = settings or get_settings().postgres
+    applied_now: list[str] = []
+    with connect("admin", cfg) as conn:
+        conn.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
+                          version text PRIMARY KEY, checksum text NOT NULL,
+                          applied_at timestamptz NOT NULL DEFAULT now())""")
+        conn.commit()
+        done = dict(conn.execute("SELECT version, checksum FROM schema_migrations").fetchall())
+        for m in migrations():
+            if m.version in done:
+                if done[m.version] != m.checksum:
+                    raise ConfigurationError(
+                        f"migration {m.path.name} changed after it was applied; add a new "
+                        f"migration instead of editing an applied one")
+                continue
+            with conn.transaction():
+                conn.execute(m.path.read_text())  # type: ignore[call-overload]
+                conn.execute("INSERT INTO schema_migrations (version, checksum) VALUES (%s, %s)",
+                             (m.version, m.checksum))
+            applied_now.append(m.version)
+        # Passwords come from the environment every time, so rotating one is a re-run.
+        for role, user, secret in (("app", cfg.app_user, cfg.app_password),
+                                   ("reader", cfg.reader_user, cfg.reader_password),
+                                   ("debezium", cfg.debezium_user, cfg.debezium_password)):
+            conn.execute(sql.SQL("ALTER ROLE {} WITH PASSWORD {}").format(
+                sql.Identifier(user), sql.Literal(secret.get_secret_value())))
+        conn.commit()
+    return applied_now
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    name: str
+    exists: bool
+    active: bool = False
+    plugin: str | None = None
+    wal_status: str | None = None
+    # Bytes of WAL the slot holds back (current LSN minus confirmed flush LSN).
+    retained_bytes: int | None = None
+    confirmed_flush_lsn: str | None = None
+    current_lsn: str | None = None
+
+
+def slot_status(settings: PostgresSettings | None = None) -> SlotStatus:
+    cfg = settings or get_settings().postgres
+    with connect("reader", cfg, autocommit=True) as conn:
+        current = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        row = conn.execute(
+            """SELECT active, plugin, wal_status, confirmed_flush_lsn::text,
+                      pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+                 FROM pg_replication_slots WHERE slot_name = %s""", (cfg.slot_name,)).fetchone()
+    if row is None:
+        return SlotStatus(cfg.slot_name, exists=False, current_lsn=current[0] if current else None)
+    active, plugin, wal_status, flush, retained = row
+    return SlotStatus(cfg.slot_name, True, bool(active), plugin, wal_status,
+                      int(retained) if retained is not None else None, flush,
+                      current[0] if current else None)

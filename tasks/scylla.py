@@ -1,0 +1,137 @@
+"""Scylla/Cassandra adapter: the session factory, the read-model migration runner, and the
+writer that applies projected mutations with prepared statements, concurrently, each with its
+own ``USING TIMESTAMP``.
+
+The same code serves ScyllaDB in production (scylla-driver is shard-aware there) and Apache
+Cassandra 5.0 locally and in tests."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cassandra import DriverException, OperationTimedOut, Unavailable, WriteTimeout
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
+from cassandra.concurrent import execute_concurrent
+from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+from cassandra.query import PreparedStatement
+
+from tasks.errors import ConfigurationError, ServiceUnavailable, TransientError
+from tasks.projection import Mutation, to_cql
+from tasks.settings import ScyllaSettings, get_settings
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas" / "scylla"
+TRANSIENT_DRIVER_ERRORS = (NoHostAvailable, OperationTimedOut, WriteTimeout, Unavailable,
+                           DriverException, ConnectionError, OSError)
+
+
+def connect(settings: ScyllaSettings | None = None, keyspace: str | None = None) -> Session:
+    cfg = settings or get_settings().scylla
+    profile = ExecutionProfile(
+        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=cfg.local_dc)),
+        request_timeout=cfg.request_timeout_s,
+    )
+    auth = (PlainTextAuthProvider(cfg.username, cfg.password.get_secret_value())
+            if cfg.username and cfg.password else None)
+    cluster = Cluster(cfg.contact_points, port=cfg.port, auth_provider=auth,
+                      execution_profiles={EXEC_PROFILE_DEFAULT: profile}, protocol_version=4,
+                      connect_timeout=5)
+    try:
+        return cluster.connect(keyspace)
+    except NoHostAvailable as exc:
+        cluster.shutdown()
+        raise ServiceUnavailable("Scylla", f"{cfg.contact_points}:{cfg.port}: {exc}") from exc
+
+
+def close(session: Session) -> None:
+    session.cluster.shutdown()
+
+
+def _statements(cql: str) -> list[str]:
+    without_comments = re.sub(r"--[^\n]*", "", cql)
+    return [s.strip() for s in without_comments.split(";") if s.strip()]
+
+
+def migrate(session: Session, settings: ScyllaSettings | None = None) -> list[str]:
+    """Create the keyspace and apply the read-model CQL files not applied yet; records them
+    in ``<keyspace>.schema_migrations``. Returns the versions applied now."""
+    cfg = settings or get_settings().scylla
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,47}", cfg.keyspace):
+        raise ConfigurationError(f"invalid keyspace name {cfg.keyspace!r}")
+    replication = ", ".join(f"'{k}': " + (f"'{v}'" if isinstance(v, str) else str(v))
+                            for k, v in cfg.replication.items())
+    session.execute(f"CREATE KEYSPACE IF NOT EXISTS {cfg.keyspace} "
+                    f"WITH replication = {{{replication}}}")
+    session.set_keyspace(cfg.keyspace)
+    session.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                    "(version text PRIMARY KEY, checksum text, applied_at timestamp)")
+    done = {r.version: r.checksum for r in session.execute("SELECT * FROM schema_migrations")}
+    applied: list[str] = []
+    for path in sorted(SCHEMA_DIR.glob("*.cql")):
+        checksum = hashlib.sha256(path.read_bytes()).hexdigest()
+        if path.stem in done:
+            if done[path.stem] != checksum:
+                raise ConfigurationError(f"{path.name} changed after it was applied; add a new "
+                                         f"file instead of editing an applied one")
+            continue
+        for statement in _statements(path.read_text()):
+            session.execute(statement, timeout=60)
+        session.execute("INSERT INTO schema_migrations (version, checksum, applied_at) "
+                        "VALUES (%s, %s, toTimestamp(now()))", (path.stem, checksum))
+        applied.append(path.stem)
+    return applied
+
+
+class ScyllaWriter:
+    """Applies mutations with prepared statements (cached by statement text) and bounded
+    concurrency. Every statement carries its own USING TIMESTAMP, so the order in which the
+    writes land does not matter."""
+
+    def __init__(self, session: Session, keyspace: str | None = None,
+                 concurrency: int | None = None) -> None:
+        cfg = get_settings().scylla
+        self.session = session
+        self.keyspace = keyspace or cfg.keyspace
+        self.concurrency = concurrency or cfg.concurrency
+        self._prepared: dict[str, PreparedStatement] = {}
+
+    def prepare(self, cql: str) -> PreparedStatement:
+        stmt = self._prepared.get(cql)
+        if stmt is None:
+            stmt = self._prepared[cql] = self.session.prepare(cql)
+        return stmt
+
+    def bound(self, mutations: Iterable[Mutation]) -> list[tuple[PreparedStatement, Sequence[Any]]]:
+        out = []
+        for m in mutations:
+            cql, params = to_cql(m, self.keyspace)
+            out.append((self.prepare(cql), params))
+        return out
+
+    def write(self, mutations: Sequence[Mutation], timeout: float | None = None) -> int:
+        """Write all mutations; raise TransientError if any failed (the caller retries the
+        whole batch: the writes are idempotent)."""
+        if not mutations:
+            return 0
+        try:
+            statements = self.bound(mutations)
+            if timeout is not None:
+                futures = [self.session.execute_async(s, p, timeout=timeout)
+                           for s, p in statements]
+                for f in futures:
+                    f.result()
+                return len(statements)
+            results = execute_concurrent(self.session, statements, concurrency=self.concurrency,
+                                         raise_on_first_error=True)
+        except TRANSIENT_DRIVER_ERRORS as exc:
+            raise TransientError(f"Scylla write of {len(mutations)} mutations failed: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        failed = [r.result_or_exc for r in results if not r.success]
+        if failed:
+            raise TransientError(f"{len(failed)} of {len(mutations)} Scylla writes failed: "
+                                 f"{failed[0]!r}")
+        return len(statements)

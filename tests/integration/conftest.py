@@ -1,0 +1,44 @@
+"""Integration tests run on the real local stack (`make test` starts it). A stack that is not
+up fails these tests loudly; they are never skipped."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from cassandra.cluster import Session
+
+from infra import stack
+from tasks import postgres, scylla
+from tasks.settings import get_settings
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stack_ready() -> None:
+    os.environ.setdefault("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    unhealthy = [s.name for s in stack.SERVICES if not s.healthy()]
+    assert not unhealthy, f"the local stack is not healthy ({unhealthy}): run `make up`"
+    from flows.setup import setup_flow
+
+    result = setup_flow()
+    assert result["connector"] == "RUNNING", result
+
+
+@pytest.fixture(scope="session")
+def cql() -> Iterator[Session]:
+    session = scylla.connect(keyspace=get_settings().scylla.keyspace)
+    yield session
+    scylla.close(session)
+
+
+@pytest.fixture()
+def pg_app():
+    with postgres.connect("app") as conn:
+        yield conn
+
+
+@pytest.fixture()
+def pg_admin():
+    with postgres.connect("admin") as conn:
+        yield conn
