@@ -1,0 +1,482 @@
+"""The projection: one source change in, read-model mutations out. Pure: no I/O.
+
+CDC, backfill, dual-write and audit all go through this module, so one source row version
+always becomes the same cells with the same write timestamp (DESIGN.md, "the one rule"):
+
+- an Upsert/Delete carries ``timestamp_us`` = the source row's version (``updated_at`` in µs),
+  or, for a delete, the delete's commit time; Scylla's last-write-wins then makes replays,
+  duplicates, reordering and backfill/CDC overlap converge, and tombstones beat late events;
+- values are canonical: UUIDs, UTC datetimes truncated to the millisecond that a CQL
+  ``timestamp`` keeps, payload as canonical JSON text; so what we write equals what we read.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import re
+import uuid
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from typing import Any, Final, Literal
+
+from tasks.errors import DecodeError, InvalidInput
+
+SOURCE_TABLES: Final = ("sessions", "human_turns", "agent_turns", "steps")
+READ_MODELS: Final = (
+    "recent_conversations",
+    "conversation_timeline",
+    "sessions_by_id",
+    "steps_by_turn",
+)
+
+# Primary key and other columns of each read model, in schemas/scylla order.
+KEY_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
+    "recent_conversations": ("user_id", "created_at", "session_id"),
+    "conversation_timeline": ("session_id", "created_at", "turn_id"),
+    "sessions_by_id": ("session_id",),
+    "steps_by_turn": ("agent_turn_id", "created_at", "step_id"),
+}
+VALUE_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
+    "recent_conversations": ("title", "last_message", "last_message_at", "turn_count"),
+    "conversation_timeline": ("role", "content", "model"),
+    "sessions_by_id": (
+        "user_id", "title", "created_at", "last_message", "last_message_at", "turn_count",
+    ),
+    "steps_by_turn": ("session_id", "kind", "payload"),
+}
+
+# Write-model columns and their types (schemas/postgres/0001). Others are ignored, so a column
+# added to Postgres later does not break decoding.
+COLUMNS: Final[Mapping[str, Mapping[str, str]]] = {
+    "sessions": {
+        "id": "uuid", "user_id": "uuid", "title": "text", "created_at": "timestamptz",
+        "updated_at": "timestamptz", "last_message": "text", "last_message_at": "timestamptz",
+        "turn_count": "int",
+    },
+    "human_turns": {
+        "id": "uuid", "session_id": "uuid", "content": "text",
+        "created_at": "timestamptz", "updated_at": "timestamptz",
+    },
+    "agent_turns": {
+        "id": "uuid", "session_id": "uuid", "content": "text", "model": "text",
+        "created_at": "timestamptz", "updated_at": "timestamptz",
+    },
+    "steps": {
+        "id": "uuid", "agent_turn_id": "uuid", "session_id": "uuid", "kind": "text",
+        "payload": "jsonb", "created_at": "timestamptz", "updated_at": "timestamptz",
+    },
+}
+_NULLABLE: Final = frozenset({("sessions", "last_message_at")})
+
+PLACEHOLDER_TEXT: Final = "__debezium_unavailable_value"
+
+
+class _Unavailable(Enum):
+    TOKEN = PLACEHOLDER_TEXT
+
+    def __repr__(self) -> str:
+        return "UNAVAILABLE"
+
+
+# Debezium's TOAST placeholder once normalized: an object no real column value can equal.
+UNAVAILABLE: Final = _Unavailable.TOKEN
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    table: str
+    op: Literal["c", "u", "d", "r"]
+    before: Mapping[str, Any] | None
+    after: Mapping[str, Any] | None
+    version_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Upsert:
+    read_model: str
+    key: tuple[tuple[str, Any], ...]
+    values: tuple[tuple[str, Any], ...]
+    timestamp_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    read_model: str
+    key: tuple[tuple[str, Any], ...]
+    timestamp_us: int
+
+
+Mutation = Upsert | Delete
+Key = tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    """How one source table feeds one read model: (read-model column, source column) pairs."""
+
+    read_model: str
+    key: tuple[tuple[str, str], ...]
+    values: tuple[tuple[str, str], ...]
+    constants: tuple[tuple[str, str], ...] = ()
+
+
+_SESSION_VALUES = (("title", "title"), ("last_message", "last_message"),
+                   ("last_message_at", "last_message_at"), ("turn_count", "turn_count"))
+_TURN_KEY = (("session_id", "session_id"), ("created_at", "created_at"), ("turn_id", "id"))
+_SPECS: Final[Mapping[str, tuple[_Spec, ...]]] = {
+    "sessions": (
+        _Spec("recent_conversations",
+              (("user_id", "user_id"), ("created_at", "created_at"), ("session_id", "id")),
+              _SESSION_VALUES),
+        _Spec("sessions_by_id", (("session_id", "id"),),
+              (("user_id", "user_id"), ("title", "title"), ("created_at", "created_at"),
+               *_SESSION_VALUES[1:])),
+    ),
+    # Human turns have no model: writing None would put a tombstone cell in the row.
+    "human_turns": (
+        _Spec("conversation_timeline", _TURN_KEY, (("content", "content"),), (("role", "human"),)),
+    ),
+    "agent_turns": (
+        _Spec("conversation_timeline", _TURN_KEY, (("content", "content"), ("model", "model")),
+              (("role", "agent"),)),
+    ),
+    "steps": (
+        _Spec("steps_by_turn",
+              (("agent_turn_id", "agent_turn_id"), ("created_at", "created_at"),
+               ("step_id", "id")),
+              (("session_id", "session_id"), ("kind", "kind"), ("payload", "payload"))),
+    ),
+}
+
+# --------------------------------------------------------------------------------------------
+# Normalization: Debezium JSON values or native driver values -> one canonical Python form.
+
+
+class _CanonicalJson(str):
+    """JSON text already in canonical form: normalizing it again skips a parse and a dump."""
+
+    __slots__ = ()
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US: Final = timedelta(microseconds=1)
+_ISO = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?"
+    r"(Z|[+-]\d\d(?::?\d\d)?)\Z"
+)
+
+
+def _to_uuid(v: Any) -> uuid.UUID:
+    if isinstance(v, uuid.UUID):
+        return v
+    if isinstance(v, str):
+        return uuid.UUID(v)
+    if isinstance(v, bytes | bytearray) and len(v) == 16:  # pyarrow fixed_size_binary(16)
+        return uuid.UUID(bytes=bytes(v))
+    raise TypeError(f"expected a uuid, got {type(v).__name__}")
+
+
+def _to_datetime(v: Any) -> datetime:
+    if isinstance(v, datetime):
+        if v.utcoffset() is None:
+            # A naive value is ambiguous (local? UTC?): refuse rather than guess.
+            raise ValueError("naive datetime; timestamps must be timezone-aware")
+        u = v.astimezone(UTC)
+        # Rebuild subclasses (pandas.Timestamp) as a plain datetime, dropping nanoseconds.
+        return u if type(u) is datetime else datetime(
+            u.year, u.month, u.day, u.hour, u.minute, u.second, u.microsecond, tzinfo=UTC)
+    if isinstance(v, str):
+        m = _ISO.match(v)
+        if m is None:
+            raise ValueError("not an ISO-8601 timestamp with a UTC offset")
+        y, mo, d, h, mi, s, frac, tz = m.groups()
+        micros = int((frac or "").ljust(9, "0")[:6])  # Postgres keeps µs; drop finer digits
+        offset = timedelta(0)
+        if tz != "Z":
+            digits = tz[1:].replace(":", "")
+            offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
+            offset = -offset if tz[0] == "-" else offset
+        local = datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), micros, tzinfo=UTC)
+        return local - offset
+    raise TypeError(f"expected a timestamp, got {type(v).__name__}")
+
+
+def _to_text(v: Any) -> str:
+    if isinstance(v, str):
+        return v if type(v) is str else str(v)
+    raise TypeError(f"expected text, got {type(v).__name__}")
+
+
+def _to_int(v: Any) -> int:
+    if isinstance(v, bool) or not hasattr(type(v), "__index__"):
+        raise TypeError(f"expected an integer, got {type(v).__name__}")
+    i = operator.index(v)  # also numpy integers
+    if not -(2**31) <= i < 2**31:
+        raise ValueError("out of range for a CQL int")
+    return i
+
+
+def _to_json(v: Any) -> _CanonicalJson:
+    if isinstance(v, _CanonicalJson):
+        return v
+    if isinstance(v, str | bytes | bytearray):
+        # JSON text: Debezium sends jsonb as text, and so does `payload::text`. A psycopg jsonb
+        # value that is a bare JSON string would be ambiguous here: read jsonb as text then.
+        obj = json.loads(v)
+    elif v is None or isinstance(v, dict | list | int | float):
+        obj = v  # decoded JSON (psycopg's jsonb loader); None is JSON null (column NOT NULL)
+    else:
+        raise TypeError(f"expected JSON, got {type(v).__name__}")
+    return _CanonicalJson(canonical_json(obj))
+
+
+def canonical_json(obj: Any) -> str:
+    """The one text form of a JSON value, whichever path decoded it."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+_CONVERT: Final = {"uuid": _to_uuid, "timestamptz": _to_datetime, "text": _to_text,
+                   "int": _to_int, "jsonb": _to_json}
+
+
+def _columns(table: str) -> Mapping[str, str]:
+    try:
+        return COLUMNS[table]
+    except (KeyError, TypeError):
+        raise DecodeError(f"unknown source table {table!r}") from None
+
+
+def _is_null(v: Any) -> bool:
+    # pandas gives NaT / NaN for SQL NULL; they are the only values unequal to themselves.
+    return v is None or (isinstance(v, float | datetime) and v != v)
+
+
+def _is_placeholder_text(v: Any) -> bool:
+    return isinstance(v, str) and v == PLACEHOLDER_TEXT
+
+
+def normalize_row(
+    table: str,
+    raw: Mapping[str, Any],
+    *,
+    partial: bool = False,
+    toast_placeholders: bool = True,
+) -> dict[str, Any]:
+    """Coerce one row image into canonical values; unknown columns are dropped.
+
+    ``partial`` accepts an incomplete image (a before-image): absent or NULL required columns
+    are left out instead of raising. With ``toast_placeholders`` the Debezium placeholder text
+    becomes :data:`UNAVAILABLE`; Postgres rows read directly pass False (the text is content).
+    """
+    columns = _columns(table)
+    if not isinstance(raw, Mapping):
+        raise DecodeError(f"{table}: row image must be an object, got {type(raw).__name__}")
+    out: dict[str, Any] = {}
+    for col, typ in columns.items():
+        if col not in raw:
+            if partial:
+                continue
+            raise DecodeError(f"{table}.{col}: required column missing")
+        v = raw[col]
+        if v is UNAVAILABLE or (toast_placeholders and _is_placeholder_text(v)):
+            out[col] = UNAVAILABLE
+            continue
+        if _is_null(v) and typ != "jsonb":
+            if (table, col) in _NULLABLE:
+                out[col] = None
+            elif not partial:
+                raise DecodeError(f"{table}.{col}: NULL in a NOT NULL column")
+            continue
+        try:
+            out[col] = _CONVERT[typ](None if _is_null(v) else v)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise DecodeError(f"{table}.{col}: {exc} (value {v!r:.80})") from None
+    return out
+
+
+def _micros(dt: datetime) -> int:
+    return (dt - _EPOCH) // _ONE_US
+
+
+def version_of(row: Mapping[str, Any]) -> int:
+    """A row's version: ``updated_at`` in microseconds since the epoch."""
+    v = row.get("updated_at") if isinstance(row, Mapping) else None
+    if _is_null(v) or v is UNAVAILABLE or _is_placeholder_text(v):
+        raise DecodeError(f"row has no usable updated_at (got {v!r:.80})")
+    try:
+        return _micros(_to_datetime(v))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise DecodeError(f"updated_at: {exc} (value {v!r:.80})") from None
+
+
+def change_from_row(table: str, row: Mapping[str, Any]) -> Change:
+    """A current Postgres row as a snapshot-read change (op ``r``)."""
+    after = normalize_row(table, row, toast_placeholders=False)
+    return Change(table, "r", None, after, version_of(after))
+
+
+# --------------------------------------------------------------------------------------------
+# Projection
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, datetime):  # CQL timestamp = ms: write exactly what we will read back
+        return v.replace(microsecond=v.microsecond // 1000 * 1000)
+    if isinstance(v, _CanonicalJson):
+        return str(v)
+    return v
+
+
+def _specs(table: str, read_models: Collection[str] | None) -> tuple[_Spec, ...]:
+    if table not in _SPECS:
+        raise DecodeError(f"unknown source table {table!r}")
+    if read_models is None:
+        return _SPECS[table]
+    wanted = {read_models} if isinstance(read_models, str) else set(read_models)
+    if unknown := wanted.difference(READ_MODELS):
+        raise InvalidInput(f"unknown read model(s): {sorted(unknown)}")
+    return tuple(s for s in _SPECS[table] if s.read_model in wanted)
+
+
+def _key(spec: _Spec, table: str, row: Mapping[str, Any], image: str) -> Key | None:
+    """The read-model key of a row image, or None when a key column is absent."""
+    key = []
+    for dst, src in spec.key:
+        v = row.get(src)
+        if v is None:
+            return None
+        if v is UNAVAILABLE:
+            raise DecodeError(f"{table}.{src}: TOAST placeholder in {image} key column")
+        key.append((dst, _cell(v)))
+    return tuple(key)
+
+
+_ABSENT: Final = object()
+
+
+def _upsert(spec: _Spec, table: str, after: Mapping[str, Any],
+            before: Mapping[str, Any] | None, version: int) -> Upsert:
+    key = _key(spec, table, after, "after")
+    if key is None:  # normalize_row guarantees key columns; this guards direct misuse
+        raise DecodeError(f"{table}: after image lacks a key column of {spec.read_model}")
+    values = list(spec.constants)
+    for dst, src in spec.values:
+        v = after[src]
+        if v is UNAVAILABLE:
+            # Unchanged TOASTed value: REPLICA IDENTITY FULL puts it in before. Without it,
+            # write nothing: the cell already holds this value from an earlier version.
+            v = before.get(src, _ABSENT) if before is not None else _ABSENT
+            if v is _ABSENT or v is UNAVAILABLE:
+                continue
+        values.append((dst, _cell(v)))
+    return Upsert(spec.read_model, key, tuple(values), version)
+
+
+def project(change: Change, read_models: Collection[str] | None = None) -> list[Mutation]:
+    """The mutations that apply one source change to the read models."""
+    table, op = change.table, change.op
+    specs = _specs(table, read_models)
+    if op in ("c", "r", "u"):
+        if change.after is None:
+            raise DecodeError(f"{table}: op {op!r} without an after image")
+        # Only an update's after image can hold placeholders (unchanged TOASTed columns).
+        after = normalize_row(table, change.after, toast_placeholders=op == "u")
+        before = None
+        if op == "u" and change.before is not None:
+            before = normalize_row(table, change.before, partial=True, toast_placeholders=False)
+        version = version_of(after)
+        out: list[Mutation] = []
+        for spec in specs:
+            up = _upsert(spec, table, after, before, version)
+            # A key change moves the read-model row: delete the old one at this version.
+            # (Without a before image the old key is unknown; REPLICA IDENTITY FULL gives it.)
+            old = _key(spec, table, before, "before") if before is not None else None
+            if old is not None and old != up.key:
+                out.append(Delete(spec.read_model, old, version))
+            out.append(up)
+        return out
+    if op == "d":
+        if change.before is None:
+            raise DecodeError(f"{table}: delete without a before image (REPLICA IDENTITY FULL?)")
+        before = normalize_row(table, change.before, partial=True, toast_placeholders=False)
+        ts = change.version_us
+        if isinstance(ts, bool) or not isinstance(ts, int):
+            raise DecodeError(f"{table}: delete version must be an int, got {ts!r}")
+        if isinstance(before.get("updated_at"), datetime):
+            # The tombstone must shadow the version it deletes even if the commit clock lags
+            # the row version (the trigger can push updated_at ahead of the clock).
+            ts = max(ts, _micros(before["updated_at"]) + 1)
+        deletes: list[Mutation] = []
+        for spec in specs:
+            key = _key(spec, table, before, "before")
+            if key is None:
+                missing = [s for _, s in spec.key if before.get(s) is None]
+                raise DecodeError(f"{table}: delete's before image lacks {missing}")
+            deletes.append(Delete(spec.read_model, key, ts))
+        return deletes
+    raise DecodeError(f"{table}: unknown op {op!r}")
+
+
+def project_row(table: str, row: Mapping[str, Any],
+                read_models: Collection[str] | None = None) -> list[Upsert]:
+    """A current Postgres row (snapshot, dual-write, audit) as read-model upserts."""
+    specs = _specs(table, read_models)
+    after = normalize_row(table, row, toast_placeholders=False)
+    version = version_of(after)
+    return [_upsert(spec, table, after, None, version) for spec in specs]
+
+
+def expected_rows(rows_by_table: Mapping[str, Iterable[Mapping[str, Any]]],
+                  read_model: str) -> dict[Key, dict[str, Any]]:
+    """What ``read_model`` should hold given the current Postgres rows: key -> every value
+    column, None where Cassandra would read back null."""
+    if read_model not in READ_MODELS:
+        raise InvalidInput(f"unknown read model {read_model!r}")
+    out: dict[Key, dict[str, Any]] = {}
+    for table, rows in rows_by_table.items():
+        if table not in SOURCE_TABLES:
+            raise InvalidInput(f"unknown source table {table!r}")
+        specs = _specs(table, (read_model,))
+        for raw in rows:
+            row = normalize_row(table, raw, toast_placeholders=False)
+            if any(v is UNAVAILABLE for v in row.values()):
+                raise DecodeError(f"{table}: a current row cannot hold the TOAST placeholder")
+            for spec in specs:
+                up = _upsert(spec, table, row, None, version_of(row))
+                if up.key in out:
+                    raise InvalidInput(f"{read_model}: two source rows share key {up.key}")
+                out[up.key] = dict.fromkeys(VALUE_COLUMNS[read_model]) | dict(up.values)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# CQL
+
+
+_IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}\Z")
+
+
+def to_cql(m: Mutation, keyspace: str) -> tuple[str, tuple[Any, ...]]:
+    """Statement text and bind parameters. The text depends only on the read model and the
+    column names, so the writer can cache prepared statements by it."""
+    if not _IDENT.match(keyspace):
+        raise InvalidInput(f"invalid keyspace name {keyspace!r}")
+    if m.read_model not in READ_MODELS:
+        raise InvalidInput(f"unknown read model {m.read_model!r}")
+    key_cols = tuple(c for c, _ in m.key)
+    if key_cols != KEY_COLUMNS[m.read_model]:
+        raise InvalidInput(f"{m.read_model}: key columns {key_cols} are not the primary key")
+    table = f"{keyspace}.{m.read_model}"
+    if isinstance(m, Upsert):
+        cols = key_cols + tuple(c for c, _ in m.values)
+        if unknown := set(cols[len(key_cols):]).difference(VALUE_COLUMNS[m.read_model]):
+            raise InvalidInput(f"{m.read_model}: unknown columns {sorted(unknown)}")
+        marks = ", ".join("?" * len(cols))
+        text = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks}) USING TIMESTAMP ?"
+        return text, (*(v for _, v in m.key), *(v for _, v in m.values), m.timestamp_us)
+    where = " AND ".join(f"{c} = ?" for c in key_cols)
+    return (f"DELETE FROM {table} USING TIMESTAMP ? WHERE {where}",
+            (m.timestamp_us, *(v for _, v in m.key)))
