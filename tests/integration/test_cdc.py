@@ -1,0 +1,421 @@
+"""CDC on the real stack: Postgres → Debezium → Kafka → CDC consumer → Cassandra."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import NewTopic
+
+from tasks import kafka, postgres, scylla
+from tasks.cdc import CdcConsumer, CdcOptions
+from tasks.projection import READ_MODELS
+from tasks.settings import get_settings
+from tests.integration.readmodels import postgres_rows, scylla_rows, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def converged(pg: psycopg.Connection, cql: Any, session_ids: list[uuid.UUID],
+              user_ids: list[uuid.UUID]) -> bool:
+    from tasks.projection import expected_rows
+
+    rows = postgres_rows(pg, session_ids)
+    return all(scylla_rows(cql, rm, rows, session_ids, user_ids) == expected_rows(rows, rm)
+               for rm in READ_MODELS)
+
+
+def assert_converged(pg: psycopg.Connection, cql: Any, session_ids: list[uuid.UUID],
+                     user_ids: list[uuid.UUID], timeout: float = 60) -> None:
+    from tasks.projection import expected_rows
+
+    if wait_for(lambda: converged(pg, cql, session_ids, user_ids), timeout):
+        return
+    rows = postgres_rows(pg, session_ids)
+    for rm in READ_MODELS:
+        got, want = scylla_rows(cql, rm, rows, session_ids, user_ids), expected_rows(rows, rm)
+        assert got == want, f"{rm} differs from Postgres after {timeout}s"
+
+
+def test_every_table_insert_update_delete_reaches_read_models(cdc_consumer, pg_app, cql) -> None:
+    user, other_user = uuid.uuid4(), uuid.uuid4()
+    s1, s2 = uuid.uuid4(), uuid.uuid4()
+    h1, h2, a1 = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    st1, st2 = uuid.uuid4(), uuid.uuid4()
+    # Incompressible and over 2 kB: stored out of line (TOAST), so an update that leaves it
+    # unchanged reaches Debezium as the unavailable-value placeholder.
+    big = secrets.token_hex(10_000)
+    with pg_app.transaction():
+        pg_app.execute("INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, 'one'), "
+                       "(%s, %s, 'two')", (s1, user, s2, user))
+    pg_app.execute("INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, 'hi')",
+                   (h1, s1))
+    pg_app.execute("INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, 'bye')",
+                   (h2, s1))
+    pg_app.execute("INSERT INTO agent_turns (id, session_id, content, model) "
+                   "VALUES (%s, %s, %s, 'm1')", (a1, s1, big))
+    pg_app.execute("INSERT INTO steps (id, agent_turn_id, session_id, kind, payload) VALUES "
+                   "(%s, %s, %s, 'tool_call', '{\"b\": 2, \"a\": [1, 2]}'), "
+                   "(%s, %s, %s, 'answer', '{}')", (st1, a1, s1, st2, a1, s1))
+    pg_app.commit()
+    # Updates, including an unchanged TOASTed column (Debezium may send the placeholder)...
+    pg_app.execute("UPDATE agent_turns SET model = 'm2' WHERE id = %s", (a1,))
+    pg_app.execute("UPDATE sessions SET title = 'renamed' WHERE id = %s", (s1,))
+    pg_app.execute("UPDATE steps SET payload = '{\"done\": true}' WHERE id = %s", (st1,))
+    # ...key changes (the read-model row moves: delete + create)...
+    pg_app.execute("UPDATE human_turns SET created_at = created_at - interval '1 hour' "
+                   "WHERE id = %s", (h2,))
+    pg_app.execute("UPDATE sessions SET user_id = %s WHERE id = %s", (other_user, s2))
+    pg_app.commit()
+    # ...and deletes, direct and cascaded.
+    pg_app.execute("DELETE FROM human_turns WHERE id = %s", (h1,))
+    pg_app.execute("DELETE FROM steps WHERE id = %s", (st2,))
+    pg_app.commit()
+    assert_converged(pg_app, cql, [s1, s2], [user, other_user])
+
+    timeline = {r.turn_id: r for r in cql.execute(
+        "SELECT * FROM conversation_timeline WHERE session_id = %s", (s1,))}
+    assert set(timeline) == {h2, a1}
+    assert timeline[a1].content == big and timeline[a1].model == "m2"
+    header = cql.execute("SELECT * FROM sessions_by_id WHERE session_id = %s", (s1,)).one()
+    assert (header.title, header.turn_count) == ("renamed", 2)
+    assert not list(cql.execute("SELECT * FROM recent_conversations WHERE user_id = %s "
+                                "AND created_at > '2000-01-01' AND session_id = %s ALLOW FILTERING",
+                                (user, s2)))
+    steps = {r.step_id: r for r in cql.execute(
+        "SELECT * FROM steps_by_turn WHERE agent_turn_id = %s", (a1,))}
+    assert set(steps) == {st1} and json.loads(steps[st1].payload) == {"done": True}
+
+    pg_app.execute("DELETE FROM sessions WHERE id = %s", (s1,))
+    pg_app.commit()
+    assert_converged(pg_app, cql, [s1, s2], [user, other_user])
+    assert cql.execute("SELECT * FROM sessions_by_id WHERE session_id = %s", (s1,)).one() is None
+    assert not list(cql.execute("SELECT * FROM conversation_timeline WHERE session_id = %s",
+                                (s1,)))
+    assert not list(cql.execute("SELECT * FROM steps_by_turn WHERE agent_turn_id = %s", (a1,)))
+
+
+# ------------------------------------------------------------------------ poison messages
+
+
+def _real_event() -> tuple[bytes, bytes]:
+    """One genuine Debezium message from the sessions topic, to replay into a test topic."""
+    topic = get_settings().kafka.topic("sessions")
+    c = Consumer(kafka.consumer_config(**{"group.id": f"t-{uuid.uuid4()}"}))
+    c.assign([TopicPartition(topic, p, 0) for p in
+              c.list_topics(topic, timeout=10).topics[topic].partitions])
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            msg = c.poll(0.5)
+            if msg is not None and not msg.error() and msg.value():
+                if json.loads(msg.value()).get("op") == "c":
+                    return msg.key(), msg.value()
+    finally:
+        c.close()
+    raise AssertionError("no real Debezium event found on the sessions topic")
+
+
+def test_poison_messages_go_to_dead_letter_topic_and_consumption_goes_on(cql) -> None:
+    settings = get_settings()
+    suffix = uuid.uuid4().hex[:8]
+    topic = f"{settings.kafka.topic_prefix}.public.poison{suffix}"
+    dlq = f"test-dlq-{suffix}"
+    admin = kafka.admin()
+    for fut in admin.create_topics([NewTopic(topic, 1, 1), NewTopic(dlq, 1, 1)]).values():
+        fut.result()
+    key, value = _real_event()
+    real = json.loads(value)
+    real["source"]["table"] = "sessions"
+    wrong_type = json.loads(value)
+    wrong_type["after"]["user_id"] = 12345
+    unknown_op = json.loads(value)
+    unknown_op["op"] = "x"
+    poison = [
+        b"{not json",
+        json.dumps(wrong_type).encode(),
+        json.dumps(unknown_op).encode(),
+        b'{"after": {"id": "' + b"a" * (9 * 1024 * 1024) + b'"}}',
+    ]
+    p = Producer(kafka.producer_config(**{"message.max.bytes": 16 * 1024 * 1024}))
+    for v in poison:
+        p.produce(topic, key=key, value=v)
+    p.produce(topic, key=key, value=json.dumps(real).encode())
+    assert p.flush(30) == 0
+
+    ks = settings.kafka.model_copy(update={"consumer_group": f"t-{suffix}",
+                                           "dead_letter_topic": dlq})
+    session = scylla.connect(keyspace=settings.scylla.keyspace)
+    consumer = CdcConsumer(scylla.ScyllaWriter(session), CdcOptions(max_messages=5), ks)
+    result = consumer.run(topics=[topic])
+    scylla.close(session)
+    assert result.messages == 5 and result.dead_lettered == 4 and result.changes == 1
+
+    # The valid event after the poison was applied.
+    row_id = uuid.UUID(real["after"]["id"])
+    assert cql.execute("SELECT title FROM sessions_by_id WHERE session_id = %s",
+                       (row_id,)).one() is not None
+    # Every poison message is in the DLQ, byte for byte, with the error and its origin.
+    c = Consumer(kafka.consumer_config(**{"group.id": f"t-{uuid.uuid4()}"}))
+    c.assign([TopicPartition(dlq, 0, 0)])
+    got = []
+    deadline = time.monotonic() + 30
+    while len(got) < 4 and time.monotonic() < deadline:
+        msg = c.poll(0.5)
+        if msg is not None and not msg.error():
+            got.append(msg)
+    c.close()
+    assert [m.value() for m in got] == poison
+    for offset, m in enumerate(got):
+        headers = {k: v.decode() for k, v in m.headers()}
+        assert headers["dlq.source.topic"] == topic
+        assert headers["dlq.source.partition"] == "0"
+        assert headers["dlq.source.offset"] == str(offset)
+        assert headers["dlq.error"]
+    errors = [dict(m.headers())["dlq.error"].decode().lower() for m in got]
+    assert "json" in errors[0]
+    assert "user_id" in errors[1]
+    assert "op" in errors[2]
+    assert "large" in errors[3] or "bytes" in errors[3]
+
+
+# ------------------------------------------------------------------------ crash and restart
+
+
+def start_group_at_end(group: str) -> None:
+    """Commit the current end of every change topic for a new group, so its consumers read
+    only what is written from now on."""
+    c = Consumer(kafka.consumer_config(**{"group.id": group}))
+    tps = []
+    for topic in kafka.change_topics():
+        for p in c.list_topics(topic, timeout=10).topics[topic].partitions:
+            _low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            tps.append(TopicPartition(topic, p, high))
+    c.commit(offsets=tps, asynchronous=False)
+    c.close()
+
+
+def group_lag(group: str) -> int:
+    c = Consumer(kafka.consumer_config(**{"group.id": group}))
+    lag = 0
+    try:
+        for topic in kafka.change_topics():
+            parts = [TopicPartition(topic, p) for p in
+                     c.list_topics(topic, timeout=10).topics[topic].partitions]
+            for tp in c.committed(parts, timeout=10):
+                _low, high = c.get_watermark_offsets(tp, timeout=10)
+                lag += high - max(tp.offset, 0)
+    finally:
+        c.close()
+    return lag
+
+
+def spawn_cdc(group: str, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "INFO"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cdc", "--consumer-group", group, "--batch-size", "500",
+         "--report-interval-s", "2"],
+        cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
+def write_changes(n_changes: int, users: list[uuid.UUID]) -> list[uuid.UUID]:
+    """Write about n_changes row changes (inserts, updates, deletes over all four tables)."""
+    import random
+
+    rnd = random.Random(7)
+    sessions: list[uuid.UUID] = []
+    every_session: list[uuid.UUID] = []  # deleted ones too: they must be gone from Scylla
+    turns: dict[uuid.UUID, list[uuid.UUID]] = {}
+    done = 0
+    with postgres.connect("app") as conn:
+        while done < n_changes:
+            with conn.transaction():
+                for _ in range(25):
+                    r = rnd.random()
+                    if r < 0.15 or not sessions:
+                        sid = uuid.uuid4()
+                        conn.execute("INSERT INTO sessions (id, user_id, title) VALUES "
+                                     "(%s, %s, %s)", (sid, rnd.choice(users), f"s{done}"))
+                        sessions.append(sid)
+                        every_session.append(sid)
+                        turns[sid] = []
+                        done += 1
+                    elif r < 0.55:
+                        sid = rnd.choice(sessions)
+                        tid = uuid.uuid4()
+                        table = rnd.choice(["human_turns", "agent_turns"])
+                        conn.execute(f"INSERT INTO {table} (id, session_id, content) "
+                                     f"VALUES (%s, %s, %s)", (tid, sid, f"turn {done}"))
+                        if table == "agent_turns":
+                            turns[sid].append(tid)
+                        done += 2  # the turn and the session header it updates
+                    elif r < 0.75:
+                        sid = rnd.choice(sessions)
+                        if turns[sid]:
+                            conn.execute("INSERT INTO steps (id, agent_turn_id, session_id, "
+                                         "kind, payload) VALUES (%s, %s, %s, 'tool', %s)",
+                                         (uuid.uuid4(), rnd.choice(turns[sid]), sid,
+                                          json.dumps({"n": done})))
+                            done += 1
+                    elif r < 0.95:
+                        sid = rnd.choice(sessions)
+                        conn.execute("UPDATE sessions SET title = %s WHERE id = %s",
+                                     (f"t{done}", sid))
+                        done += 1
+                    else:
+                        sid = sessions.pop(rnd.randrange(len(sessions)))
+                        conn.execute("DELETE FROM sessions WHERE id = %s", (sid,))
+                        done += 1 + len(turns.pop(sid))
+    return every_session
+
+
+def independent_mismatches(pg: psycopg.Connection, cql: Any,
+                           session_ids: list[uuid.UUID]) -> list[str]:
+    """Compare Postgres and Cassandra with plain queries, without the projection module."""
+    problems = []
+    for sid in session_ids:
+        srow = pg.execute("SELECT user_id, title, turn_count FROM sessions WHERE id = %s",
+                          (sid,)).fetchone()
+        header = cql.execute("SELECT user_id, title, turn_count FROM sessions_by_id "
+                             "WHERE session_id = %s", (sid,)).one()
+        if srow is None:
+            if header is not None:
+                problems.append(f"session {sid} deleted in Postgres but in sessions_by_id")
+        elif header is None or tuple(header) != tuple(srow):
+            problems.append(f"session {sid}: Postgres {srow} vs sessions_by_id {header}")
+        pg_turns = set(pg.execute(
+            "SELECT id, content FROM human_turns WHERE session_id = %(s)s UNION ALL "
+            "SELECT id, content FROM agent_turns WHERE session_id = %(s)s", {"s": sid}))
+        cql_turns = {(r.turn_id, r.content) for r in cql.execute(
+            "SELECT turn_id, content FROM conversation_timeline WHERE session_id = %s", (sid,))}
+        if pg_turns != cql_turns:
+            problems.append(f"session {sid}: {len(pg_turns)} turns in Postgres, "
+                            f"{len(cql_turns)} in the timeline")
+        for (tid,) in pg.execute("SELECT id FROM agent_turns WHERE session_id = %s", (sid,)):
+            pg_steps = {r[0] for r in pg.execute(
+                "SELECT id FROM steps WHERE agent_turn_id = %s", (tid,))}
+            cql_steps = {r.step_id for r in cql.execute(
+                "SELECT step_id FROM steps_by_turn WHERE agent_turn_id = %s", (tid,))}
+            if pg_steps != cql_steps:
+                problems.append(f"turn {tid}: steps differ")
+    pg.commit()
+    return problems
+
+
+def test_sigkill_mid_stream_then_restart_converges(pg_app, cql, tmp_path) -> None:
+    group = f"t-kill-{uuid.uuid4().hex[:8]}"
+    start_group_at_end(group)
+    users = [uuid.uuid4() for _ in range(20)]
+    log = tmp_path / "cdc.log"
+    proc = spawn_cdc(group, log)
+    written: list[uuid.UUID] = []
+    writer = threading.Thread(target=lambda: written.extend(write_changes(20_000, users)))
+    writer.start()
+    try:
+        # Kill -9 once the consumer has committed some, but not all, of the stream.
+        assert wait_for(lambda: group_lag(group) > 0 and _committed_any(group), 120, 0.5), \
+            f"consumer made no progress; log:\n{log.read_text()[-3000:]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        lag_at_kill = group_lag(group)
+        proc = spawn_cdc(group, log)
+        writer.join(300)
+        assert not writer.is_alive()
+        assert wait_for(lambda: group_lag(group) == 0, 240, 1), \
+            f"consumer did not catch up; log:\n{log.read_text()[-3000:]}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        writer.join(300)
+    assert lag_at_kill > 0
+    assert independent_mismatches(pg_app, cql, written) == []
+    assert_converged(pg_app, cql, written, users, timeout=10)
+
+
+def _committed_any(group: str) -> bool:
+    c = Consumer(kafka.consumer_config(**{"group.id": group}))
+    try:
+        base = {}
+        for topic in kafka.change_topics():
+            parts = [TopicPartition(topic, p) for p in
+                     c.list_topics(topic, timeout=10).topics[topic].partitions]
+            for tp in c.committed(parts, timeout=10):
+                base[(tp.topic, tp.partition)] = tp.offset
+        start = _START.setdefault(group, base)
+        return any(base[k] > start[k] for k in base) and sum(
+            base[k] - start[k] for k in base) >= 2000
+    finally:
+        c.close()
+
+
+_START: dict[str, dict[tuple[str, int], int]] = {}
+
+
+# ------------------------------------------------------------------------ cancellation
+
+
+def test_sigterm_commits_what_was_applied_and_ends_cancelled(pg_app, tmp_path) -> None:
+    group = f"t-term-{uuid.uuid4().hex[:8]}"
+    start_group_at_end(group)
+    log = tmp_path / "cdc.log"
+    proc = spawn_cdc(group, log)
+    users = [uuid.uuid4()]
+    write_changes(500, users)
+    assert wait_for(lambda: group_lag(group) == 0, 120, 0.5), log.read_text()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) is not None
+    text = log.read_text()
+    assert "received SIGTERM" in text, text[-3000:]
+    assert "Cancelled" in text, text[-3000:]
+    assert group_lag(group) == 0
+
+
+# ------------------------------------------------------------------------ scale out
+
+
+@pytest.mark.parametrize("members", [2])
+def test_two_consumers_in_one_group_share_partitions_and_converge(pg_app, cql, members) -> None:
+    group = f"t-group-{uuid.uuid4().hex[:8]}"
+    start_group_at_end(group)
+    ks = get_settings().kafka.model_copy(update={"consumer_group": group})
+    sessions, consumers, threads = [], [], []
+    assigned: list[set[str]] = []
+    for _ in range(members):
+        s = scylla.connect(keyspace=get_settings().scylla.keyspace)
+        c = CdcConsumer(scylla.ScyllaWriter(s), CdcOptions(report_interval_s=1), ks)
+        seen: set[str] = set()
+        assigned.append(seen)
+        sessions.append(s)
+        consumers.append(c)
+
+        def report(rep: Any, seen: set[str] = seen) -> None:
+            seen.update(rep.lag)
+
+        threads.append(threading.Thread(target=c.run, kwargs={"report": report}, daemon=True))
+    for t in threads:
+        t.start()
+    users = [uuid.uuid4() for _ in range(5)]
+    try:
+        written = write_changes(3000, users)
+        assert wait_for(lambda: group_lag(group) == 0, 120, 0.5)
+    finally:
+        for c in consumers:
+            c.stop()
+        for t in threads:
+            t.join(30)
+        for s in sessions:
+            scylla.close(s)
+    assert all(assigned), f"a member never got a partition: {assigned}"
+    assert independent_mismatches(pg_app, cql, written) == []
