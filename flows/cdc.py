@@ -11,7 +11,9 @@ partitions over them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
+import uuid
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -102,7 +104,7 @@ def cancellation_requested() -> bool:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        state = client.read_flow_run(run_id).state
+        state = client.read_flow_run(uuid.UUID(str(run_id))).state
     return bool(state and (state.is_cancelling() or state.is_cancelled()))
 
 
@@ -135,10 +137,9 @@ def cdc_flow(
 
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+        # Outside the main thread signals cannot be caught: the API check still stops us.
+        with contextlib.suppress(ValueError):
             previous[sig] = signal.signal(sig, on_signal)
-        except ValueError:  # not the main thread: rely on the API check below
-            pass
     log.info("consuming %s.public.* as group %r", kafka_settings.topic_prefix,
              kafka_settings.consumer_group)
     try:

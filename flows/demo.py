@@ -62,7 +62,7 @@ def show_change_events(consumer: Consumer, session_id: str, expected: int,
         msg = consumer.poll(0.5)
         if msg is None or msg.error() or msg.value() is None:
             continue
-        event = json.loads(msg.value())
+        event = json.loads(msg.value() or b"null")
         row = event["after"] or event["before"]
         if str(row.get("session_id", row.get("id"))) != session_id:
             continue

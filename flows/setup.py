@@ -43,7 +43,7 @@ def register_debezium_connector() -> ConnectorState:
 def _transient(state: object) -> bool:
     try:
         state.result()  # type: ignore[attr-defined]
-    except Exception as exc:  # noqa: BLE001 - we only classify it
+    except Exception as exc:
         return is_transient(exc)
     return False
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import os
 import pwd
@@ -177,10 +178,8 @@ def stop_pid(name: str, pid: int, timeout: float = 60.0) -> None:
         time.sleep(0.3)
     else:
         say(f"{name} did not stop in {timeout:.0f}s: killing it")
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _zombie(pid: int) -> bool:
@@ -521,7 +520,10 @@ def down(names: list[str] | None = None) -> None:
             say(f"{svc.name}: not running")
             continue
         say(f"{svc.name}: stopping (pid {pid})")
-        (svc.stop or (lambda p, n=svc.name: stop_pid(n, p)))(pid)
+        if svc.stop is not None:
+            svc.stop(pid)
+        else:
+            stop_pid(svc.name, pid)
         pid_file(svc.name).unlink(missing_ok=True)
 
 

@@ -47,7 +47,7 @@ def ensure_topics(settings: KafkaSettings | None = None, partitions: int = 3,
     return created
 
 
-def consumer_config(settings: KafkaSettings | None = None, **overrides: Any) -> dict[str, Any]:
+def consumer_config(settings: KafkaSettings | None = None, /, **overrides: Any) -> dict[str, Any]:
     cfg = settings or get_settings().kafka
     return {
         "bootstrap.servers": cfg.bootstrap_servers,
@@ -62,7 +62,7 @@ def consumer_config(settings: KafkaSettings | None = None, **overrides: Any) -> 
     }
 
 
-def producer_config(settings: KafkaSettings | None = None, **overrides: Any) -> dict[str, Any]:
+def producer_config(settings: KafkaSettings | None = None, /, **overrides: Any) -> dict[str, Any]:
     cfg = settings or get_settings().kafka
     return {"bootstrap.servers": cfg.bootstrap_servers, "enable.idempotence": True,
             "linger.ms": 5, **overrides}

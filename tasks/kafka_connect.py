@@ -40,7 +40,7 @@ def connector_config(settings: Settings | None = None) -> dict[str, str]:
         "heartbeat.interval.ms": "5000",
         "heartbeat.action.query": "UPDATE cqrs_heartbeat SET beat_at = now() WHERE id = 1",
         # poll.interval.ms bounds end-to-end latency (default 500 ms).
-        "poll.interval.ms": "20",
+        "poll.interval.ms": "5",
         "max.batch.size": "4096",
         "max.queue.size": "16384",
         "tombstones.on.delete": "true",
@@ -92,7 +92,7 @@ class KafkaConnectClient:
         """Errors Kafka Connect finds in a config, before it is applied."""
         cls = config["connector.class"].rsplit(".", 1)[-1]
         resp = self._request("PUT", f"/connector-plugins/{cls}/config/validate", json=config)
-        errors = []
+        errors: list[str] = []
         for item in resp.json().get("configs", []):
             value = item.get("value") or {}
             errors.extend(f"{value.get('name')}: {err}" for err in value.get("errors") or [])

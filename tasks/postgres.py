@@ -52,7 +52,8 @@ def migrate(settings: PostgresSettings | None = None) -> list[str]:
                           version text PRIMARY KEY, checksum text NOT NULL,
                           applied_at timestamptz NOT NULL DEFAULT now())""")
         conn.commit()
-        done = dict(conn.execute("SELECT version, checksum FROM schema_migrations").fetchall())
+        rows = conn.execute("SELECT version, checksum FROM schema_migrations").fetchall()
+        done: dict[str, str] = dict(rows)
         for m in migrations():
             if m.version in done:
                 if done[m.version] != m.checksum:
@@ -66,9 +67,9 @@ def migrate(settings: PostgresSettings | None = None) -> list[str]:
                              (m.version, m.checksum))
             applied_now.append(m.version)
         # Passwords come from the environment every time, so rotating one is a re-run.
-        for role, user, secret in (("app", cfg.app_user, cfg.app_password),
-                                   ("reader", cfg.reader_user, cfg.reader_password),
-                                   ("debezium", cfg.debezium_user, cfg.debezium_password)):
+        for user, secret in ((cfg.app_user, cfg.app_password),
+                             (cfg.reader_user, cfg.reader_password),
+                             (cfg.debezium_user, cfg.debezium_password)):
             conn.execute(sql.SQL("ALTER ROLE {} WITH PASSWORD {}").format(
                 sql.Identifier(user), sql.Literal(secret.get_secret_value())))
         conn.commit()

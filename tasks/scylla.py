@@ -15,7 +15,13 @@ from typing import Any
 
 from cassandra import DriverException, OperationTimedOut, Unavailable, WriteTimeout
 from cassandra.auth import PlainTextAuthProvider
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    Session,
+)
 from cassandra.concurrent import execute_concurrent
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import PreparedStatement
@@ -106,7 +112,7 @@ class ScyllaWriter:
         return stmt
 
     def bound(self, mutations: Iterable[Mutation]) -> list[tuple[PreparedStatement, Sequence[Any]]]:
-        out = []
+        out: list[tuple[PreparedStatement, Sequence[Any]]] = []
         for m in mutations:
             cql, params = to_cql(m, self.keyspace)
             out.append((self.prepare(cql), params))

@@ -44,6 +44,10 @@ class PostgresSettings(BaseSettings):
         )
 
 
+def _single_node_replication() -> dict[str, str | int]:
+    return {"class": "SimpleStrategy", "replication_factor": 1}
+
+
 class ScyllaSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CQRS_SCYLLA_")
 
@@ -53,7 +57,7 @@ class ScyllaSettings(BaseSettings):
     # Replication for the keyspace the migration creates; production passes e.g.
     # {"class": "NetworkTopologyStrategy", "dc1": 3}.
     replication: dict[str, str | int] = Field(
-        default_factory=lambda: {"class": "SimpleStrategy", "replication_factor": 1}
+        default_factory=lambda: _single_node_replication()
     )
     local_dc: str | None = None
     username: str | None = None

@@ -27,7 +27,8 @@ def postgres_rows(conn: psycopg.Connection, session_ids: Iterable[uuid.UUID]
     out = {}
     with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
         for table, sql in TABLE_QUERIES.items():
-            out[table] = [normalize_row(table, r) for r in cur.execute(sql, (ids,)).fetchall()]
+            rows = cur.execute(sql, (ids,)).fetchall()
+            out[table] = [normalize_row(table, r, toast_placeholders=False) for r in rows]
     conn.commit()
     return out
 

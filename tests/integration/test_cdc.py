@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import secrets
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -120,9 +120,9 @@ def _real_event() -> tuple[bytes, bytes]:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             msg = c.poll(0.5)
-            if msg is not None and not msg.error() and msg.value():
-                if json.loads(msg.value()).get("op") == "c":
-                    return msg.key(), msg.value()
+            if (msg is not None and not msg.error() and msg.value()
+                    and json.loads(msg.value()).get("op") == "c"):
+                return msg.key(), msg.value()
     finally:
         c.close()
     raise AssertionError("no real Debezium event found on the sessions topic")

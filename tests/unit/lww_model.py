@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -80,14 +81,13 @@ class LwwStore:
         else:  # pragma: no cover
             raise TypeError(m)
 
-    def apply_all(self, mutations: list[Mutation]) -> None:
+    def apply_all(self, mutations: Iterable[Mutation]) -> None:
         for m in mutations:
             self.apply(m)
 
     def _deleted_at(self, read_model: str, key: Key) -> int | None:
-        stamps = [ts for prefix in (key[:1], key) if (ts := self.deletions.get((read_model, prefix)))
-                  is not None]
-        return max(stamps) if stamps else None
+        stamps = [self.deletions.get((read_model, prefix)) for prefix in (key[:1], key)]
+        return max((ts for ts in stamps if ts is not None), default=None)
 
     def visible(self, read_model: str) -> dict[Key, dict[str, Any]]:
         """What ``SELECT *`` would return: key -> every value column (None when null)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -206,10 +207,15 @@ def test_unknown_table_or_op_is_a_decode_error() -> None:
 # --- TOAST placeholders ----------------------------------------------------------------------
 
 
+def values_of(m: Mutation) -> dict[str, Any]:
+    assert isinstance(m, Upsert)
+    return dict(m.values)
+
+
 def test_placeholder_is_filled_from_before() -> None:
     new = step(payload=PLACEHOLDER_TEXT, kind="done", updated_at=T0 + timedelta(seconds=3))
     (up,) = project(Change("steps", "u", debezium(step()), new, 0))
-    assert dict(up.values) == {"session_id": uid(1), "kind": "done",
+    assert values_of(up) == {"session_id": uid(1), "kind": "done",
                                "payload": '{"a":"é","b":[1,2]}'}
 
 
@@ -217,7 +223,7 @@ def test_placeholder_without_before_value_is_not_written() -> None:
     new = session(title=UNAVAILABLE, last_message=PLACEHOLDER_TEXT)
     for before in (None, {"id": uid(1)}):
         up = project(Change("sessions", "u", before, new, 0))[-1]
-        assert "title" not in dict(up.values) and "last_message" not in dict(up.values)
+        assert "title" not in values_of(up) and "last_message" not in values_of(up)
         text, params = to_cql(up, "ks")
         assert "title" not in text and len(params) == text.count("?")
 
@@ -229,10 +235,9 @@ def test_placeholder_in_a_key_column_is_a_decode_error() -> None:
 
 def test_placeholder_text_in_a_postgres_row_is_content() -> None:
     # Only an update's after image can hold placeholders; elsewhere the text is what it says.
-    (up,) = project_row("human_turns", human(content=PLACEHOLDER_TEXT))
-    assert dict(up.values)["content"] == PLACEHOLDER_TEXT
-    (up,) = project(Change("human_turns", "c", None, human(content=PLACEHOLDER_TEXT), 0))
-    assert dict(up.values)["content"] == PLACEHOLDER_TEXT
+    (row,) = project_row("human_turns", human(content=PLACEHOLDER_TEXT))
+    (cdc,) = project(Change("human_turns", "c", None, human(content=PLACEHOLDER_TEXT), 0))
+    assert values_of(row)["content"] == values_of(cdc)["content"] == PLACEHOLDER_TEXT
 
 
 # --- normalization ---------------------------------------------------------------------------
@@ -354,9 +359,11 @@ def test_expected_rows() -> None:
 # --- through last-write-wins -----------------------------------------------------------------
 
 
-def state(mutations: list[Mutation]) -> dict[str, dict[Any, dict[str, Any]]]:
+def state(*groups: Sequence[Mutation]) -> dict[str, dict[Any, dict[str, Any]]]:
+    """The visible read models after applying the groups of mutations in this order."""
     store = LwwStore()
-    store.apply_all(mutations)
+    for group in groups:
+        store.apply_all(group)
     return {rm: store.visible(rm) for rm in READ_MODELS}
 
 
@@ -368,7 +375,7 @@ def test_delete_then_late_older_update_stays_deleted() -> None:
     v1, v2 = session(), session(title="Renamed", updated_at=T0 + timedelta(seconds=2))
     delete = project(Change("sessions", "d", v2, None, us(T0) + 3_000_000))
     late = project(Change("sessions", "u", v1, v2, 0)) + project_row("sessions", v1)
-    assert state(delete + late) == state(late + delete) == expected({})
+    assert state(delete, late) == state(late, delete) == expected({})
 
 
 def test_dual_write_then_cdc_is_a_no_op_and_older_backfill_loses() -> None:
@@ -376,7 +383,7 @@ def test_dual_write_then_cdc_is_a_no_op_and_older_backfill_loses() -> None:
     dual = project_row("agent_turns", v2)
     cdc = project(Change("agent_turns", "u", debezium(v1), debezium(v2), 0))
     backfill = project_row("agent_turns", v1)
-    assert state(dual) == state(dual + cdc) == state(cdc + backfill) == state(backfill + dual)
+    assert state(dual) == state(dual, cdc) == state(cdc, backfill) == state(backfill, dual)
     assert state(dual) == expected({"agent_turns": [v2]})
 
 
@@ -384,7 +391,7 @@ def test_reinsert_after_delete_is_visible() -> None:
     v1 = step()
     gone = project(Change("steps", "d", v1, None, us(T0) + 2_000_000))
     again = project_row("steps", step(kind="retry", updated_at=T0 + timedelta(seconds=3)))
-    assert state(again + gone + project_row("steps", v1)) == expected(
+    assert state(again, gone, project_row("steps", v1)) == expected(
         {"steps": [step(kind="retry", updated_at=T0 + timedelta(seconds=3))]})
 
 

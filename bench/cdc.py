@@ -1,0 +1,236 @@
+"""CDC benchmark (not a test): end-to-end latency at fixed write rates, the highest rate the
+whole path sustains, and the consumer's rate draining a backlog against a bare scylla-driver
+loop writing the same mutations with the same prepared statements.
+
+    .venv/bin/python -m bench.cdc [--rates 200 1000 2000 3000] [--seconds 20] [--backlog 50000]
+
+Needs the local stack with the connector registered (`make schemas`). Results go to
+bench/results/cdc.json and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from cassandra.concurrent import execute_concurrent
+from confluent_kafka import Consumer, TopicPartition
+
+from tasks import kafka, postgres, scylla
+from tasks.cdc import CdcConsumer, CdcOptions
+from tasks.debezium import decode_message
+from tasks.metrics import MetricsReport, percentile
+from tasks.projection import project
+from tasks.settings import get_settings
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def paced_writer(rate_events: int, seconds: float, user: str, out: Any) -> None:
+    """Write at a fixed rate of change events: each human turn insert is 2 events (the turn
+    and the session header the trigger updates). Commits every 10 ms."""
+    sessions = [uuid.uuid4() for _ in range(50)]
+    turns_per_s = rate_events / 2
+    with postgres.connect("app") as conn:
+        with conn.transaction():
+            for s in sessions:
+                conn.execute("INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, 'b')",
+                             (s, uuid.UUID(user)))
+        start = time.monotonic()
+        written, i = 0, 0
+        while (now := time.monotonic()) - start < seconds:
+            due = int((now - start) * turns_per_s) - written
+            if due > 0:
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, %s)",
+                        [(uuid.uuid4(), sessions[(i + k) % len(sessions)], f"m{i + k}")
+                         for k in range(due)])
+                conn.commit()
+                written += due
+                i += due
+            time.sleep(0.01)
+        out.put(written * 2 / (time.monotonic() - start))
+
+
+def write_backlog(turns: int) -> int:
+    """A backlog written in bulk by SQL (each turn also updates its session: 2 events)."""
+    with postgres.connect("admin") as conn:
+        conn.execute("SET ROLE cqrs_app")
+        n_sessions = max(1, turns // 20)
+        conn.execute(
+            "INSERT INTO sessions (id, user_id, title) SELECT gen_random_uuid(), "
+            "gen_random_uuid(), 'backlog ' || g FROM generate_series(1, %s) g", (n_sessions,))
+        conn.execute(
+            "CREATE TEMP TABLE bs AS SELECT id, row_number() OVER () AS n FROM sessions "
+            "WHERE title LIKE 'backlog %%' AND turn_count = 0")
+        conn.execute(
+            "INSERT INTO human_turns (id, session_id, content) SELECT gen_random_uuid(), bs.id, "
+            "'backlog turn ' || g FROM generate_series(1, %s) g JOIN bs ON bs.n = 1 + g %% %s",
+            (turns, n_sessions))
+        conn.commit()
+    return n_sessions + 2 * turns
+
+
+# ----------------------------------------------------------------------------- consumer
+
+
+def end_offsets() -> dict[tuple[str, int], int]:
+    c = Consumer(kafka.consumer_config(**{"group.id": f"bench-{uuid.uuid4()}"}))
+    out = {}
+    for topic in kafka.change_topics():
+        for p in c.list_topics(topic, timeout=10).topics[topic].partitions:
+            out[(topic, p)] = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+    c.close()
+    return out
+
+
+def commit_offsets(group: str, offsets: dict[tuple[str, int], int]) -> None:
+    c = Consumer(kafka.consumer_config(**{"group.id": group}))
+    c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+             asynchronous=False)
+    c.close()
+
+
+def run_consumer(group: str, options: CdcOptions, reports: list[MetricsReport]) -> Any:
+    settings = get_settings()
+    session = scylla.connect(keyspace=settings.scylla.keyspace)
+    ks = settings.kafka.model_copy(update={"consumer_group": group})
+    consumer = CdcConsumer(scylla.ScyllaWriter(session), options, ks)
+    try:
+        return consumer, consumer.run(report=reports.append)
+    finally:
+        scylla.close(session)
+
+
+def fixed_rate(rate: int, seconds: float) -> dict[str, Any]:
+    group = f"bench-rate-{uuid.uuid4().hex[:8]}"
+    commit_offsets(group, end_offsets())
+    reports: list[MetricsReport] = []
+    q: mp.Queue[float] = mp.Queue()
+    writer = mp.Process(target=paced_writer, args=(rate, seconds, str(uuid.uuid4()), q))
+    opts = CdcOptions(report_interval_s=1.0, max_seconds=seconds + 15, idle_exit_s=5)
+    t = threading.Thread(target=lambda: run_consumer(group, opts, reports))
+    t.start()
+    time.sleep(2)  # joined the group, partitions assigned
+    writer.start()
+    achieved = q.get()
+    writer.join()
+    t.join()
+    # Latency of the steady part: skip the first report (warm-up) and the drain at the end.
+    steady = [r for r in reports[1:] if r.events > 0]
+    p50s = [r.latency_p50_ms for r in steady if r.latency_p50_ms is not None]
+    p99s = [r.latency_p99_ms for r in steady if r.latency_p99_ms is not None]
+    lag_at_end_of_writes = max((r.total_lag for r in steady[: int(seconds) - 1]), default=0)
+    return {
+        "target_events_per_s": rate,
+        "achieved_write_events_per_s": round(achieved, 1),
+        "latency_p50_ms": round(percentile(sorted(p50s), 0.5), 1) if p50s else None,
+        "latency_p99_ms": round(max(p99s), 1) if p99s else None,
+        "max_lag_events": lag_at_end_of_writes,
+        "kept_up": bool(p99s) and max(p99s) < 1000 and lag_at_end_of_writes < rate,
+    }
+
+
+def backlog(turns: int) -> dict[str, Any]:
+    group = f"bench-backlog-{uuid.uuid4().hex[:8]}"
+    start_offsets = end_offsets()
+    commit_offsets(group, start_offsets)
+    events = write_backlog(turns)
+    # Wait until Debezium has published the whole backlog.
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        ends = end_offsets()
+        if sum(ends.values()) - sum(start_offsets.values()) >= events:
+            break
+        time.sleep(1)
+    total = sum(ends.values()) - sum(start_offsets.values())
+
+    # 1. Our consumer draining it.
+    reports: list[MetricsReport] = []
+    t0 = time.perf_counter()
+    _consumer, result = run_consumer(
+        group, CdcOptions(max_messages=total, report_interval_s=5, batch_size=5000), reports)
+    consumer_s = time.perf_counter() - t0
+
+    # 2. The same messages decoded and projected outside the clock, then written by a bare
+    #    execute_concurrent loop with the same prepared statements and concurrency.
+    c = Consumer(kafka.consumer_config(**{"group.id": f"bench-{uuid.uuid4()}"}))
+    c.assign([TopicPartition(t, p, o) for (t, p), o in start_offsets.items()])
+    mutations = []
+    seen = 0
+    while seen < total:
+        for msg in c.consume(5000, 1.0):
+            if msg.error():
+                continue
+            seen += 1
+            ev = decode_message(msg.topic() or "", msg.key(), msg.value())
+            if ev.change is not None:
+                mutations.extend(project(ev.change))
+    c.close()
+    session = scylla.connect(keyspace=get_settings().scylla.keyspace)
+    writer = scylla.ScyllaWriter(session)
+    bound = writer.bound(mutations)
+    t0 = time.perf_counter()
+    execute_concurrent(session, bound, concurrency=writer.concurrency, raise_on_first_error=True)
+    bare_s = time.perf_counter() - t0
+    scylla.close(session)
+    return {
+        "events": total,
+        "mutations": result.mutations,
+        "consumer_seconds": round(consumer_s, 2),
+        "consumer_events_per_s": round(total / consumer_s),
+        "consumer_mutations_per_s": round(result.mutations / consumer_s),
+        "bare_loop_seconds": round(bare_s, 2),
+        "bare_loop_mutations_per_s": round(len(bound) / bare_s),
+        "ratio_consumer_to_bare": round((result.mutations / consumer_s) / (len(bound) / bare_s),
+                                        3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.cdc", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rates", type=int, nargs="+", default=[200, 1000, 2000, 3000, 4000])
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--backlog", type=int, default=50_000,
+                        help="turns written as a backlog (2 change events each)")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {"machine": f"{platform.node()} {os.cpu_count()} cores",
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out["fixed_rate"] = []
+    for rate in args.rates:
+        res = fixed_rate(rate, args.seconds)
+        print(res, flush=True)
+        out["fixed_rate"].append(res)
+    out["backlog"] = backlog(args.backlog)
+    print(out["backlog"], flush=True)
+    out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    (RESULTS / "cdc.json").write_text(json.dumps(out, indent=2))
+    print("\n| target events/s | achieved | p50 ms | p99 ms | max lag | kept up |")
+    print("|---|---|---|---|---|---|")
+    for r in out["fixed_rate"]:
+        print(f"| {r['target_events_per_s']} | {r['achieved_write_events_per_s']} | "
+              f"{r['latency_p50_ms']} | {r['latency_p99_ms']} | {r['max_lag_events']} | "
+              f"{r['kept_up']} |")
+    b = out["backlog"]
+    print(f"\nbacklog of {b['events']} events: consumer {b['consumer_events_per_s']} events/s "
+          f"({b['consumer_mutations_per_s']} mutations/s), bare execute_concurrent "
+          f"{b['bare_loop_mutations_per_s']} mutations/s, ratio {b['ratio_consumer_to_bare']}")
+
+
+if __name__ == "__main__":
+    main()

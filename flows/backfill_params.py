@@ -1,0 +1,147 @@
+"""The backfill flow's parameters, validated as a whole before any work: a bad value stops the
+run with a message that names it, before Postgres or Scylla is touched. Pure: no I/O beyond
+checking that a given snapshot folder has a manifest."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from tasks.errors import ConfigurationError
+from tasks.projection import READ_MODELS
+from tasks.snapshot import MANIFEST, SnapshotFilter
+
+_KEYSPACE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}\Z")
+
+
+class BackfillParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    read_models: tuple[str, ...] = Field(
+        READ_MODELS, description=f"read models to backfill (default: all of {list(READ_MODELS)})")
+    user_ids: tuple[uuid.UUID, ...] | None = Field(
+        None, description="only these users: their sessions, and the turns and steps of those "
+                          "sessions (default: every user)")
+    created_from: AwareDatetime | None = Field(
+        None, description="only rows created at or after this time (ISO 8601 with an offset, "
+                          "e.g. 2026-01-01T00:00:00Z); each table filters its own created_at")
+    created_to: AwareDatetime | None = Field(
+        None, description="only rows created before this time (ISO 8601 with an offset)")
+    chunk_size: PositiveInt = Field(
+        50_000, description="source rows per chunk: the unit of a Parquet file, of parallel "
+                            "reading and of checkpoints")
+    concurrency: PositiveInt = Field(
+        64, description="Scylla writes in flight at once while loading")
+    readers: PositiveInt = Field(
+        4, description="parallel Postgres reader connections sharing the snapshot")
+    rate_limit_rows_per_s: PositiveFloat | None = Field(
+        None, description="hard limit on read-model rows written per second (default: none)")
+    resume: bool = Field(
+        False, description="finish an interrupted backfill: reuse its snapshot (snapshot_dir, "
+                           "or the newest matching one under snapshot_root) and skip the "
+                           "chunks already loaded")
+    dry_run: bool = Field(
+        False, description="plan only: chunks and row counts in a consistent snapshot, chunks "
+                           "already loaded; writes nothing")
+    rebuild: bool = Field(
+        False, description="TRUNCATE the chosen read models, then snapshot and load them "
+                           "(CDC may keep running; the tables are empty or partial meanwhile)")
+    no_cdc: bool = Field(
+        False, description="skip the gap rule (the CDC replication slot must exist and be "
+                           "active before the snapshot): accept that later changes are missed")
+    snapshot_dir: Path | None = Field(
+        None, description="load this existing snapshot (a folder with manifest.json) instead "
+                          "of taking a new one; Postgres is not read")
+    snapshot_root: Path = Field(
+        Path("snapshots"), description="where new snapshots are written, one folder each")
+    keyspace: str | None = Field(
+        None, description="target keyspace (default: the settings' CQRS_SCYLLA_KEYSPACE)")
+
+    @field_validator("read_models", mode="before")
+    @classmethod
+    def _read_models(cls, v: Any) -> Any:
+        if v is None:
+            return READ_MODELS
+        if isinstance(v, str):
+            v = [v]
+        names = list(v)
+        if not names:
+            raise ValueError("must name at least one read model (omit it for all)")
+        if unknown := [n for n in names if n not in READ_MODELS]:
+            raise ValueError(f"unknown read model(s) {unknown}; known: {list(READ_MODELS)}")
+        return tuple(sorted(set(names)))
+
+    @field_validator("user_ids", mode="before")
+    @classmethod
+    def _user_ids(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if v is not None and len(v) == 0:
+            raise ValueError("an empty list would select nothing; omit it for every user")
+        return v
+
+    @field_validator("keyspace")
+    @classmethod
+    def _keyspace(cls, v: str | None) -> str | None:
+        if v is not None and not _KEYSPACE.match(v):
+            raise ValueError("must be a CQL identifier: a letter, then letters, digits or _ "
+                             "(at most 48)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BackfillParams:
+        if self.created_from and self.created_to and self.created_from >= self.created_to:
+            raise ValueError(f"created_from ({self.created_from}) must be before created_to "
+                             f"({self.created_to})")
+        if self.rebuild and self.resume:
+            raise ValueError("rebuild and resume together: a rebuild truncates what a resume "
+                             "would keep. After an interrupted rebuild, resume without "
+                             "rebuild.")
+        if self.rebuild and self.snapshot_dir and not self.no_cdc:
+            raise ValueError("rebuild with snapshot_dir: the truncate would wipe changes CDC "
+                             "applied since that snapshot was taken, and the old snapshot "
+                             "does not hold them. Rebuild from a new snapshot (omit "
+                             "snapshot_dir).")
+        if self.snapshot_dir is not None and not (self.snapshot_dir / MANIFEST).is_file():
+            raise ValueError(f"snapshot_dir {self.snapshot_dir} has no {MANIFEST}: not a "
+                             f"complete snapshot")
+        return self
+
+    @property
+    def filter(self) -> SnapshotFilter:
+        return SnapshotFilter(self.user_ids, self.created_from, self.created_to)
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    loc = ".".join(str(x) for x in err.get("loc", ()))
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    if not loc:  # a rule across parameters: the message names them
+        return msg
+    value = err.get("input")
+    return f"{loc}: {msg}" + ("" if isinstance(value, Mapping) else f" (got {value!r:.80})")
+
+
+def validate(params: Mapping[str, Any]) -> BackfillParams:
+    """Parameters as given to the flow or the CLI → BackfillParams, or a ConfigurationError
+    listing every bad one. None means 'use the default'."""
+    given = {k: v for k, v in params.items() if v is not None}
+    try:
+        return BackfillParams.model_validate(given)
+    except ValidationError as exc:
+        problems = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise ConfigurationError(f"invalid backfill parameters:\n{problems}") from None

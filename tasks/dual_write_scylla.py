@@ -1,0 +1,129 @@
+"""The dual-write's Scylla side: a writer that is connected, and its statements prepared, in
+the background, so an app call never waits for a connection or a PREPARE.
+
+Why: ``ScyllaWriter.write(timeout=...)`` bounds the writes, but a statement not yet prepared
+is prepared synchronously with the session's default timeout (10 s), and ``connect`` can take
+seconds when the cluster is down. Both would break the deadline. So the statements the
+projection can produce are prepared once up front, and while no session exists the calls skip
+the Scylla step (CDC converges) while a background thread retries the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from cassandra.cluster import Session
+
+from tasks import scylla
+from tasks.projection import Change, Mutation, normalize_row, project, project_row
+from tasks.scylla import ScyllaWriter
+from tasks.settings import get_settings
+
+log = logging.getLogger("cqrs_sync.dual_write")
+
+
+def _sample_rows() -> dict[str, dict[str, Any]]:
+    now, u = datetime.now(UTC), uuid.uuid4()
+    base = {"id": u, "session_id": u, "created_at": now, "updated_at": now}
+    return {
+        "sessions": {**base, "user_id": u, "title": "", "last_message": "",
+                     "last_message_at": None, "turn_count": 0},
+        "human_turns": {**base, "content": "x"},
+        "agent_turns": {**base, "content": "x", "model": ""},
+        "steps": {**base, "agent_turn_id": u, "kind": "x", "payload": "{}"},
+    }
+
+
+def warm_up_statements() -> list[Mutation]:
+    """One mutation of every statement shape the dual-write produces (an upsert and a delete
+    per source table and read model). The CQL text depends only on the read model and the
+    column names, and rows read from Postgres always carry every column, so preparing these
+    covers every statement later calls will bind."""
+    out: list[Mutation] = []
+    for table, row in _sample_rows().items():
+        out.extend(project_row(table, row))
+        out.extend(project(Change(table, "d", normalize_row(table, row), None, 1)))
+    return out
+
+
+def warm_up(writer: ScyllaWriter) -> int:
+    """Prepare (and cache in the writer) every statement; writes nothing."""
+    return len(writer.bound(warm_up_statements()))
+
+
+class ScyllaHandle:
+    """Holds the writer once it is usable; ``writer()`` never blocks."""
+
+    def __init__(self, writer: ScyllaWriter | None = None, *, connect: bool = True,
+                 retry_interval_s: float = 5.0) -> None:
+        self._writer: ScyllaWriter | None = None
+        self._owned: Session | None = None
+        self._lock = threading.Lock()
+        self._connecting = False
+        self._closed = False
+        self._last_attempt = float("-inf")
+        self._retry_interval_s = retry_interval_s
+        self._auto_connect = connect and writer is None
+        self._ready = threading.Event()
+        if writer is not None:
+            try:
+                warm_up(writer)
+            except Exception as exc:
+                log.warning("could not prepare the dual-write statements yet: %s", exc)
+            self._writer = writer
+            self._ready.set()
+        elif self._auto_connect:
+            self._start_connect()
+
+    def writer(self) -> ScyllaWriter | None:
+        w = self._writer
+        if w is None and self._auto_connect:
+            self._start_connect()
+        return w
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        return self._ready.wait(timeout_s)
+
+    def _start_connect(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if (self._closed or self._connecting
+                    or now - self._last_attempt < self._retry_interval_s):
+                return
+            self._connecting, self._last_attempt = True, now
+        threading.Thread(target=self._connect, name="dual-write-scylla-connect",
+                         daemon=True).start()
+
+    def _connect(self) -> None:
+        session: Session | None = None
+        try:
+            session = scylla.connect(keyspace=get_settings().scylla.keyspace)
+            writer = ScyllaWriter(session)
+            prepared = warm_up(writer)
+            with self._lock:
+                if self._closed:
+                    scylla.close(session)
+                    return
+                self._owned, self._writer = session, writer
+            self._ready.set()
+            log.info("dual-write: Scylla connected, %d statements prepared", prepared)
+        except Exception as exc:
+            if session is not None:
+                scylla.close(session)
+            log.warning("dual-write: Scylla not reachable, calls leave the read models to CDC "
+                        "until it is: %s", exc)
+        finally:
+            with self._lock:
+                self._connecting = False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            owned, self._owned, self._writer = self._owned, None, None
+        if owned is not None:
+            scylla.close(owned)
