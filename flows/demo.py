@@ -2,13 +2,16 @@
 
     make demo        (= make up, python -m flows.setup, python -m flows.demo)
 
-1. writes a sample conversation to Postgres (a session, human and agent turns, agent steps);
-2. shows the Debezium change events arriving in Kafka, one line per event.
+1. starts a CDC consumer (the same code as the `cdc` flow) in a group of its own;
+2. writes a sample conversation to Postgres (a session, human and agent turns, agent steps);
+3. shows the Debezium change events arriving in Kafka, one line per event;
+4. reads the conversation back from the Scylla read models, as the app would.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 
@@ -16,7 +19,8 @@ from confluent_kafka import Consumer, TopicPartition
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from tasks import kafka, postgres
+from tasks import kafka, postgres, scylla
+from tasks.cdc import CdcConsumer, CdcOptions
 from tasks.settings import get_settings
 
 
@@ -74,11 +78,66 @@ def show_change_events(consumer: Consumer, session_id: str, expected: int,
     return seen
 
 
+class BackgroundCdc:
+    """The CDC consumer in a thread, starting at the current end of the change topics."""
+
+    def __init__(self) -> None:
+        settings = get_settings()
+        group = f"demo-cdc-{uuid.uuid4().hex[:8]}"
+        probe = Consumer(kafka.consumer_config(**{"group.id": group}))
+        probe.commit(offsets=end_offsets(probe, kafka.change_topics()), asynchronous=False)
+        probe.close()
+        self.session = scylla.connect(keyspace=settings.scylla.keyspace)
+        self.consumer = CdcConsumer(
+            scylla.ScyllaWriter(self.session), CdcOptions(report_interval_s=5),
+            settings.kafka.model_copy(update={"consumer_group": group}))
+        self.thread = threading.Thread(target=self.consumer.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.consumer.stop()
+        self.thread.join(30)
+        scylla.close(self.session)
+
+
+@task(cache_policy=NONE)
+def show_read_models(user_id: str, session_id: str, timeout_s: float = 30) -> int:
+    """Read the conversation list and the timeline as the app does, once CDC applied them."""
+    log = get_run_logger()
+    session = scylla.connect(keyspace=get_settings().scylla.keyspace)
+    try:
+        deadline = time.monotonic() + timeout_s
+        header = None
+        while time.monotonic() < deadline:
+            header = session.execute("SELECT * FROM sessions_by_id WHERE session_id = %s",
+                                     (uuid.UUID(session_id),)).one()
+            if header is not None and header.title == "Two days in Lisbon":
+                break
+            time.sleep(0.1)
+        convs = list(session.execute("SELECT * FROM recent_conversations WHERE user_id = %s "
+                                     "LIMIT 20", (uuid.UUID(user_id),)))
+        for c in convs:
+            log.info("conversation list: %r, %d turns, last message %r", c.title,
+                     c.turn_count, c.last_message)
+        turns = list(session.execute("SELECT * FROM conversation_timeline "
+                                     "WHERE session_id = %s", (uuid.UUID(session_id),)))
+        for t in turns:
+            log.info("timeline: %s %-6s %s", t.created_at, t.role, t.content)
+            if t.role == "agent":
+                for s in session.execute("SELECT kind, payload FROM steps_by_turn "
+                                         "WHERE agent_turn_id = %s", (t.turn_id,)):
+                    log.info("          step %-12s %s", s.kind, s.payload)
+        return len(turns)
+    finally:
+        scylla.close(session)
+
+
 @flow(name="demo")
 def demo_flow() -> None:
     log = get_run_logger()
     consumer = Consumer(kafka.consumer_config(**{"group.id": f"demo-{uuid.uuid4()}"}))
     consumer.assign(end_offsets(consumer, kafka.change_topics()))
+    cdc = BackgroundCdc()
     ids = write_sample_conversation()
     log.info("wrote session %s for user %s to Postgres", ids["session_id"], ids["user_id"])
     # 1 session insert + 2 turns (each also updates the session header) + 3 steps + 1 rename.
@@ -86,6 +145,10 @@ def demo_flow() -> None:
     consumer.close()
     log.info("%d change events arrived in Kafka (topic prefix %r)", seen,
              get_settings().kafka.topic_prefix)
+    turns = show_read_models(ids["user_id"], ids["session_id"])
+    cdc.stop()
+    if seen != 9 or turns != 2:
+        raise RuntimeError(f"demo expected 9 change events and 2 turns, saw {seen} and {turns}")
 
 
 if __name__ == "__main__":
