@@ -1,0 +1,27 @@
+"""Serve every deployment from this one process against the configured Prefect server:
+
+    PREFECT_API_URL=http://127.0.0.1:4200/api python -m deployments.serve
+
+Runs triggered from the UI execute here. For production, register deployments/prefect.yaml
+on a work pool and start workers on as many machines as needed instead.
+"""
+
+from __future__ import annotations
+
+from prefect import serve
+
+from flows.backfill import backfill_flow
+from flows.cdc import cdc_flow
+from flows.setup import setup_flow
+
+
+def main() -> None:
+    serve(
+        cdc_flow.to_deployment(name="cdc", parameters={"report_interval_s": 10}),
+        backfill_flow.to_deployment(name="backfill"),
+        setup_flow.to_deployment(name="setup"),
+    )
+
+
+if __name__ == "__main__":
+    main()
