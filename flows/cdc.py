@@ -38,25 +38,26 @@ SLOT_RETAINED_WARN_BYTES = 1 << 30
 def check_source(log: Any) -> None:
     """Report, before consuming, what would make CDC silently incomplete."""
     s = get_settings()
+    connect = KafkaConnectClient(s.kafka.connect_url)
+    debezium_lsn = None
+    try:
+        state = connect.status(s.kafka.connector_name)
+        if state is None or not state.running:
+            log.error("Debezium connector %r is not running: %s", s.kafka.connector_name, state)
+        debezium_lsn = connect.source_lsn(s.kafka.connector_name)
+    except ServiceUnavailable as exc:
+        log.warning("cannot check the Debezium connector: %s", exc)
     try:
         slot = postgres.slot_status()
-        if not slot.exists:
-            log.error("replication slot %r does not exist: changes are NOT being captured. "
-                      "Run `python -m flows.setup`, then a backfill to cover the gap.", slot.name)
-        elif slot.wal_status == "lost":
-            log.error("replication slot %r lost WAL (wal_status=lost): changes were dropped; "
-                      "recreate the connector and backfill", slot.name)
+        gap = postgres.slot_gap(slot, debezium_lsn)
+        if gap:
+            log.error("%s. Run `python -m flows.setup` if needed, then a backfill to cover "
+                      "the gap.", gap)
         elif not slot.active:
             log.warning("replication slot %r exists but no connector is streaming from it",
                         slot.name)
     except ServiceUnavailable as exc:
         log.warning("cannot check the replication slot: %s", exc)
-    try:
-        state = KafkaConnectClient(s.kafka.connect_url).status(s.kafka.connector_name)
-        if state is None or not state.running:
-            log.error("Debezium connector %r is not running: %s", s.kafka.connector_name, state)
-    except ServiceUnavailable as exc:
-        log.warning("cannot check the Debezium connector: %s", exc)
 
 
 def markdown(rep: MetricsReport, slot_retained: int | None) -> str:
@@ -83,7 +84,11 @@ def make_reporter(log: Any) -> Callable[[MetricsReport], None]:
     def report(rep: MetricsReport) -> None:
         retained = None
         try:
-            retained = postgres.slot_status().retained_bytes
+            slot = postgres.slot_status()
+            retained = slot.retained_bytes
+            gap = postgres.slot_gap(slot, None)
+            if gap:
+                log.error("%s: backfill once the connector streams again", gap)
         except ServiceUnavailable as exc:
             log.warning("slot status unavailable: %s", exc)
         if retained is not None and retained > SLOT_RETAINED_WARN_BYTES:

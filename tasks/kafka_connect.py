@@ -109,6 +109,17 @@ class KafkaConnectClient:
         return ConnectorState(name, body["connector"]["state"], [t["state"] for t in tasks],
                               trace)
 
+    def source_lsn(self, name: str) -> int | None:
+        """The last LSN Debezium recorded as processed (its Kafka Connect source offset)."""
+        resp = self._request("GET", f"/connectors/{name}/offsets")
+        if resp.status_code == 404:
+            return None
+        for item in resp.json().get("offsets", []):
+            lsn = item.get("offset", {}).get("lsn")
+            if isinstance(lsn, int):
+                return lsn
+        return None
+
     def restart(self, name: str) -> None:
         self._request("POST", f"/connectors/{name}/restart",
                       params={"includeTasks": "true", "onlyFailed": "false"})

@@ -89,6 +89,30 @@ class SlotStatus:
     current_lsn: str | None = None
 
 
+def lsn_to_int(lsn: str) -> int:
+    """'16/B374D848' → the 64-bit WAL position Debezium reports as an integer."""
+    high, low = lsn.split("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def slot_gap(slot: SlotStatus, debezium_lsn: int | None) -> str | None:
+    """Why changes may have been missed, or None. Debezium confirms an LSN to the slot only
+    after recording it in its offsets, so a healthy slot never starts past Debezium's offset.
+    A slot that does was dropped and recreated while changes were written (PITFALLS #3):
+    the changes between the two positions never reached Kafka."""
+    if not slot.exists:
+        return f"replication slot {slot.name!r} does not exist: changes are not captured"
+    if slot.wal_status == "lost":
+        return f"replication slot {slot.name!r} lost WAL it needed (max_slot_wal_keep_size)"
+    if debezium_lsn is not None and slot.confirmed_flush_lsn is not None:
+        confirmed = lsn_to_int(slot.confirmed_flush_lsn)
+        if confirmed > debezium_lsn:
+            return (f"replication slot {slot.name!r} starts at {slot.confirmed_flush_lsn}, past "
+                    f"Debezium's last offset {debezium_lsn}: it was recreated and changes "
+                    f"between the two were not captured")
+    return None
+
+
 def slot_status(settings: PostgresSettings | None = None) -> SlotStatus:
     cfg = settings or get_settings().postgres
     with connect("reader", cfg, autocommit=True) as conn:
