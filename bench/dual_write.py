@@ -160,7 +160,7 @@ def markdown(out: dict[str, Any]) -> str:
         row("call, dual-write", d, f"{lat['dual_write_failures']} Scylla steps failed/timed out"),
         row("call, Postgres only", p),
         row("  Postgres part, dual-write", lat["postgres_ms"]["dual-write"]),
-        row("  Scylla step (projection + write)", lat["scylla_step_ms"]),
+        row("  Scylla step (projection + write), when it succeeded", lat["scylla_step_ms"]),
         f"| cost of the Scylla step (p50 / p99 difference) | {d['p50'] - p['p50']:.2f} | "
         f"{d['p99'] - p['p99']:.2f} | | |",
         row("staleness, dual-write", st["dual_write_ms"],

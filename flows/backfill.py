@@ -175,7 +175,7 @@ def load_stage(p: BackfillParams, directory: Path) -> LoadResult:
         result = load_snapshot(directory, session, read_models=p.read_models,
                                keyspace=p.keyspace, concurrency=p.concurrency,
                                rate_limit_rows_per_s=p.rate_limit_rows_per_s, resume=resume,
-                               on_progress=reporter)
+                               write_batch_rows=p.write_batch_rows, on_progress=reporter)
     finally:
         scylla.close(session)
     get_run_logger().info("loaded %d rows as %d read-model rows in %.1f s (%.0f rows/s); %d "
@@ -222,6 +222,7 @@ def backfill_flow(
     created_to: datetime | str | None = None,
     chunk_size: int = 50_000,
     concurrency: int = 64,
+    write_batch_rows: int = 20,
     readers: int = 4,
     rate_limit_rows_per_s: float | None = None,
     resume: bool = False,

@@ -47,6 +47,9 @@ class BackfillParams(BaseModel):
                             "reading and of checkpoints")
     concurrency: PositiveInt = Field(
         64, description="Scylla writes in flight at once while loading")
+    write_batch_rows: PositiveInt = Field(
+        20, description="rows per UNLOGGED batch of rows on the same replicas while loading "
+                        "(1: one statement per row)")
     readers: PositiveInt = Field(
         4, description="parallel Postgres reader connections sharing the snapshot")
     rate_limit_rows_per_s: PositiveFloat | None = Field(

@@ -11,26 +11,16 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from tasks import kafka, postgres, scylla
-from tasks.cdc import CdcConsumer, CdcOptions
+from tasks.cdc_probe import LocalCdc, end_offsets
 from tasks.settings import get_settings
-
-
-def end_offsets(consumer: Consumer, topics: list[str]) -> list[TopicPartition]:
-    parts = []
-    for topic in topics:
-        for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions:
-            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            parts.append(TopicPartition(topic, p, high))
-    return parts
 
 
 @task(cache_policy=NONE)
@@ -78,28 +68,6 @@ def show_change_events(consumer: Consumer, session_id: str, expected: int,
     return seen
 
 
-class BackgroundCdc:
-    """The CDC consumer in a thread, starting at the current end of the change topics."""
-
-    def __init__(self) -> None:
-        settings = get_settings()
-        group = f"demo-cdc-{uuid.uuid4().hex[:8]}"
-        probe = Consumer(kafka.consumer_config(**{"group.id": group}))
-        probe.commit(offsets=end_offsets(probe, kafka.change_topics()), asynchronous=False)
-        probe.close()
-        self.session = scylla.connect(keyspace=settings.scylla.keyspace)
-        self.consumer = CdcConsumer(
-            scylla.ScyllaWriter(self.session), CdcOptions(report_interval_s=5),
-            settings.kafka.model_copy(update={"consumer_group": group}))
-        self.thread = threading.Thread(target=self.consumer.run, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.consumer.stop()
-        self.thread.join(30)
-        scylla.close(self.session)
-
-
 @task(cache_policy=NONE)
 def show_read_models(user_id: str, session_id: str, timeout_s: float = 30) -> int:
     """Read the conversation list and the timeline as the app does, once CDC applied them."""
@@ -137,7 +105,7 @@ def demo_flow() -> None:
     log = get_run_logger()
     consumer = Consumer(kafka.consumer_config(**{"group.id": f"demo-{uuid.uuid4()}"}))
     consumer.assign(end_offsets(consumer, kafka.change_topics()))
-    cdc = BackgroundCdc()
+    cdc = LocalCdc().start()  # the real consumer, in a group of its own, from the topics' end
     ids = write_sample_conversation()
     log.info("wrote session %s for user %s to Postgres", ids["session_id"], ids["user_id"])
     # 1 session insert + 2 turns (each also updates the session header) + 3 steps + 1 rename.

@@ -42,6 +42,17 @@ def end_offsets(consumer: Consumer, topics: Iterable[str]) -> list[TopicPartitio
     return out
 
 
+def position_group_at_end(settings: KafkaSettings) -> None:
+    """Commit the change topics' end offsets for ``settings.consumer_group`` before any member
+    subscribes: the group then starts exactly there, with no window in which a change could
+    be skipped or replayed."""
+    c = Consumer(kafka.consumer_config(settings))
+    try:
+        c.commit(offsets=end_offsets(c, kafka.change_topics(settings)), asynchronous=False)
+    finally:
+        c.close()
+
+
 class ChangeTap:
     """Change events committed after construction (assigned at the end offsets, no group)."""
 
@@ -80,21 +91,12 @@ class LocalCdc:
             update={"consumer_group": f"local-cdc-{uuid.uuid4()}"})
         self.options = options or CdcOptions(report_interval_s=3600)
         self._session = scylla.connect(keyspace=settings.scylla.keyspace)
-        self._position_at_end()
+        position_group_at_end(self.kafka)
         self.consumer = CdcConsumer(scylla.ScyllaWriter(self._session), self.options, self.kafka)
         # A second client of the same group that never subscribes: it only reads commits.
         self._offsets = Consumer(kafka.consumer_config(self.kafka))
         self.errors: list[BaseException] = []
         self._thread = threading.Thread(target=self._run, name="local-cdc", daemon=True)
-
-    def _position_at_end(self) -> None:
-        # Commit the end offsets for the new group before it subscribes: it then starts
-        # exactly there, with no window in which a change could be skipped or replayed.
-        c = Consumer(kafka.consumer_config(self.kafka))
-        try:
-            c.commit(offsets=end_offsets(c, kafka.change_topics(self.kafka)), asynchronous=False)
-        finally:
-            c.close()
 
     def _run(self) -> None:
         try:

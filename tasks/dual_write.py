@@ -94,7 +94,7 @@ def connect_deps(policy: DualWritePolicy | None = None, *, pool_size: int = 8,
     pool: ConnectionPool = ConnectionPool(
         get_settings().postgres.conninfo("app"), min_size=1, max_size=pool_size,
         kwargs={"autocommit": True}, name="cqrs-dual-write", open=True)
-    handle = scylla or ScyllaHandle()
+    handle = scylla or ScyllaHandle(max_in_flight=(policy or DualWritePolicy()).max_in_flight)
     if wait_s:
         try:
             pool.wait(timeout=wait_s)
@@ -370,10 +370,7 @@ def _finish(d: DualWriteDeps, op: Operation, sid: uuid.UUID,
     mutations: tuple[Mutation, ...] = ()
     try:
         mutations = tuple(m for c in changes for m in project(c))
-        writer = d.scylla.writer()
-        if writer is None:
-            raise ServiceUnavailable("Scylla", "not connected (reconnecting in the background)")
-        writer.write(mutations, timeout=d.policy.deadline_s)
+        d.scylla.write(mutations, d.policy.deadline_s)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"[:300]
         keys = [f"{t}:{r['id']}" for t, rs in rows.items() for r in rs][:20]

@@ -52,6 +52,9 @@ class DualWritePolicy(BaseSettings):
     # The Scylla step's budget after the commit. Small: the Postgres write already succeeded,
     # and a slow read model must not make the app slow; CDC repairs whatever misses it.
     deadline_ms: float = Field(default=50.0, gt=0, le=60_000)
+    # Scylla writes still running past their deadline, at most; beyond that the step is
+    # skipped at once, so a hung cluster costs the app nothing but staleness.
+    max_in_flight: int = Field(default=16, gt=0, le=1024)
 
     # Limits checked before anything is written. Content is measured in UTF-8 bytes (what
     # Postgres, Debezium's 8 MiB event cap and Scylla's cells pay for), not in characters.

@@ -1,11 +1,20 @@
-"""The dual-write's Scylla side: a writer that is connected, and its statements prepared, in
-the background, so an app call never waits for a connection or a PREPARE.
+"""The dual-write's Scylla side: the write within a hard deadline, on a writer that is
+connected, and its statements prepared, in the background.
 
-Why: ``ScyllaWriter.write(timeout=...)`` bounds the writes, but a statement not yet prepared
-is prepared synchronously with the session's default timeout (10 s), and ``connect`` can take
-seconds when the cluster is down. Both would break the deadline. So the statements the
-projection can produce are prepared once up front, and while no session exists the calls skip
-the Scylla step (CDC converges) while a background thread retries the connection.
+Why not just ``ScyllaWriter.write(timeout=...)`` in the caller's thread: that timeout bounds
+each request once sent, not the call. Measured with Cassandra stopping under load: the first
+call blocked 2 s inside ``execute_async``, where the driver borrows a connection from a pool
+whose connection has just gone defunct (``borrow_connection(timeout=2.0)``, hard-coded). A
+statement not yet prepared is prepared synchronously with the session's default timeout
+(10 s), and ``connect`` takes seconds when the cluster is down. So:
+
+- the statements the projection can produce are prepared once, up front;
+- while no session exists, calls skip the Scylla step (CDC converges) and a background thread
+  retries the connection;
+- each write runs on a small pool of threads and the caller waits at most the deadline; a
+  write still running then finishes (or fails) in the background, which is harmless since
+  every cell carries its source version. At most ``max_in_flight`` such writes exist: beyond
+  that the step is skipped at once rather than queued behind a slow cluster.
 """
 
 from __future__ import annotations
@@ -14,12 +23,16 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
 from typing import Any
 
 from cassandra.cluster import Session
 
 from tasks import scylla
+from tasks.errors import ServiceUnavailable, TransientError
 from tasks.projection import Change, Mutation, normalize_row, project, project_row
 from tasks.scylla import ScyllaWriter
 from tasks.settings import get_settings
@@ -57,10 +70,15 @@ def warm_up(writer: ScyllaWriter) -> int:
 
 
 class ScyllaHandle:
-    """Holds the writer once it is usable; ``writer()`` never blocks."""
+    """Holds the writer once it is usable; ``writer()`` and ``write()`` never block for longer
+    than the deadline they are given."""
 
     def __init__(self, writer: ScyllaWriter | None = None, *, connect: bool = True,
-                 retry_interval_s: float = 5.0) -> None:
+                 retry_interval_s: float = 5.0, max_in_flight: int = 16) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=max_in_flight,
+                                            thread_name_prefix="dual-write-scylla")
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
         self._writer: ScyllaWriter | None = None
         self._owned: Session | None = None
         self._lock = threading.Lock()
@@ -85,6 +103,26 @@ class ScyllaHandle:
         if w is None and self._auto_connect:
             self._start_connect()
         return w
+
+    def write(self, mutations: Sequence[Mutation], deadline_s: float) -> None:
+        """Apply ``mutations`` within ``deadline_s`` of wall time, or raise."""
+        writer = self.writer()
+        if writer is None:
+            raise ServiceUnavailable("Scylla", "not connected (a background thread retries)")
+        if not self._slots.acquire(blocking=False):
+            raise ServiceUnavailable("Scylla", f"{self._max_in_flight} dual-writes still in "
+                                     "flight past their deadline: the cluster is slow")
+        try:
+            future = self._executor.submit(writer.write, mutations, deadline_s)
+        except RuntimeError as exc:  # closed
+            self._slots.release()
+            raise ServiceUnavailable("Scylla", "the dual-write handle is closed") from exc
+        future.add_done_callback(lambda _f: self._slots.release())
+        try:
+            future.result(timeout=deadline_s)
+        except FutureTimeout:
+            raise TransientError(f"Scylla write of {len(mutations)} mutations exceeded the "
+                                 f"{deadline_s * 1000:g} ms deadline") from None
 
     def wait_ready(self, timeout_s: float) -> bool:
         return self._ready.wait(timeout_s)
@@ -125,5 +163,6 @@ class ScyllaHandle:
         with self._lock:
             self._closed = True
             owned, self._owned, self._writer = self._owned, None, None
+        self._executor.shutdown(wait=True, cancel_futures=True)
         if owned is not None:
             scylla.close(owned)

@@ -11,6 +11,8 @@ from cassandra.cluster import Session
 
 from infra import stack
 from tasks import postgres, scylla
+from tasks.cdc import CdcOptions
+from tasks.cdc_probe import LocalCdc
 from tasks.settings import get_settings
 
 
@@ -45,32 +47,8 @@ def pg_admin():
 
 
 @pytest.fixture(scope="session")
-def cdc_consumer() -> Iterator[None]:
-    """A CDC consumer running for the whole test session in a thread, in a group of its own,
-    from the start of the topics. Tests that need CDC wait for convergence on their own ids."""
-    import threading
-    import uuid
-
-    from tasks.cdc import CdcConsumer, CdcOptions
-
-    settings = get_settings()
-    kafka_settings = settings.kafka.model_copy(
-        update={"consumer_group": f"test-cdc-{uuid.uuid4()}"})
-    session = scylla.connect(keyspace=settings.scylla.keyspace)
-    consumer = CdcConsumer(scylla.ScyllaWriter(session), CdcOptions(report_interval_s=5),
-                           kafka_settings)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            consumer.run()
-        except BaseException as exc:  # surfaced at teardown
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="test-cdc", daemon=True)
-    thread.start()
-    yield
-    consumer.stop()
-    thread.join(30)
-    scylla.close(session)
-    assert not errors, errors
+def cdc_consumer() -> Iterator[LocalCdc]:
+    """The real CDC consumer running in a thread for the whole test session, in a group of its
+    own that starts at the topics' current end. Tests wait for convergence on their own ids."""
+    with LocalCdc(CdcOptions(report_interval_s=5)) as cdc:
+        yield cdc

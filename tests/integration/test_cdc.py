@@ -21,6 +21,7 @@ from confluent_kafka.admin import NewTopic
 
 from tasks import kafka, postgres, scylla
 from tasks.cdc import CdcConsumer, CdcOptions
+from tasks.cdc_probe import position_group_at_end
 from tasks.projection import READ_MODELS
 from tasks.settings import get_settings
 from tests.integration.readmodels import postgres_rows, scylla_rows, wait_for
@@ -195,16 +196,7 @@ def test_poison_messages_go_to_dead_letter_topic_and_consumption_goes_on(cql) ->
 
 
 def start_group_at_end(group: str) -> None:
-    """Commit the current end of every change topic for a new group, so its consumers read
-    only what is written from now on."""
-    c = Consumer(kafka.consumer_config(**{"group.id": group}))
-    tps = []
-    for topic in kafka.change_topics():
-        for p in c.list_topics(topic, timeout=10).topics[topic].partitions:
-            _low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            tps.append(TopicPartition(topic, p, high))
-    c.commit(offsets=tps, asynchronous=False)
-    c.close()
+    position_group_at_end(get_settings().kafka.model_copy(update={"consumer_group": group}))
 
 
 def group_lag(group: str) -> int:
@@ -241,7 +233,8 @@ def write_changes(n_changes: int, users: list[uuid.UUID]) -> list[uuid.UUID]:
     done = 0
     with postgres.connect("app") as conn:
         while done < n_changes:
-            with conn.transaction():
+            # Pipeline mode: one round trip per transaction instead of one per statement.
+            with conn.pipeline(), conn.transaction():
                 for _ in range(25):
                     r = rnd.random()
                     if r < 0.15 or not sessions:

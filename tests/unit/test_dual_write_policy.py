@@ -1,9 +1,10 @@
-"""Pure tests of the dual-write policy and input validation, and of the rule that validation
-happens before any connection is taken."""
+"""Pure tests of the dual-write policy and input validation, of the rule that validation
+happens before any connection is taken, and of the Scylla step's wall-clock deadline."""
 
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from typing import Any
 
@@ -20,8 +21,8 @@ from tasks.dual_write_policy import (
     check_steps,
     check_title,
 )
-from tasks.dual_write_scylla import warm_up_statements
-from tasks.errors import InvalidInput
+from tasks.dual_write_scylla import ScyllaHandle, warm_up_statements
+from tasks.errors import InvalidInput, ServiceUnavailable, TransientError
 from tasks.projection import KEY_COLUMNS, PLACEHOLDER_TEXT, READ_MODELS, to_cql
 
 ENV_FIELDS = ("CREATE_SESSION", "RECORD_HUMAN_TURN", "RECORD_AGENT_TURN", "RENAME_SESSION",
@@ -213,3 +214,54 @@ def test_warm_up_covers_every_read_model_upsert_and_delete() -> None:
     # conversation_timeline is fed by two tables with different value columns.
     assert len([t for t in texts if "INTO ks.conversation_timeline" in t]) == 2
     assert all(k in " ".join(texts) for cols in KEY_COLUMNS.values() for k in cols)
+
+
+# -- the Scylla step's deadline is a wall-clock bound, whatever the driver does
+
+
+class _SlowWriter:
+    """Blocks like the driver did when a pooled connection had just gone defunct (2 s)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.calls = 0
+
+    def bound(self, mutations: Any) -> list[Any]:
+        return list(mutations)
+
+    def write(self, mutations: Any, timeout: float | None = None) -> int:
+        self.calls += 1
+        time.sleep(self.seconds)
+        return len(mutations)
+
+
+def test_scylla_step_returns_within_its_deadline_even_if_the_driver_blocks() -> None:
+    handle = ScyllaHandle(_SlowWriter(0.5), max_in_flight=2)  # type: ignore[arg-type]
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TransientError, match="exceeded the 50 ms deadline"):
+            handle.write(warm_up_statements()[:3], 0.05)
+        assert time.monotonic() - t0 < 0.2
+        # A second slow write fills the in-flight budget; the third is refused at once
+        # instead of queueing behind a slow cluster.
+        with pytest.raises(TransientError):
+            handle.write([], 0.01)
+        t0 = time.monotonic()
+        with pytest.raises(ServiceUnavailable, match="still in flight"):
+            handle.write([], 0.05)
+        assert time.monotonic() - t0 < 0.02
+    finally:
+        handle.close()
+
+
+def test_scylla_step_succeeds_when_the_writer_is_fast() -> None:
+    writer = _SlowWriter(0.0)
+    handle = ScyllaHandle(writer, max_in_flight=1)  # type: ignore[arg-type]
+    try:
+        for _ in range(3):  # the slot is given back after each write
+            handle.write([], 0.5)
+        assert writer.calls == 3
+    finally:
+        handle.close()
+    with pytest.raises(ServiceUnavailable, match="not connected"):
+        ScyllaHandle(connect=False).write([], 0.05)

@@ -1,0 +1,319 @@
+"""Backfill benchmark (not a test): rows/s and peak RSS of the snapshot stage, the load stage
+and the whole backfill flow, and, on the same rows, `cqlsh COPY FROM` loading
+conversation_timeline from a CSV, for a reference rate.
+
+    .venv/bin/python -m bench.backfill [--turns 1000000] [--turns-per-session 20]
+        [--sessions-per-user 5] [--steps-per-agent-turn 1] [--chunk-size 50000]
+        [--readers 4] [--concurrency 128] [--keep]
+
+Needs the local stack (`make schemas`) and PREFECT_API_URL for the flow stage. Results go to
+bench/results/backfill.json and a markdown table on stdout.
+
+Isolation on a shared stack: the generated rows live in a Postgres schema of their own
+(tables made LIKE the write model's, indexes included), reached through ``search_path``
+(PGOPTIONS) by the stage processes. That schema is not in the Debezium publication, so a
+million generated rows do not flood CDC, and dropping it is instant. Loads go to keyspaces
+of their own, dropped at the end (unless --keep).
+
+Each stage runs in a subprocess of its own, so its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from psycopg import sql
+
+from tasks import postgres, scylla
+from tasks.settings import get_settings
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = ("sessions", "human_turns", "agent_turns", "steps")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def generate(schema: str, turns: int, turns_per_session: int, sessions_per_user: int,
+             steps_per_agent_turn: int) -> dict[str, int]:
+    """N turns across sessions and users, in SQL (generate_series) as the admin role. Turns
+    alternate human/agent; session headers are set as the write model's triggers would."""
+    sessions = -(-turns // turns_per_session)
+    users = -(-sessions // sessions_per_user)
+    s = sql.Identifier(schema)
+    with postgres.connect("admin") as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(s))
+        for t in TABLES:
+            conn.execute(sql.SQL("CREATE TABLE {}.{} (LIKE public.{} INCLUDING ALL)").format(
+                s, sql.Identifier(t), sql.Identifier(t)))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+            s, sql.Identifier(get_settings().postgres.reader_user)))
+        conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(
+            s, sql.Identifier(get_settings().postgres.reader_user)))
+        conn.execute(sql.SQL("SET search_path = {}").format(s))
+        conn.execute("CREATE TEMP TABLE bench_users AS SELECT row_number() OVER () AS u, "
+                     "gen_random_uuid() AS id FROM generate_series(1, %s)", (users,))
+        # Session n: T turns, turn k at created_at + 30 s * k; the last one is the header's.
+        conn.execute("""
+            CREATE TEMP TABLE bench_sessions AS
+            SELECT n, gen_random_uuid() AS id, u.id AS user_id,
+                   now() - interval '90 days' + (n * interval '37 seconds') AS created_at,
+                   least(%(t)s, %(turns)s - (n - 1) * %(t)s) AS nturns
+              FROM generate_series(1, %(sessions)s) n
+              JOIN bench_users u ON u.u = 1 + (n - 1) %% %(users)s""",
+                     {"t": turns_per_session, "turns": turns, "sessions": sessions,
+                      "users": users})
+
+        def content(k: str) -> str:  # ~150 characters, no quotes or commas (cqlsh's CSV)
+            return (f"'turn ' || {k} || ' of session ' || s.n || ' ' || "
+                    f"repeat(md5(s.id::text || {k}), 4)")
+
+        conn.execute(f"""
+            INSERT INTO sessions (id, user_id, title, created_at, updated_at, last_message,
+                                  last_message_at, turn_count)
+            SELECT s.id, s.user_id, 'session ' || s.n, s.created_at, clock_timestamp(),
+                   left({content('s.nturns')}, 500),
+                   s.created_at + s.nturns * interval '30 seconds', s.nturns
+              FROM bench_sessions s""")
+        for table, parity, extra_cols, extra_vals in (
+                ("human_turns", 1, "", ""), ("agent_turns", 0, ", model", ", 'bench-model'")):
+            conn.execute(f"""
+                INSERT INTO {table} (id, session_id, content{extra_cols}, created_at, updated_at)
+                SELECT gen_random_uuid(), s.id, {content('k')}{extra_vals},
+                       s.created_at + k * interval '30 seconds', clock_timestamp()
+                  FROM bench_sessions s, generate_series(1, s.nturns) k
+                 WHERE k % 2 = {parity}""")
+        conn.execute("""
+            INSERT INTO steps (id, agent_turn_id, session_id, kind, payload, created_at,
+                               updated_at)
+            SELECT gen_random_uuid(), a.id, a.session_id, 'tool',
+                   jsonb_build_object('step', j, 'tool', 'search', 'q', md5(a.id::text)),
+                   a.created_at + j * interval '1 millisecond', clock_timestamp()
+              FROM agent_turns a, generate_series(1, %s) j""", (steps_per_agent_turn,))
+        counts = {t: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+            sql.Identifier(t))).fetchone()[0] for t in TABLES}  # type: ignore[index]
+        conn.execute(sql.SQL("ANALYZE {}.sessions, {}.human_turns, {}.agent_turns, {}.steps")
+                     .format(s, s, s, s))
+        conn.commit()
+    return counts
+
+
+def drop_schema(schema: str) -> None:
+    with postgres.connect("admin", autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def stage_snapshot(cfg: dict[str, Any]) -> dict[str, Any]:
+    from tasks.snapshot import take_snapshot
+
+    manifest, directory = take_snapshot(cfg["root"], chunk_size=cfg["chunk_size"],
+                                        readers=cfg["readers"])
+    assert directory is not None
+    size = sum(f.stat().st_size for f in directory.rglob("*.parquet"))
+    return {"rows": manifest.rows, "seconds": manifest.seconds,
+            "rows_per_s": manifest.rows / manifest.seconds, "chunks": len(manifest.chunks),
+            "parquet_mib": round(size / 2**20, 1), "snapshot_dir": str(directory)}
+
+
+def stage_load(cfg: dict[str, Any]) -> dict[str, Any]:
+    from tasks.loader import load_snapshot
+
+    session = scylla.connect()
+    try:
+        r = load_snapshot(cfg["snapshot_dir"], session, keyspace=cfg["keyspace"],
+                          concurrency=cfg["concurrency"])
+    finally:
+        scylla.close(session)
+    timeline = [p for p in r.pairs if p.read_model == "conversation_timeline"]
+    t_rows, t_secs = sum(p.rows_written for p in timeline), sum(p.seconds for p in timeline)
+    return {"rows_read": r.rows_read, "rows_written": r.rows_written, "seconds": r.seconds,
+            "rows_per_s": r.rows_read / r.seconds, "writes_per_s": r.rows_written / r.seconds,
+            "timeline_rows": t_rows, "timeline_seconds": t_secs,
+            "timeline_rows_per_s": t_rows / t_secs if t_secs else 0.0}
+
+
+def stage_flow(cfg: dict[str, Any]) -> dict[str, Any]:
+    from flows.backfill import backfill_flow
+
+    started = time.monotonic()
+    r = backfill_flow(snapshot_root=cfg["root"], keyspace=cfg["keyspace"], rebuild=True,
+                      chunk_size=cfg["chunk_size"], readers=cfg["readers"],
+                      concurrency=cfg["concurrency"])
+    seconds = time.monotonic() - started
+    return {"rows": r["rows_read"], "rows_written": r["rows_written"], "seconds": seconds,
+            "rows_per_s": r["rows_read"] / seconds, "snapshot_seconds": r["snapshot_seconds"],
+            "load_seconds": r["load_seconds"]}
+
+
+STAGES = {"snapshot": stage_snapshot, "load": stage_load, "flow": stage_flow}
+
+
+def run_stage(name: str, cfg: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-m", "bench.backfill", "--stage", name,
+                          "--config", json.dumps(cfg)], cwd=ROOT, env=env, text=True,
+                         capture_output=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"stage {name} failed:\n{out.stderr[-3000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+# ----------------------------------------------------------------------------- cqlsh
+
+
+def timeline_csv(snapshot_dir: str, path: Path) -> int:
+    """conversation_timeline rows of the snapshot's turns, as cqlsh COPY FROM reads them."""
+    n = 0
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        for table, role in (("human_turns", "human"), ("agent_turns", "agent")):
+            for file in sorted((Path(snapshot_dir) / table).glob("*.parquet")):
+                for batch in pq.ParquetFile(file).iter_batches(batch_size=10_000):
+                    cols = batch.to_pydict()
+                    for i in range(batch.num_rows):
+                        at = cols["created_at"][i]
+                        out.writerow([cols["session_id"][i],
+                                      f"{at:%Y-%m-%d %H:%M:%S}.{at.microsecond // 1000:03d}+0000",
+                                      cols["id"][i], role, cols["content"][i],
+                                      cols["model"][i] if role == "agent" else ""])
+                        n += 1
+    return n
+
+
+def cqlsh_copy(csv_path: Path, keyspace: str, rows: int) -> dict[str, Any]:
+    cqlsh = Path(sys.executable).parent / "cqlsh"
+    cfg = get_settings().scylla
+    cmd = [str(cqlsh), cfg.contact_points[0], str(cfg.port), "--request-timeout", "60", "-e",
+           f"COPY {keyspace}.conversation_timeline (session_id, created_at, turn_id, role, "
+           f"content, model) FROM '{csv_path}' WITH HEADER=false"]
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=csv_path.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    output = proc.stdout.read()
+    # wait4, not wait: its rusage is cqlsh's own (and its workers'), not the whole bench's.
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - started
+    # "N rows imported from 1 files in 0 day, 0 hour, 1 minute, and 2.5 seconds" (or, in
+    # other versions, "in 62.5 seconds")
+    m = re.search(r"(\d+) rows imported from \d+ files? in (.*?)seconds", output)
+    if m is None or int(m.group(1)) != rows:
+        raise RuntimeError(f"cqlsh COPY did not import {rows} rows:\n{output[-2000:]}")
+    parts = [float(x) for x in re.findall(r"[\d.]+", m.group(2))]
+    copy_s = sum(v * f for v, f in zip(reversed(parts), (1, 60, 3600, 86400), strict=False))
+    return {"rows": rows, "seconds": copy_s, "rows_per_s": rows / copy_s, "wall_seconds": wall,
+            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def markdown(r: dict[str, Any]) -> str:
+    rows = [("snapshot (Postgres → Parquet)", r["snapshot"]["rows"], r["snapshot"]["seconds"],
+             r["snapshot"]["rows_per_s"], r["snapshot"]["peak_rss_mib"]),
+            ("load (Parquet → projection → Cassandra), source rows", r["load"]["rows_read"],
+             r["load"]["seconds"], r["load"]["rows_per_s"], r["load"]["peak_rss_mib"]),
+            ("load, read-model rows written", r["load"]["rows_written"], r["load"]["seconds"],
+             r["load"]["writes_per_s"], r["load"]["peak_rss_mib"]),
+            ("whole backfill flow (rebuild: truncate + snapshot + load)", r["flow"]["rows"],
+             r["flow"]["seconds"], r["flow"]["rows_per_s"], r["flow"]["peak_rss_mib"]),
+            ("load, conversation_timeline only", r["load"]["timeline_rows"],
+             r["load"]["timeline_seconds"], r["load"]["timeline_rows_per_s"], None),
+            ("cqlsh COPY FROM, conversation_timeline", r["cqlsh"]["rows"],
+             r["cqlsh"]["seconds"], r["cqlsh"]["rows_per_s"], r["cqlsh"]["peak_rss_mib"])]
+    lines = ["| stage | rows | seconds | rows/s | peak RSS (MiB) |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {a} | {b:,} | {c:.2f} | {d:,.0f} | {'-' if e is None else e} |"
+              for a, b, c, d, e in rows]
+    lines.append(f"\nour conversation_timeline load / cqlsh COPY FROM: "
+                 f"**{r['ratio_timeline_vs_cqlsh']:.2f}x**")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.backfill", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--turns", type=int, default=1_000_000)
+    ap.add_argument("--turns-per-session", type=int, default=20)
+    ap.add_argument("--sessions-per-user", type=int, default=5)
+    ap.add_argument("--steps-per-agent-turn", type=int, default=1)
+    ap.add_argument("--chunk-size", type=int, default=50_000)
+    ap.add_argument("--readers", type=int, default=4)
+    ap.add_argument("--concurrency", type=int, default=128)
+    ap.add_argument("--keep", action="store_true", help="keep the schema, keyspaces, files")
+    ap.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.stage:  # a child process: one stage, one JSON line
+        result = STAGES[a.stage](json.loads(a.config))
+        print(json.dumps({**result, "peak_rss_mib": round(_peak_rss_mib(), 1)}))
+        return
+
+    tag = uuid.uuid4().hex[:8]
+    schema, ks, ks_cqlsh = f"bench_backfill_{tag}", f"bench_bf_{tag}", f"bench_cqlsh_{tag}"
+    work = Path(tempfile.mkdtemp(prefix=f"bench-backfill-{tag}-"))
+    env = {**os.environ, "PGOPTIONS": f"-c search_path={schema}"}
+    session = scylla.connect()
+    try:
+        for name in (ks, ks_cqlsh):
+            scylla.migrate(session, get_settings().scylla.model_copy(update={"keyspace": name}))
+        t0 = time.monotonic()
+        counts = generate(schema, a.turns, a.turns_per_session, a.sessions_per_user,
+                          a.steps_per_agent_turn)
+        gen_s = time.monotonic() - t0
+        print(f"generated {counts} in {gen_s:.1f} s (schema {schema})", file=sys.stderr)
+        cfg = {"root": str(work / "snapshots"), "chunk_size": a.chunk_size,
+               "readers": a.readers, "concurrency": a.concurrency, "keyspace": ks}
+        snap = run_stage("snapshot", cfg, env)
+        print(f"snapshot: {snap}", file=sys.stderr)
+        load = run_stage("load", {**cfg, "snapshot_dir": snap["snapshot_dir"]}, env)
+        print(f"load: {load}", file=sys.stderr)
+        whole = run_stage("flow", {**cfg, "root": str(work / "flow")}, env)
+        print(f"flow: {whole}", file=sys.stderr)
+        csv_rows = timeline_csv(snap["snapshot_dir"], work / "timeline.csv")
+        cq = cqlsh_copy(work / "timeline.csv", ks_cqlsh, csv_rows)
+        print(f"cqlsh: {cq}", file=sys.stderr)
+        result = {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "params": vars(a) | {"stage": None, "config": None}, "rows": counts,
+            "generate_seconds": round(gen_s, 2), "snapshot": snap, "load": load,
+            "flow": whole, "cqlsh": cq,
+            "ratio_timeline_vs_cqlsh": load["timeline_rows_per_s"] / cq["rows_per_s"],
+        }
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "backfill.json").write_text(json.dumps(result, indent=2, default=str))
+        print(markdown(result))
+    finally:
+        if not a.keep:
+            for name in (ks, ks_cqlsh):
+                session.execute(f"DROP KEYSPACE IF EXISTS {name}", timeout=120)
+            drop_schema(schema)
+            shutil.rmtree(work, ignore_errors=True)
+        scylla.close(session)
+
+
+if __name__ == "__main__":
+    main()
