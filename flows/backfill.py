@@ -85,6 +85,7 @@ class Reporter:
 
     def __call__(self, p: SnapshotProgress | LoadProgress, final: bool = False) -> None:
         now = time.monotonic()
+        final = final or p.chunks_done >= p.chunks_total  # the last one always goes out
         if not final and now - self._last < self.min_interval_s:
             return
         self._last = now
@@ -102,6 +103,11 @@ class Reporter:
                   f"| ETA | {_duration(eta) if not final else 'done'} |"]
         create_markdown_artifact("\n".join(lines), key="backfill-progress",
                                  description=f"backfill {self.stage}: rows, rate, ETA")
+
+
+    def finish(self) -> None:
+        """For a stage with no chunk at all (nothing matched the filters)."""
+        update_progress_artifact(self._artifact, 100.0)
 
 
 def summary_rows(manifest: Manifest, result: LoadResult | None) -> list[dict[str, Any]]:
@@ -147,6 +153,8 @@ def snapshot_stage(p: BackfillParams, dry_run: bool = False) -> tuple[Manifest, 
     manifest, directory = take_snapshot(
         p.snapshot_root, p.read_models, filt=p.filter, chunk_size=p.chunk_size,
         readers=p.readers, require_slot=not p.no_cdc, dry_run=dry_run, on_progress=reporter)
+    if reporter is not None and not manifest.chunks:
+        reporter.finish()
     if directory is not None:
         get_run_logger().info("snapshot %s: %d rows in %d chunks, %.1f s (%.0f rows/s), WAL %s, "
                               "slot flush LSN %s", manifest.snapshot_id, manifest.rows,
@@ -178,6 +186,8 @@ def load_stage(p: BackfillParams, directory: Path) -> LoadResult:
                                write_batch_rows=p.write_batch_rows, on_progress=reporter)
     finally:
         scylla.close(session)
+    if not result.chunks_loaded and not result.chunks_skipped:
+        reporter.finish()
     get_run_logger().info("loaded %d rows as %d read-model rows in %.1f s (%.0f rows/s); %d "
                           "chunks loaded, %d skipped by resume", result.rows_read,
                           result.rows_written, result.seconds, result.rows_per_s,

@@ -96,9 +96,14 @@ class SnapshotFilter:
     created_to: datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"user_ids": None if self.user_ids is None else [str(u) for u in self.user_ids],
-                "created_from": self.created_from.isoformat() if self.created_from else None,
-                "created_to": self.created_to.isoformat() if self.created_to else None}
+        """Canonical (sorted ids, UTC times): equal filters give equal JSON, which is how a
+        resume finds the snapshot of an interrupted run."""
+        def when(t: datetime | None) -> str | None:
+            return t.astimezone(UTC).isoformat() if t else None
+
+        ids = None if self.user_ids is None else sorted(str(u) for u in set(self.user_ids))
+        return {"user_ids": ids, "created_from": when(self.created_from),
+                "created_to": when(self.created_to)}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> SnapshotFilter:

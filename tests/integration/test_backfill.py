@@ -366,7 +366,7 @@ def _run_with_mutator(d: Dataset, seed: int, fn: Callable[[], dict[str, Any]]
 
 
 def test_backfill_while_postgres_changes_and_cdc_runs_converges(
-        cdc_consumer: None, cql: Session, pg_app: psycopg.Connection, tmp_path: Path,
+        cdc_consumer: object, cql: Session, pg_app: psycopg.Connection, tmp_path: Path,
         rng: random.Random) -> None:
     d = generate(pg_app, rng, users=25)
     # Rate-limited so that the load overlaps the changes for a few seconds.
@@ -383,7 +383,7 @@ def test_backfill_while_postgres_changes_and_cdc_runs_converges(
 
 
 def test_loading_an_old_snapshot_never_undoes_newer_changes(
-        cdc_consumer: None, cql: Session, pg_app: psycopg.Connection, tmp_path: Path,
+        cdc_consumer: object, cql: Session, pg_app: psycopg.Connection, tmp_path: Path,
         rng: random.Random) -> None:
     d = generate(pg_app, rng, users=10, turns=(2, 10))
     first = backfill_flow(user_ids=d.users, chunk_size=50, snapshot_root=str(tmp_path))

@@ -9,7 +9,7 @@ import json
 import random
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -188,9 +188,18 @@ def test_filters_become_sql_conditions() -> None:
     assert params == []
 
 
+def test_equal_filters_have_equal_manifest_json() -> None:
+    a, b = uuid.uuid4(), uuid.uuid4()
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    plus2 = t.astimezone(timezone(timedelta(hours=2)))
+    assert SnapshotFilter((a, b), t).to_json() == SnapshotFilter((b, a), plus2).to_json()
+    assert SnapshotFilter((a,)).to_json() != SnapshotFilter((b,)).to_json()
+
+
 def test_filter_round_trips_through_the_manifest() -> None:
     f = SnapshotFilter((uuid.uuid4(),), datetime(2026, 1, 1, tzinfo=UTC), None)
-    assert SnapshotFilter.from_json(json.loads(json.dumps(f.to_json()))) == f
+    back = SnapshotFilter.from_json(json.loads(json.dumps(f.to_json())))
+    assert back == f and back.to_json() == f.to_json()
 
 
 # --------------------------------------------------------------------------------------------
