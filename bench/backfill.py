@@ -196,7 +196,7 @@ def timeline_csv(snapshot_dir: str, path: Path) -> int:
                         at = cols["created_at"][i]
                         out.writerow([cols["session_id"][i],
                                       f"{at:%Y-%m-%d %H:%M:%S}.{at.microsecond // 1000:03d}+0000",
-                                      cols["id"][i], role, cols["content"][i],
+                                      at.microsecond % 1000, cols["id"][i], role, cols["content"][i],
                                       cols["model"][i] if role == "agent" else ""])
                         n += 1
     return n
@@ -206,8 +206,8 @@ def cqlsh_copy(csv_path: Path, keyspace: str, rows: int) -> dict[str, Any]:
     cqlsh = Path(sys.executable).parent / "cqlsh"
     cfg = get_settings().scylla
     cmd = [str(cqlsh), cfg.contact_points[0], str(cfg.port), "--request-timeout", "60", "-e",
-           f"COPY {keyspace}.conversation_timeline (session_id, created_at, turn_id, role, "
-           f"content, model) FROM '{csv_path}' WITH HEADER=false"]
+           f"COPY {keyspace}.conversation_timeline (session_id, created_at, created_at_micros, "
+           f"turn_id, role, content, model) FROM '{csv_path}' WITH HEADER=false"]
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=csv_path.parent, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

@@ -8,6 +8,8 @@ on a work pool and start workers on as many machines as needed instead.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import serve
 
 from flows.backfill import backfill_flow
@@ -16,11 +18,13 @@ from flows.setup import setup_flow
 
 
 def main() -> None:
-    serve(
+    # to_deployment is sync/async-compatible; called from sync code it returns the deployment.
+    deployments: list[Any] = [
         cdc_flow.to_deployment(name="cdc", parameters={"report_interval_s": 10}),
         backfill_flow.to_deployment(name="backfill"),
         setup_flow.to_deployment(name="setup"),
-    )
+    ]
+    serve(*deployments)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,9 @@ READ_MODELS: Final = (
 # Primary key and other columns of each read model, in schemas/scylla order.
 KEY_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
     "recent_conversations": ("user_id", "created_at", "session_id"),
-    "conversation_timeline": ("session_id", "created_at", "turn_id"),
+    "conversation_timeline": ("session_id", "created_at", "created_at_micros", "turn_id"),
     "sessions_by_id": ("session_id",),
-    "steps_by_turn": ("agent_turn_id", "created_at", "step_id"),
+    "steps_by_turn": ("agent_turn_id", "created_at", "created_at_micros", "step_id"),
 }
 VALUE_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
     "recent_conversations": ("title", "last_message", "last_message_at", "turn_count"),
@@ -125,7 +125,8 @@ class _Spec:
 
 _SESSION_VALUES = (("title", "title"), ("last_message", "last_message"),
                    ("last_message_at", "last_message_at"), ("turn_count", "turn_count"))
-_TURN_KEY = (("session_id", "session_id"), ("created_at", "created_at"), ("turn_id", "id"))
+_TURN_KEY = (("session_id", "session_id"), ("created_at", "created_at"),
+             ("created_at_micros", "created_at"), ("turn_id", "id"))
 _SPECS: Final[Mapping[str, tuple[_Spec, ...]]] = {
     "sessions": (
         _Spec("recent_conversations",
@@ -146,7 +147,7 @@ _SPECS: Final[Mapping[str, tuple[_Spec, ...]]] = {
     "steps": (
         _Spec("steps_by_turn",
               (("agent_turn_id", "agent_turn_id"), ("created_at", "created_at"),
-               ("step_id", "id")),
+               ("created_at_micros", "created_at"), ("step_id", "id")),
               (("session_id", "session_id"), ("kind", "kind"), ("payload", "payload"))),
     ),
 }
@@ -341,6 +342,11 @@ def _specs(table: str, read_models: Collection[str] | None) -> tuple[_Spec, ...]
     return tuple(s for s in _SPECS[table] if s.read_model in wanted)
 
 
+# Read-model columns holding the microseconds past the millisecond of their source timestamp:
+# CQL timestamps stop at ms, and rows written within one ms must still keep their order.
+_MICROS_COLUMNS: Final = frozenset({"created_at_micros"})
+
+
 def _key(spec: _Spec, table: str, row: Mapping[str, Any], image: str) -> Key | None:
     """The read-model key of a row image, or None when a key column is absent."""
     key = []
@@ -350,7 +356,7 @@ def _key(spec: _Spec, table: str, row: Mapping[str, Any], image: str) -> Key | N
             return None
         if v is UNAVAILABLE:
             raise DecodeError(f"{table}.{src}: TOAST placeholder in {image} key column")
-        key.append((dst, _cell(v)))
+        key.append((dst, v.microsecond % 1000 if dst in _MICROS_COLUMNS else _cell(v)))
     return tuple(key)
 
 

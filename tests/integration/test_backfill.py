@@ -33,7 +33,7 @@ from flows.backfill import backfill_flow
 from tasks import postgres, scylla
 from tasks.errors import ConfigurationError
 from tasks.loader import Checkpoints
-from tasks.projection import READ_MODELS, expected_rows
+from tasks.projection import KEY_COLUMNS, READ_MODELS, expected_rows
 from tasks.settings import get_settings
 from tasks.snapshot import Manifest
 from tests.integration.readmodels import _utc, postgres_rows, scylla_rows, wait_for
@@ -136,7 +136,7 @@ def _steps_rows(cql: Session, turn_ids: list[uuid.UUID]) -> dict[Any, dict[str, 
     for t in turn_ids:
         for r in cql.execute("SELECT * FROM steps_by_turn WHERE agent_turn_id = %s", (t,)):
             d = {k: _utc(v) for k, v in r._asdict().items()}
-            key = tuple((c, d.pop(c)) for c in ("agent_turn_id", "created_at", "step_id"))
+            key = tuple((c, d.pop(c)) for c in KEY_COLUMNS["steps_by_turn"])
             out[key] = d
     return out
 
@@ -230,8 +230,9 @@ def test_backfill_reproduces_the_projection_of_postgres_exactly(
     for tid, sid, created, content, updated in rng.sample(versions, min(40, len(versions))):
         row = bf_cql.execute(
             "SELECT content, WRITETIME(content) AS wt FROM conversation_timeline WHERE "
-            "session_id = %s AND created_at = %s AND turn_id = %s",
-            (sid, created.replace(microsecond=created.microsecond // 1000 * 1000), tid)).one()
+            "session_id = %s AND created_at = %s AND created_at_micros = %s AND turn_id = %s",
+            (sid, created.replace(microsecond=created.microsecond // 1000 * 1000),
+             created.microsecond % 1000, tid)).one()
         assert row is not None and row.content == content
         assert row.wt == (updated - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
     sessions_per_user: dict[uuid.UUID, int] = dict(pg_app.execute(

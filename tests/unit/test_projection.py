@@ -109,7 +109,8 @@ def test_session_feeds_both_session_read_models() -> None:
 
 
 def test_turns_merge_into_timeline_and_human_turns_write_no_model() -> None:
-    key = (("session_id", uid(1)), ("created_at", T0_MS))
+    key = (("session_id", uid(1)), ("created_at", T0_MS),
+           ("created_at_micros", T0.microsecond % 1000))
     (h,) = project_row("human_turns", human())
     (a,) = project_row("agent_turns", agent())
     assert h == Upsert("conversation_timeline", (*key, ("turn_id", uid(2))),
@@ -124,7 +125,8 @@ def test_step_payload_is_the_same_canonical_text_from_every_path() -> None:
     from_reordered = project_row("steps", step(payload='{"a": "\\u00e9",  "b": [1, 2]}'))
     assert from_dict == from_text == from_reordered
     (up,) = from_dict
-    assert up.key == (("agent_turn_id", uid(3)), ("created_at", T0_MS), ("step_id", uid(4)))
+    assert up.key == (("agent_turn_id", uid(3)), ("created_at", T0_MS),
+                      ("created_at_micros", 456), ("step_id", uid(4)))
     assert dict(up.values)["payload"] == '{"a":"é","b":[1,2]}'
     assert type(dict(up.values)["payload"]) is str
 
@@ -165,21 +167,27 @@ def test_key_change_deletes_the_old_read_model_row_at_the_update_version() -> No
     assert [type(m).__name__ for m in out] == ["Delete", "Upsert", "Upsert"]  # by_id key kept
     moved = project(Change("human_turns", "u", human(), human(session_id=uid(9)), 0))
     assert moved[0] == Delete("conversation_timeline", (
-        ("session_id", uid(1)), ("created_at", T0_MS), ("turn_id", uid(2))),
-        us(human()["updated_at"]))
+        ("session_id", uid(1)), ("created_at", T0_MS), ("created_at_micros", 456),
+        ("turn_id", uid(2))), us(human()["updated_at"]))
 
 
-def test_created_at_change_inside_one_millisecond_is_not_a_key_change() -> None:
-    # A delete and an upsert of one key at one timestamp would lose the row: delete wins ties.
+def test_created_at_change_inside_one_millisecond_moves_the_row() -> None:
+    # created_at_micros is part of the key: the old and new keys differ, so the delete of the
+    # old one cannot shadow the upsert of the new one.
     new = human(created_at=T0 + timedelta(microseconds=400), updated_at=T0 + timedelta(seconds=2))
-    assert [type(m) for m in project(Change("human_turns", "u", human(), new, 0))] == [Upsert]
+    out = project(Change("human_turns", "u", human(), new, 0))
+    assert [type(m) for m in out] == [Delete, Upsert]
+    assert dict(out[0].key)["created_at_micros"] == 456
+    assert dict(out[1].key)["created_at_micros"] == 856
+    assert dict(out[0].key)["created_at"] == dict(out[1].key)["created_at"]
 
 
 def test_delete_uses_before_image_and_commit_version() -> None:
     commit = us(T0) + 5_000_000
     assert project(Change("agent_turns", "d", debezium(agent()), None, commit)) == [
         Delete("conversation_timeline",
-               (("session_id", uid(1)), ("created_at", T0_MS), ("turn_id", uid(3))), commit)]
+               (("session_id", uid(1)), ("created_at", T0_MS), ("created_at_micros", 456),
+                ("turn_id", uid(3))), commit)]
     # A commit clock behind the row version still shadows that version.
     late = project(Change("agent_turns", "d", agent(), None, us(T0)))
     assert late[0].timestamp_us == us(agent()["updated_at"]) + 1
@@ -318,14 +326,16 @@ def test_version_of() -> None:
 def test_to_cql_insert_and_delete() -> None:
     (up,) = project_row("agent_turns", agent())
     text, params = to_cql(up, "cqrs")
-    assert text == ("INSERT INTO cqrs.conversation_timeline (session_id, created_at, turn_id, "
-                    "role, content, model) VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?")
-    assert params == (uid(1), T0_MS, uid(3), "agent", "hi!", "m-1", up.timestamp_us)
+    assert text == ("INSERT INTO cqrs.conversation_timeline (session_id, created_at, "
+                    "created_at_micros, turn_id, role, content, model) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?")
+    assert params == (uid(1), T0_MS, T0.microsecond % 1000, uid(3), "agent", "hi!", "m-1",
+                      up.timestamp_us)
     (de,) = project(Change("agent_turns", "d", agent(), None, 99 * 10**15))
     assert to_cql(de, "cqrs") == (
         "DELETE FROM cqrs.conversation_timeline USING TIMESTAMP ? "
-        "WHERE session_id = ? AND created_at = ? AND turn_id = ?",
-        (99 * 10**15, uid(1), T0_MS, uid(3)))
+        "WHERE session_id = ? AND created_at = ? AND created_at_micros = ? AND turn_id = ?",
+        (99 * 10**15, uid(1), T0_MS, T0.microsecond % 1000, uid(3)))
     # Same columns, same text: statements are prepared once.
     (other,) = project_row("agent_turns", agent(id=uid(77), content="x"))
     assert to_cql(other, "cqrs")[0] == text
@@ -342,9 +352,11 @@ def test_expected_rows() -> None:
     rows = {"human_turns": [human()], "agent_turns": [debezium(agent())], "sessions": [session()]}
     got = expected_rows(rows, "conversation_timeline")
     assert got == {
-        (("session_id", uid(1)), ("created_at", T0_MS), ("turn_id", uid(2))):
+        (("session_id", uid(1)), ("created_at", T0_MS), ("created_at_micros", 456),
+         ("turn_id", uid(2))):
             {"role": "human", "content": "hello", "model": None},
-        (("session_id", uid(1)), ("created_at", T0_MS), ("turn_id", uid(3))):
+        (("session_id", uid(1)), ("created_at", T0_MS), ("created_at_micros", 456),
+         ("turn_id", uid(3))):
             {"role": "agent", "content": "hi!", "model": "m-1"},
     }
     assert expected_rows({}, "steps_by_turn") == {}
@@ -428,7 +440,12 @@ def draw_row(data: st.DataObject, table: str, id_: uuid.UUID, version: int) -> d
 
 
 def ms_key(row: dict[str, Any], table: str) -> tuple[Any, ...]:
-    return tuple(v.replace(microsecond=v.microsecond // 1000) if isinstance(v, datetime) else v
+    """The source columns of a row's read-model key as the read model sees them: sessions'
+    created_at to the millisecond (recent_conversations), turns' and steps' created_at to the
+    microsecond (their read models add created_at_micros to the key)."""
+    exact = table != "sessions"
+    return tuple(v.replace(microsecond=v.microsecond // 1000)
+                 if isinstance(v, datetime) and not exact else v
                  for v in (row[c] for c in KEY_SOURCES[table]))
 
 
@@ -488,3 +505,12 @@ def test_any_order_with_duplicates_converges_to_the_source(data: st.DataObject) 
     order = data.draw(st.permutations(mutations + duplicates))
     final = {t: [row for (tt, _), row in current.items() if tt == t] for t in SOURCE_TABLES}
     assert state(order) == expected(final)
+
+
+def test_rows_within_one_millisecond_keep_their_microsecond_order() -> None:
+    base = T0.replace(microsecond=500_000)
+    keys = [dict(project_row("steps", step(id=uid(50 + i), created_at=base + timedelta(
+        microseconds=300 - 100 * i)))[0].key) for i in range(3)]
+    # All three share the millisecond; created_at_micros orders them as Postgres would.
+    assert len({k["created_at"] for k in keys}) == 1
+    assert [k["created_at_micros"] for k in keys] == [300, 200, 100]
