@@ -196,7 +196,8 @@ def timeline_csv(snapshot_dir: str, path: Path) -> int:
                         at = cols["created_at"][i]
                         out.writerow([cols["session_id"][i],
                                       f"{at:%Y-%m-%d %H:%M:%S}.{at.microsecond // 1000:03d}+0000",
-                                      at.microsecond % 1000, cols["id"][i], role, cols["content"][i],
+                                      at.microsecond % 1000, cols["id"][i], role,
+                                      cols["content"][i],
                                       cols["model"][i] if role == "agent" else ""])
                         n += 1
     return n
