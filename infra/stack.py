@@ -463,12 +463,23 @@ def select(names: list[str] | None) -> list[Service]:
     return [s for s in SERVICES if s.name in names]
 
 
+def running_pid(name: str) -> int | None:
+    """The pid in the service's pid file if that process still runs. Unlike alive_pid, no
+    command-line check: right after spawn the child may still be inside exec, when its
+    /proc/<pid>/cmdline reads empty."""
+    try:
+        pid = int(pid_file(name).read_text().split()[0])
+    except (OSError, ValueError):
+        return None
+    return pid if Path(f"/proc/{pid}").exists() and not _zombie(pid) else None
+
+
 def wait_healthy(svc: Service) -> None:
     deadline = time.monotonic() + svc.startup_timeout
     while time.monotonic() < deadline:
         if svc.healthy():
             return
-        if alive_pid(svc.name) is None:
+        if running_pid(svc.name) is None:
             raise StackError(f"{svc.name} exited during start-up; see {LOGS / svc.name}.log:\n"
                              f"{_tail(LOGS / f'{svc.name}.log')}")
         time.sleep(1)
