@@ -104,25 +104,40 @@ def commit_offsets(group: str, offsets: dict[tuple[str, int], int]) -> None:
     c.close()
 
 
-def run_consumer(group: str, options: CdcOptions, reports: list[MetricsReport]) -> Any:
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_consumer(group: str, options: CdcOptions, reports: list[MetricsReport],
+                 rss: list[float] | None = None) -> Any:
     settings = get_settings()
     session = scylla.connect(keyspace=settings.scylla.keyspace)
     ks = settings.kafka.model_copy(update={"consumer_group": group})
     consumer = CdcConsumer(scylla.ScyllaWriter(session), options, ks)
+
+    def report(rep: MetricsReport) -> None:
+        reports.append(rep)
+        if rss is not None:
+            rss.append(rss_mib())
+
     try:
-        return consumer, consumer.run(report=reports.append)
+        return consumer, consumer.run(report=report)
     finally:
         scylla.close(session)
 
 
-def fixed_rate(rate: int, seconds: float) -> dict[str, Any]:
+def fixed_rate(rate: int, seconds: float, report_s: float = 1.0) -> dict[str, Any]:
     group = f"bench-rate-{uuid.uuid4().hex[:8]}"
     commit_offsets(group, end_offsets())
     reports: list[MetricsReport] = []
+    rss: list[float] = []
     q: mp.Queue[float] = mp.Queue()
     writer = mp.Process(target=paced_writer, args=(rate, seconds, str(uuid.uuid4()), q))
-    opts = CdcOptions(report_interval_s=1.0, max_seconds=seconds + 15, idle_exit_s=5)
-    t = threading.Thread(target=lambda: run_consumer(group, opts, reports))
+    opts = CdcOptions(report_interval_s=report_s, max_seconds=seconds + 15, idle_exit_s=5)
+    t = threading.Thread(target=lambda: run_consumer(group, opts, reports, rss))
     t.start()
     time.sleep(2)  # joined the group, partitions assigned
     writer.start()
@@ -133,7 +148,8 @@ def fixed_rate(rate: int, seconds: float) -> dict[str, Any]:
     steady = [r for r in reports[1:] if r.events > 0]
     p50s = [r.latency_p50_ms for r in steady if r.latency_p50_ms is not None]
     p99s = [r.latency_p99_ms for r in steady if r.latency_p99_ms is not None]
-    lag_at_end_of_writes = max((r.total_lag for r in steady[: int(seconds) - 1]), default=0)
+    lag_at_end_of_writes = max((r.total_lag for r in steady[: int(seconds / report_s) - 1]),
+                               default=0)
     return {
         "target_events_per_s": rate,
         "achieved_write_events_per_s": round(achieved, 1),
@@ -141,6 +157,9 @@ def fixed_rate(rate: int, seconds: float) -> dict[str, Any]:
         "latency_p99_ms": round(max(p99s), 1) if p99s else None,
         "max_lag_events": lag_at_end_of_writes,
         "kept_up": bool(p99s) and max(p99s) < 1000 and lag_at_end_of_writes < rate,
+        # Process RSS (the consumer; the writer is another process) at each report.
+        "rss_mib_first_last_max": [round(rss[0], 1), round(rss[-1], 1), round(max(rss), 1)]
+        if rss else None,
     }
 
 
@@ -207,6 +226,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--backlog", type=int, default=50_000,
                         help="turns written as a backlog (2 change events each)")
+    parser.add_argument("--soak-seconds", type=float, default=0,
+                        help="also run at 500 events/s this long, sampling consumer memory")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"machine": f"{platform.node()} {os.cpu_count()} cores",
@@ -218,6 +239,9 @@ def main() -> None:
         out["fixed_rate"].append(res)
     out["backlog"] = backlog(args.backlog)
     print(out["backlog"], flush=True)
+    if args.soak_seconds:
+        out["soak"] = fixed_rate(500, args.soak_seconds, report_s=10.0)
+        print(out["soak"], flush=True)
     out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     (RESULTS / "cdc.json").write_text(json.dumps(out, indent=2))
     print("\n| target events/s | achieved | p50 ms | p99 ms | max lag | kept up |")
