@@ -41,7 +41,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def paced_writer(rate_events: int, seconds: float, user: str, out: Any) -> None:
     """Write at a fixed rate of change events: each human turn insert is 2 events (the turn
     and the session header the trigger updates). Commits every 10 ms."""
-    sessions = [uuid.uuid4() for _ in range(50)]
+    sessions = [uuid.uuid4() for _ in range(500)]
     turns_per_s = rate_events / 2
     with postgres.connect("app") as conn:
         with conn.transaction():
