@@ -23,7 +23,7 @@ from tasks import kafka
 from tasks.debezium import decode_message
 from tasks.errors import ConfigurationError, DecodeError, TransientError
 from tasks.metrics import CdcMetrics, MetricsReport
-from tasks.projection import READ_MODELS, Mutation, project
+from tasks.projection import READ_MODELS, Mutation, compact, project
 from tasks.scylla import ScyllaWriter
 from tasks.settings import KafkaSettings, get_settings
 
@@ -217,6 +217,7 @@ class CdcConsumer:
                     batch.commit_ts_us.append(event.commit_ts_us)
             except DecodeError as exc:
                 batch.dead.append((msg, exc))
+        batch.mutations = compact(batch.mutations)
         return batch
 
     def _apply(self, batch: _Batch) -> bool:

@@ -57,6 +57,9 @@ def consumer_config(settings: KafkaSettings | None = None, /, **overrides: Any) 
         # Rebalances move partitions one at a time instead of stopping the whole group.
         "partition.assignment.strategy": "cooperative-sticky",
         "fetch.wait.max.ms": 10,
+        # Bound the prefetch queue (librdkafka's default is 64 MiB): memory stays flat
+        # however far behind the consumer is.
+        "queued.max.messages.kbytes": 8192,
         "max.poll.interval.ms": 300000,
         **overrides,
     }

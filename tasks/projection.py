@@ -435,6 +435,42 @@ def project_row(table: str, row: Mapping[str, Any],
     return [_upsert(spec, table, after, None, version) for spec in specs]
 
 
+def compact(mutations: Iterable[Mutation]) -> list[Mutation]:
+    """Drop the mutations of a batch that the others make invisible, so the store gets fewer
+    writes and the end state is the same under last-write-wins:
+
+    - an upsert whose cells and row marker a newer upsert of the same key writes again (same
+      columns or more, a later timestamp), or an identical copy of another;
+    - an upsert at or below a delete of its key (the tombstone wins ties);
+    - all but the newest delete of a key.
+
+    Under load the CDC batches grow, so a hot session's many header updates collapse into
+    one write: the consumer does less work exactly when it is behind."""
+    newest_delete: dict[tuple[str, Key], int] = {}
+    upserts: dict[tuple[str, Key], list[Upsert]] = {}
+    for m in mutations:
+        k = (m.read_model, m.key)
+        if isinstance(m, Delete):
+            newest_delete[k] = max(newest_delete.get(k, m.timestamp_us), m.timestamp_us)
+        else:
+            upserts.setdefault(k, []).append(m)
+    out: list[Mutation] = [Delete(rm, key, ts) for (rm, key), ts in newest_delete.items()]
+    for k, ups in upserts.items():
+        floor = newest_delete.get(k)
+        alive = [u for u in ups if floor is None or u.timestamp_us > floor]
+        # Newest first; keep an upsert unless one already kept covers it.
+        alive.sort(key=lambda u: u.timestamp_us, reverse=True)
+        kept: list[Upsert] = []
+        for u in alive:
+            cols = {c for c, _ in u.values}
+            if any(u == w or (w.timestamp_us > u.timestamp_us
+                              and cols <= {c for c, _ in w.values}) for w in kept):
+                continue
+            kept.append(u)
+        out.extend(kept)
+    return out
+
+
 def expected_rows(rows_by_table: Mapping[str, Iterable[Mapping[str, Any]]],
                   read_model: str) -> dict[Key, dict[str, Any]]:
     """What ``read_model`` should hold given the current Postgres rows: key -> every value

@@ -23,6 +23,7 @@ from tasks.projection import (
     Mutation,
     Upsert,
     change_from_row,
+    compact,
     expected_rows,
     normalize_row,
     project,
@@ -505,6 +506,9 @@ def test_any_order_with_duplicates_converges_to_the_source(data: st.DataObject) 
     order = data.draw(st.permutations(mutations + duplicates))
     final = {t: [row for (tt, _), row in current.items() if tt == t] for t in SOURCE_TABLES}
     assert state(order) == expected(final)
+    # Compacting any batch of them (the CDC consumer does) changes nothing visible.
+    cut = data.draw(st.integers(0, len(order)))
+    assert state(compact(order[:cut]), order[cut:]) == expected(final)
 
 
 def test_rows_within_one_millisecond_keep_their_microsecond_order() -> None:
@@ -514,3 +518,14 @@ def test_rows_within_one_millisecond_keep_their_microsecond_order() -> None:
     # All three share the millisecond; created_at_micros orders them as Postgres would.
     assert len({k["created_at"] for k in keys}) == 1
     assert [k["created_at_micros"] for k in keys] == [300, 200, 100]
+
+
+def test_compact_collapses_a_hot_sessions_header_updates_to_the_newest() -> None:
+    versions = [session(title=f"t{i}", updated_at=T0 + timedelta(seconds=i)) for i in range(5)]
+    muts = [m for v in versions for m in project_row("sessions", v)]
+    kept = compact(muts)
+    assert len(muts) == 10 and len(kept) == 2
+    assert {dict(m.values)["title"] for m in kept if isinstance(m, Upsert)} == {"t4"}
+    # An older write than a delete of its key is dropped; the delete is kept.
+    gone = project(Change("sessions", "d", versions[4], None, us(T0) + 9_000_000))
+    assert compact([*muts, *gone]) == gone
