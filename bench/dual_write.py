@@ -60,13 +60,14 @@ class Lookup:
         self.cql = cql
         self.stmt: PreparedStatement = cql.prepare(
             "SELECT turn_id FROM conversation_timeline "
-            "WHERE session_id = ? AND created_at = ? AND turn_id = ?")
+            "WHERE session_id = ? AND created_at = ? AND created_at_micros = ? AND turn_id = ?")
 
     def visible(self, r: dw.WriteResult) -> bool:
         turn = r.rows["human_turns"][0]
-        created = turn["created_at"].replace(microsecond=turn["created_at"].microsecond
-                                             // 1000 * 1000)  # CQL timestamp = ms
-        return self.cql.execute(self.stmt, (r.session_id, created, turn["id"])).one() is not None
+        us = turn["created_at"].microsecond
+        created = turn["created_at"].replace(microsecond=us // 1000 * 1000)  # CQL: ms
+        return self.cql.execute(self.stmt, (r.session_id, created, us % 1000,
+                                            turn["id"])).one() is not None
 
 
 def latency_phase(dual: dw.DualWriteDeps, pg_only: dw.DualWriteDeps, lookup: Lookup,
