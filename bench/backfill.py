@@ -7,7 +7,7 @@ conversation_timeline from a CSV, for a reference rate.
         [--readers 4] [--concurrency 128] [--keep]
 
 Needs the local stack (`make schemas`) and PREFECT_API_URL for the flow stage. Results go to
-bench/results/backfill.json and a markdown table on stdout.
+bench/results/backfill-<turns>.json and a markdown table on stdout.
 
 Isolation on a shared stack: the generated rows live in a Postgres schema of their own
 (tables made LIKE the write model's, indexes included), reached through ``search_path``
@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
             "ratio_timeline_vs_cqlsh": load["timeline_rows_per_s"] / cq["rows_per_s"],
         }
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "backfill.json").write_text(json.dumps(result, indent=2, default=str))
+        (RESULTS / f"backfill-{a.turns}.json").write_text(
+            json.dumps(result, indent=2, default=str))
         print(markdown(result))
     finally:
         if not a.keep:
