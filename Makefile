@@ -8,10 +8,11 @@ export PREFECT_HOME ?= $(CURDIR)/.stack/data/prefect-client
 .PHONY: venv up down status clean schemas demo test test-unit lint bench cdc
 
 venv: .venv/.installed
-.venv/.installed: pyproject.toml
+.venv/pyvenv.cfg:
 	@command -v python3 >/dev/null || { echo "python3 (>= 3.11) is required"; exit 1; }
 	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is required, found $$(python3 --version)"; exit 1; }
-	@[ -x $(PY) ] || python3 -m venv .venv
+	python3 -m venv .venv
+.venv/.installed: pyproject.toml .venv/pyvenv.cfg
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@

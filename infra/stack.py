@@ -95,7 +95,7 @@ def resolve_jars(name: str, dest: Path) -> Path:
     pom = INFRA / "maven" / name / "pom.xml"
     digest = hashlib.sha256(pom.read_bytes()).hexdigest()
     marker = dest / ".resolved"
-    if marker.exists() and marker.read_text() == digest:
+    if marker.exists() and marker.read_text() == digest and any(dest.glob("*.jar")):
         return dest
     if not shutil.which("mvn"):
         raise StackError("mvn is not installed: apt-get install -y maven")

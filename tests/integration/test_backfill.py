@@ -497,13 +497,14 @@ def test_killed_backfill_resumes_without_reloading_finished_chunks(
 def test_rate_limit_holds(bf_keyspace: str, pg_app: psycopg.Connection, tmp_path: Path,
                           rng: random.Random) -> None:
     # Well under what this loader sustains on the 2-core test machine (~3,000 rows/s while
-    # the rest of the stack runs), so that the limiter, not the machine, sets the pace.
-    limit = 1000.0
+    # the rest of the stack runs), so that the limiter, not the machine, sets the pace: at
+    # 1,000 rows/s a busy CI machine once measured 883 rows/s (start-up costs weigh on 5 s).
+    limit = 500.0
     d = generate(pg_app, rng, users=20, sessions_per_user=(5, 5), turns=(50, 50), steps=(0, 0))
     result = backfill_flow(user_ids=d.users, read_models=["conversation_timeline"],
                            chunk_size=1000, rate_limit_rows_per_s=limit,
                            snapshot_root=str(tmp_path), keyspace=bf_keyspace)
-    assert result["rows_written"] == 5_000  # ~5 s at the limit
+    assert result["rows_written"] == 5_000  # ~10 s at the limit
     rate = result["rows_written"] / result["load_seconds"]
     print(f"rate limit {limit:.0f} rows/s: measured {rate:.0f} rows/s "
           f"({100 * (rate / limit - 1):+.1f} %) over {result['load_seconds']:.2f} s")
