@@ -111,6 +111,9 @@ class CdcConsumer:
         self.producer = Producer(kafka.producer_config(
             self.settings, **{"message.max.bytes": 16 * 1024 * 1024}))
         self._dlq_errors: list[str] = []
+        # Offsets of applied batches whose commit a rebalance interrupted: retried on the
+        # next loop turn, or committed in on_revoke before the partition is given up.
+        self._uncommitted: dict[tuple[str, int], int] = {}
 
     # -- lifecycle
 
@@ -153,6 +156,8 @@ class CdcConsumer:
                     want = min(want, o.max_messages - result.messages)
                 msgs = self._next_batch(want)
                 if not msgs:
+                    if self._uncommitted:
+                        self._commit({})
                     continue
                 last_message = time.monotonic()
                 batch = self._prepare(msgs)
@@ -258,21 +263,24 @@ class CdcConsumer:
             self._dlq_errors.append(str(err))
 
     def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        if not offsets:
+        self._uncommitted.update(offsets)
+        if not self._uncommitted:
             return
-        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        tps = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items()]
         delay = self.options.retry_initial_s
         for _attempt in range(8):
             try:
                 self.consumer.commit(offsets=tps, asynchronous=False)
+                self._uncommitted.clear()
                 return
             except KafkaException as exc:
                 code = exc.args[0].code() if exc.args else None
                 if code in (KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
                             KafkaError.UNKNOWN_MEMBER_ID, KafkaError._NO_OFFSET):
-                    # The partitions moved on: their new owner re-reads from the last commit
-                    # and re-applying is idempotent.
-                    log.info("commit skipped after a rebalance: %s", exc)
+                    # Kept in _uncommitted: retried on the next loop turn, or committed in
+                    # on_revoke. A partition that moved on is re-read by its new owner from
+                    # the last commit, and re-applying is idempotent.
+                    log.info("commit deferred by a rebalance: %s", exc)
                     return
                 log.warning("offset commit failed, retrying in %.1fs: %s", delay, exc)
                 time.sleep(delay)
@@ -283,10 +291,23 @@ class CdcConsumer:
     # -- rebalances
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Batches are committed as soon as they are applied, and revocation is served inside
-        # consume(), between batches: everything applied is committed already.
+        # Revocation is served inside poll/consume, between batches: what is applied but not
+        # committed yet (a commit a rebalance interrupted) is committed before giving it up.
         log.info("partitions revoked: %s", [f"{p.topic}[{p.partition}]" for p in partitions])
+        revoked = {(p.topic, p.partition) for p in partitions}
+        pending = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items()
+                   if (t, p) in revoked]
+        if pending:
+            try:
+                consumer.commit(offsets=pending, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("could not commit revoked partitions (re-applied by their next "
+                            "owner, idempotently): %s", exc)
+        for key in revoked:
+            self._uncommitted.pop(key, None)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("partitions lost: %s", [f"{p.topic}[{p.partition}]" for p in partitions])
+        for p in partitions:
+            self._uncommitted.pop((p.topic, p.partition), None)
 
