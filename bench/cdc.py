@@ -25,7 +25,7 @@ from typing import Any
 from cassandra.concurrent import execute_concurrent
 from confluent_kafka import Consumer, TopicPartition
 
-from tasks import kafka, postgres, scylla
+from tasks import cdc_probe, kafka, postgres, scylla
 from tasks.cdc import CdcConsumer, CdcOptions
 from tasks.debezium import decode_message
 from tasks.metrics import MetricsReport, percentile
@@ -89,12 +89,11 @@ def write_backlog(turns: int) -> int:
 
 def end_offsets() -> dict[tuple[str, int], int]:
     c = Consumer(kafka.consumer_config(**{"group.id": f"bench-{uuid.uuid4()}"}))
-    out = {}
-    for topic in kafka.change_topics():
-        for p in c.list_topics(topic, timeout=10).topics[topic].partitions:
-            out[(topic, p)] = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-    c.close()
-    return out
+    try:
+        return {(tp.topic, tp.partition): tp.offset
+                for tp in cdc_probe.end_offsets(c, kafka.change_topics())}
+    finally:
+        c.close()
 
 
 def commit_offsets(group: str, offsets: dict[tuple[str, int], int]) -> None:

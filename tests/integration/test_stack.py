@@ -9,12 +9,13 @@ import uuid
 from datetime import UTC, datetime
 
 import anyio
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer
 from prefect import flow
 from prefect.client.orchestration import get_client
 
 from infra import stack
 from tasks import kafka, postgres
+from tasks.cdc_probe import end_offsets
 from tasks.settings import get_settings
 
 
@@ -25,13 +26,8 @@ def test_every_service_reports_healthy() -> None:
 def test_insert_in_postgres_arrives_as_debezium_event(pg_app) -> None:
     topic = get_settings().kafka.topic("sessions")
     consumer = Consumer(kafka.consumer_config(**{"group.id": f"t-{uuid.uuid4()}"}))
-    md = consumer.list_topics(topic, timeout=10).topics[topic]
     # Start at the current end of every partition, so only events after the insert are read.
-    parts = []
-    for p in md.partitions:
-        _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-        parts.append(TopicPartition(topic, p, high))
-    consumer.assign(parts)
+    consumer.assign(end_offsets(consumer, [topic]))
 
     session_id, user_id = uuid.uuid4(), uuid.uuid4()
     pg_app.execute("INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, %s)",
