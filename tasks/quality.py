@@ -21,7 +21,6 @@ import json
 import os
 import re
 import threading
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import pandas as pd
 
+from tasks.dual_write_policy import as_uuid
 from tasks.errors import ConfigurationError, InvalidInput, TransientError
 from tasks.projection import KEY_COLUMNS, READ_MODELS
 
@@ -377,17 +377,6 @@ def validate_frame(read_model: str, frame: pd.DataFrame, *,
 # Reading read-model rows
 
 
-def _partition_key(value: Any) -> uuid.UUID:
-    if isinstance(value, uuid.UUID):
-        return value
-    if isinstance(value, str):
-        try:
-            return uuid.UUID(value)
-        except ValueError:
-            pass
-    raise InvalidInput(f"partition keys are UUIDs, got {type(value).__name__} {value!r:.60}")
-
-
 def _row_dict(row: Any, columns: list[str]) -> dict[str, Any]:
     if isinstance(row, Mapping):
         return dict(row)
@@ -413,7 +402,7 @@ def read_model_frame(session: Session, read_model: str, partition_keys: Iterable
     ks = keyspace or session.keyspace or get_settings().scylla.keyspace
     if not _IDENT.match(ks):
         raise InvalidInput(f"invalid keyspace name {ks!r}")
-    keys = list(dict.fromkeys(_partition_key(k) for k in partition_keys))
+    keys = list(dict.fromkeys(as_uuid(k, "partition key") for k in partition_keys))
     try:
         table = session.cluster.metadata.keyspaces[ks].tables[read_model]
     except KeyError:
