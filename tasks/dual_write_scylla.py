@@ -11,6 +11,8 @@ statement not yet prepared is prepared synchronously with the session's default 
 - the statements the projection can produce are prepared once, up front;
 - while no session exists, calls skip the Scylla step (CDC converges) and a background thread
   retries the connection;
+- a call's mutations go as one unlogged batch when they are few and small (one round trip),
+  else as concurrent writes;
 - each write runs on a small pool of threads and the caller waits at most the deadline; a
   write still running then finishes (or fails) in the background, which is harmless since
   every cell carries its source version. At most ``max_in_flight`` such writes exist: beyond
@@ -74,7 +76,10 @@ class ScyllaHandle:
     than the deadline they are given."""
 
     def __init__(self, writer: ScyllaWriter | None = None, *, connect: bool = True,
-                 retry_interval_s: float = 5.0, max_in_flight: int = 16) -> None:
+                 retry_interval_s: float = 5.0, max_in_flight: int = 16,
+                 batch_max_statements: int = 16, batch_max_bytes: int = 4096) -> None:
+        self._batch_max_statements = batch_max_statements
+        self._batch_max_bytes = batch_max_bytes
         self._executor = ThreadPoolExecutor(max_workers=max_in_flight,
                                             thread_name_prefix="dual-write-scylla")
         self._slots = threading.BoundedSemaphore(max_in_flight)
@@ -113,7 +118,12 @@ class ScyllaHandle:
             raise ServiceUnavailable("Scylla", f"{self._max_in_flight} dual-writes still in "
                                      "flight past their deadline: the cluster is slow")
         try:
-            future = self._executor.submit(writer.write, mutations, deadline_s)
+            # A turn's few small mutations go as one unlogged batch (one round trip); long
+            # content goes as separate concurrent writes, under the store's batch-size limits.
+            small = (len(mutations) <= self._batch_max_statements
+                     and scylla.batch_bytes(mutations) <= self._batch_max_bytes)
+            future = self._executor.submit(writer.write_batch if small else writer.write,
+                                           mutations, deadline_s)
         except RuntimeError as exc:  # closed
             self._slots.release()
             raise ServiceUnavailable("Scylla", "the dual-write handle is closed") from exc

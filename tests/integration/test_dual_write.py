@@ -142,20 +142,27 @@ def collect_all(tap: ChangeTap, results: list[dw.WriteResult]) -> list[TappedEve
 # Read-your-writes
 
 
-def test_dual_written_message_is_in_the_read_models_when_the_call_returns(deps, cql, pg_app):
+# A short message goes to Scylla as one unlogged batch, a long one as separate concurrent
+# writes (over the batch byte budget): both must be visible when the call returns.
+@pytest.mark.parametrize("content", ["Where should I eat tonight?",
+                                     "Where should I eat tonight? " + "é" * 10_000],
+                         ids=["short (one batch)", "20 KiB (concurrent writes)"])
+def test_dual_written_message_is_in_the_read_models_when_the_call_returns(content, deps, cql,
+                                                                          pg_app):
     uid = uuid.uuid4()
     created = dw.create_session(uid, "Trip to Porto", deps=deps)
     sid = created.session_id
-    turn = dw.record_human_turn(sid, "Where should I eat tonight?", deps=deps)
+    turn = dw.record_human_turn(sid, content, deps=deps)
     assert created.read_model_updated and turn.read_model_updated, (created, turn)
 
     # Read right after the call returns: zero staleness, no waiting.
     row = timeline_row(cql, sid, turn.ids("human_turns")[0])
-    assert row is not None and row.content == "Where should I eat tonight?"
+    assert row is not None and row.content == content
     header = cql.execute("SELECT title, last_message, turn_count FROM sessions_by_id "
                          "WHERE session_id = %s", (sid,)).one()
     assert (header.title, header.last_message, header.turn_count) == (
-        "Trip to Porto", "Where should I eat tonight?", 1)
+        "Trip to Porto", turn.rows["sessions"][0]["last_message"], 1)
+    assert content.startswith(header.last_message)
     assert agree(cql, pg_app, [sid], [uid])  # every cell as Postgres has it, at once
 
     # The cells carry the source rows' versions (updated_at in µs), as CDC's will.

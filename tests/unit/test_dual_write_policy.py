@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from tasks.dual_write_policy import (
 )
 from tasks.dual_write_scylla import ScyllaHandle, warm_up_statements
 from tasks.errors import InvalidInput, ServiceUnavailable, TransientError
-from tasks.projection import KEY_COLUMNS, PLACEHOLDER_TEXT, READ_MODELS, to_cql
+from tasks.projection import KEY_COLUMNS, PLACEHOLDER_TEXT, READ_MODELS, project_row, to_cql
 
 ENV_FIELDS = ("CREATE_SESSION", "RECORD_HUMAN_TURN", "RECORD_AGENT_TURN", "RENAME_SESSION",
               "DELETE_SESSION", "DEADLINE_MS", "MAX_CONTENT_BYTES")
@@ -225,6 +226,7 @@ class _SlowWriter:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.calls = 0
+        self.batches = 0
 
     def bound(self, mutations: Any) -> list[Any]:
         return list(mutations)
@@ -233,6 +235,10 @@ class _SlowWriter:
         self.calls += 1
         time.sleep(self.seconds)
         return len(mutations)
+
+    def write_batch(self, mutations: Any, timeout: float | None = None) -> int:
+        self.batches += 1
+        return self.write(mutations, timeout)
 
 
 def test_scylla_step_returns_within_its_deadline_even_if_the_driver_blocks() -> None:
@@ -261,6 +267,22 @@ def test_scylla_step_succeeds_when_the_writer_is_fast() -> None:
         for _ in range(3):  # the slot is given back after each write
             handle.write([], 0.5)
         assert writer.calls == 3
+    finally:
+        handle.close()
+
+
+def test_scylla_step_batches_small_writes_and_not_large_ones() -> None:
+    writer = _SlowWriter(0.0)
+    handle = ScyllaHandle(writer, batch_max_bytes=1000)  # type: ignore[arg-type]
+    sid, now = uuid.uuid4(), datetime.now(UTC)
+    turn = {"id": uuid.uuid4(), "session_id": sid, "created_at": now, "updated_at": now}
+    try:
+        handle.write(project_row("human_turns", {**turn, "content": "hi"}), 0.5)
+        assert (writer.calls, writer.batches) == (1, 1)
+        # Content over the byte budget: separate writes, never one oversized batch the
+        # store would reject (Cassandra fails batches above 50 KiB).
+        handle.write(project_row("human_turns", {**turn, "content": "x" * 1001}), 0.5)
+        assert (writer.calls, writer.batches) == (2, 1)
     finally:
         handle.close()
     with pytest.raises(ServiceUnavailable, match="not connected"):
