@@ -183,7 +183,8 @@ def load_stage(p: BackfillParams, directory: Path) -> LoadResult:
         result = load_snapshot(directory, session, read_models=p.read_models,
                                keyspace=p.keyspace, concurrency=p.concurrency,
                                rate_limit_rows_per_s=p.rate_limit_rows_per_s, resume=resume,
-                               write_batch_rows=p.write_batch_rows, on_progress=reporter)
+                               write_batch_rows=p.write_batch_rows, workers=p.workers,
+                               on_progress=reporter)
     finally:
         scylla.close(session)
     if not result.chunks_loaded and not result.chunks_skipped:
@@ -233,6 +234,7 @@ def backfill_flow(
     chunk_size: int = 50_000,
     concurrency: int = 64,
     write_batch_rows: int = 20,
+    workers: int = 1,
     readers: int = 4,
     rate_limit_rows_per_s: float | None = None,
     resume: bool = False,

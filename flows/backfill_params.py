@@ -50,6 +50,12 @@ class BackfillParams(BaseModel):
     write_batch_rows: PositiveInt = Field(
         20, description="rows per UNLOGGED batch of rows on the same replicas while loading "
                         "(1: one statement per row)")
+    workers: int = Field(
+        1, ge=1, le=64, description="loader processes sharing the chunks, each with its own "
+                                    "Scylla session and `concurrency` writes in flight, and "
+                                    "one rate limit for all; a kill redoes at most one chunk "
+                                    "per worker (more than 1 pays off when the machine has "
+                                    "cores the store does not use)")
     readers: PositiveInt = Field(
         4, description="parallel Postgres reader connections sharing the snapshot")
     rate_limit_rows_per_s: PositiveFloat | None = Field(

@@ -25,7 +25,11 @@ class ServiceUnavailable(TransientError):
 
     def __init__(self, service: str, detail: str) -> None:
         super().__init__(f"{service} is unavailable: {detail}")
-        self.service = service
+        self.service, self.detail = service, detail
+
+    def __reduce__(self) -> tuple[type[ServiceUnavailable], tuple[str, str]]:
+        # Pickled from a loader worker process to its parent: rebuild from both arguments.
+        return type(self), (self.service, self.detail)
 
 
 class DecodeError(TerminalError):

@@ -18,10 +18,17 @@ Plain code, no Prefect; ``flows/backfill.py`` wraps it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import multiprocessing
 import re
+import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,8 +39,16 @@ import pyarrow.parquet as pq
 from cassandra.cluster import Session
 from cassandra.concurrent import execute_concurrent
 from cassandra.query import BatchStatement, BatchType, BoundStatement
-from pyrate_limiter import Duration, Limiter, Rate, StateBucket, TokenBucket
+from pyrate_limiter import (
+    Duration,
+    Limiter,
+    MultiprocessStateStore,
+    Rate,
+    StateBucket,
+    TokenBucket,
+)
 
+from tasks import scylla
 from tasks.errors import ConfigurationError, InvalidInput, TerminalError, TransientError
 from tasks.projection import READ_MODELS, Upsert, project_row
 from tasks.scylla import TRANSIENT_DRIVER_ERRORS, ScyllaWriter
@@ -63,22 +78,47 @@ class RowRateLimiter:
     window of T seconds holds more than limit x (T + catch_up_s) rows. Rows are taken in
     pieces of at most 1/10 s, so writes stay smooth.
 
-    Per process: N loaders on N workers write N x the limit. (A shared bucket - pyrate-limiter
-    has Redis and Postgres ones - would make it global; one loader per backfill needs none.)"""
+    ``shared`` makes one limit for the worker processes of one load. Separate backfills (on
+    other Prefect workers) each have their own limit; pyrate-limiter's Redis or Postgres
+    buckets would make one across machines."""
 
-    def __init__(self, rows_per_s: float, catch_up_s: float = 0.5) -> None:
+    def __init__(self, rows_per_s: float, catch_up_s: float = 0.5, *,
+                 store: MultiprocessStateStore | None = None, drain: bool = True) -> None:
         if not rows_per_s > 0:
             raise InvalidInput(f"rate limit must be > 0 rows/s, got {rows_per_s}")
-        self.rows_per_s = rows_per_s
+        self.rows_per_s, self.catch_up_s, self.store = rows_per_s, catch_up_s, store
         self.burst = max(1, int(rows_per_s * 0.1))  # rows per acquisition (and write)
         capacity = max(self.burst, int(rows_per_s * catch_up_s))
         # Rate takes an integer limit per interval: rows per 1000 s keeps fractional rates.
         rate = Rate(max(1, round(rows_per_s * 1000)), Duration.SECOND * 1000, burst=capacity)
         # buffer_ms: the library sleeps this much past the computed wait; 1 ms, not the
         # default 50, or short waits would lose most of the rate.
-        self._limiter = Limiter(StateBucket([rate], algorithm=TokenBucket()), buffer_ms=1)
-        # Drain the bucket: a full one would let catch_up_s of rows out at once at the start.
-        self._limiter.try_acquire("backfill", weight=capacity)
+        bucket = (StateBucket([rate], algorithm=TokenBucket()) if store is None
+                  else StateBucket([rate], algorithm=TokenBucket(), store=store))
+        self._limiter = Limiter(bucket, buffer_ms=1)
+        if drain:
+            # Drain the bucket: a full one would let catch_up_s of rows out at once.
+            self._limiter.try_acquire("backfill", weight=capacity)
+
+    @classmethod
+    def shared(cls, rows_per_s: float, catch_up_s: float = 0.5) -> RowRateLimiter:
+        """One limit for several processes: the token bucket's state lives in a
+        multiprocessing manager (pyrate-limiter's MultiprocessStateStore), so N loader
+        processes together write at most the limit, however the chunks fall among them."""
+        # Lock and manager from the spawn context the loader's workers are started with (a
+        # fork-context lock cannot be handed to a spawned process).
+        ctx = multiprocessing.get_context("spawn")
+        return cls(rows_per_s, catch_up_s,
+                   store=MultiprocessStateStore(ctx.Manager().list(), ctx.RLock()))
+
+    def for_worker(self) -> tuple[float, float, MultiprocessStateStore | None]:
+        """What a worker process needs to join this limiter (see ``joined``)."""
+        return self.rows_per_s, self.catch_up_s, self.store
+
+    @classmethod
+    def joined(cls, spec: tuple[float, float, MultiprocessStateStore | None]) -> RowRateLimiter:
+        rows_per_s, catch_up_s, store = spec
+        return cls(rows_per_s, catch_up_s, store=store, drain=store is None)
 
     def acquire(self, rows: int) -> None:
         while rows > 0:
@@ -321,14 +361,80 @@ def load_chunk(path: Path, table: str, read_models: Collection[str], writer: Bat
     return rows_read, written
 
 
+@dataclass(frozen=True)
+class ChunkDone:
+    """One chunk loaded and checkpointed (by this process or a worker process)."""
+
+    chunk_id: str
+    table: str
+    read_models: tuple[str, ...]
+    rows_read: int
+    written: Counter[str]
+    seconds: float
+
+
+def load_and_checkpoint(directory: Path, chunk: ChunkFile, read_models: Sequence[str],
+                        snapshot_id: str, writer: BatchingWriter, checkpoints: Checkpoints,
+                        limiter: RowRateLimiter | None, batch_rows: int) -> ChunkDone:
+    """Load one chunk into ``read_models``, check its row count against the manifest, then
+    checkpoint it: the checkpoint is written only once every row of the chunk is."""
+    t0 = time.monotonic()
+    read, written = load_chunk(directory / chunk.file, chunk.table, read_models, writer,
+                               limiter, batch_rows)
+    if read != chunk.rows:
+        raise TerminalError(f"{chunk.file}: {read} rows, manifest says {chunk.rows}")
+    seconds = time.monotonic() - t0
+    try:
+        checkpoints.mark(snapshot_id, chunk.id, written, read, seconds)
+    except TRANSIENT_DRIVER_ERRORS as exc:
+        raise TransientError(f"checkpoint of {chunk.id} failed: {exc}") from exc
+    return ChunkDone(chunk.id, chunk.table, tuple(read_models), read, written, seconds)
+
+
+# Worker processes: the Python client, not the store, limits one loader (projection, binding
+# and the driver's encoding hold the GIL: ~100 µs per row against Cassandra's ~60), so a load
+# spreads its chunks over processes, each with its own session.
+
+_worker: dict[str, Any] = {}
+
+
+def _die_with_parent() -> None:
+    # A SIGKILLed backfill must not leave workers writing and checkpointing behind it (the
+    # resume would then skip chunks it never saw finish). Linux: prctl(PR_SET_PDEATHSIG).
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)
+
+
+def _worker_start(keyspace: str, concurrency: int | None, write_batch_rows: int,
+                  limiter: tuple[float, float, MultiprocessStateStore | None] | None) -> None:
+    _die_with_parent()
+    session = scylla.connect()
+    _worker["writer"] = BatchingWriter(ScyllaWriter(session, keyspace, concurrency),
+                                       max_rows=write_batch_rows)
+    _worker["checkpoints"] = Checkpoints(session, keyspace)
+    _worker["limiter"] = RowRateLimiter.joined(limiter) if limiter else None
+
+
+def _worker_load(directory: Path, chunk: ChunkFile, read_models: Sequence[str],
+                 snapshot_id: str, batch_rows: int) -> ChunkDone:
+    return load_and_checkpoint(directory, chunk, read_models, snapshot_id, _worker["writer"],
+                               _worker["checkpoints"], _worker["limiter"], batch_rows)
+
+
 def load_snapshot(directory: Path | str, session: Session, *,
                   read_models: Collection[str] | None = None, keyspace: str | None = None,
                   concurrency: int | None = None, rate_limit_rows_per_s: float | None = None,
                   resume: bool = False, batch_rows: int = 2_000, write_batch_rows: int = 20,
+                  workers: int = 1,
                   on_progress: Callable[[LoadProgress], None] | None = None) -> LoadResult:
     """Load a snapshot into ``read_models`` (default: those it was taken for) of ``keyspace``.
     With ``resume``, chunks checkpointed for a read model are neither read nor written again
-    for it. Never touches Postgres."""
+    for it. ``workers`` > 1 loads chunks in that many processes (spawned, one Scylla session
+    each, ``concurrency`` writes in flight each, one shared rate limit); a kill then redoes
+    at most one chunk per worker. Never touches Postgres."""
+    if workers < 1:
+        raise InvalidInput(f"workers must be >= 1, got {workers}")
     directory = Path(directory)
     manifest = Manifest.read(directory)
     models = tuple(sorted(set(read_models or manifest.read_models)))
@@ -345,48 +451,97 @@ def load_snapshot(directory: Path | str, session: Session, *,
         done = checkpoints.loaded(manifest.snapshot_id, models) if resume else {}
     except TRANSIENT_DRIVER_ERRORS as exc:
         raise TransientError(f"cannot read backfill checkpoints: {exc}") from exc
-    writer = BatchingWriter(ScyllaWriter(session, ks, concurrency), max_rows=write_batch_rows)
-    limiter = RowRateLimiter(rate_limit_rows_per_s) if rate_limit_rows_per_s else None
     result = LoadResult(manifest.snapshot_id, ks, models)
     pairs = {(t, rm): PairStats(t, rm) for t in tables for rm in sorted(FEEDS[t] & set(models))}
     result.pairs = list(pairs.values())
     chunks: list[ChunkFile] = [c for c in manifest.chunks if c.table in tables]
     rows_total = sum(c.rows for c in chunks)
-    rows_done = 0
-    try:
-        for n, chunk in enumerate(chunks, 1):
-            wanted = FEEDS[chunk.table] & set(models)
-            todo = sorted(wanted - set(done.get(chunk.id, {})))
-            for rm in wanted - set(todo):
-                pairs[chunk.table, rm].chunks_skipped += 1
-            if not todo:
-                result.chunks_skipped.append(chunk.id)
-            else:
-                t0 = time.monotonic()
-                read, written = load_chunk(directory / chunk.file, chunk.table, todo, writer,
-                                           limiter, batch_rows)
-                if read != chunk.rows:
-                    raise TerminalError(f"{chunk.file}: {read} rows, manifest says {chunk.rows}")
-                seconds = time.monotonic() - t0
-                try:
-                    checkpoints.mark(manifest.snapshot_id, chunk.id, written, read, seconds)
-                except TRANSIENT_DRIVER_ERRORS as exc:
-                    raise TransientError(f"checkpoint of {chunk.id} failed: {exc}") from exc
-                for rm in todo:
-                    p = pairs[chunk.table, rm]
-                    p.chunks += 1
-                    p.rows_read += read
-                    p.rows_written += written[rm]
-                    p.seconds += seconds
-                result.chunks_loaded.append(chunk.id)
-                result.rows_read += read
-                result.rows_written += sum(written.values())
+    todo: list[tuple[ChunkFile, list[str]]] = []
+    rows_done = chunks_done = 0
+    for chunk in chunks:
+        wanted = FEEDS[chunk.table] & set(models)
+        missing_models = sorted(wanted - set(done.get(chunk.id, {})))
+        for rm in wanted - set(missing_models):
+            pairs[chunk.table, rm].chunks_skipped += 1
+        if missing_models:
+            todo.append((chunk, missing_models))
+        else:
+            result.chunks_skipped.append(chunk.id)
             rows_done += chunk.rows
-            if on_progress:
-                on_progress(LoadProgress(n, len(chunks), rows_done, rows_total, result.rows_read,
-                                         result.rows_written, time.monotonic() - started))
+            chunks_done += 1
+
+    def finished(d: ChunkDone) -> None:
+        nonlocal rows_done, chunks_done
+        for rm in d.read_models:
+            p = pairs[d.table, rm]
+            p.chunks += 1
+            p.rows_read += d.rows_read
+            p.rows_written += d.written[rm]
+            p.seconds += d.seconds
+        result.chunks_loaded.append(d.chunk_id)
+        result.rows_read += d.rows_read
+        result.rows_written += sum(d.written.values())
+        rows_done += d.rows_read
+        chunks_done += 1
+        if on_progress:
+            on_progress(LoadProgress(chunks_done, len(chunks), rows_done, rows_total,
+                                     result.rows_read, result.rows_written,
+                                     time.monotonic() - started))
+
+    if on_progress and chunks_done:
+        on_progress(LoadProgress(chunks_done, len(chunks), rows_done, rows_total, 0, 0,
+                                 time.monotonic() - started))
+    workers = min(workers, len(todo))
+    try:
+        if workers <= 1:
+            _load_here(directory, todo, manifest.snapshot_id, session, ks, concurrency,
+                       rate_limit_rows_per_s, batch_rows, write_batch_rows, checkpoints,
+                       finished)
+        else:
+            _load_in_workers(directory, todo, manifest.snapshot_id, ks, concurrency,
+                             rate_limit_rows_per_s, batch_rows, write_batch_rows, workers,
+                             finished)
+    finally:
+        result.seconds = time.monotonic() - started
+    return result
+
+
+def _load_here(directory: Path, todo: Sequence[tuple[ChunkFile, list[str]]], snapshot_id: str,
+               session: Session, keyspace: str, concurrency: int | None,
+               rate_limit: float | None, batch_rows: int, write_batch_rows: int,
+               checkpoints: Checkpoints, finished: Callable[[ChunkDone], None]) -> None:
+    writer = BatchingWriter(ScyllaWriter(session, keyspace, concurrency),
+                            max_rows=write_batch_rows)
+    limiter = RowRateLimiter(rate_limit) if rate_limit else None
+    try:
+        for chunk, models in todo:
+            finished(load_and_checkpoint(directory, chunk, models, snapshot_id, writer,
+                                         checkpoints, limiter, batch_rows))
     finally:
         if limiter:
             limiter.close()
-        result.seconds = time.monotonic() - started
-    return result
+
+
+def _load_in_workers(directory: Path, todo: Sequence[tuple[ChunkFile, list[str]]],
+                     snapshot_id: str, keyspace: str, concurrency: int | None,
+                     rate_limit: float | None, batch_rows: int, write_batch_rows: int,
+                     workers: int, finished: Callable[[ChunkDone], None]) -> None:
+    limiter = RowRateLimiter.shared(rate_limit) if rate_limit else None
+    # spawn, not fork: the parent holds a driver session with live threads and sockets.
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_start,
+        initargs=(keyspace, concurrency, write_batch_rows,
+                  limiter.for_worker() if limiter else None))
+    try:
+        futures = [pool.submit(_worker_load, directory, chunk, models, snapshot_id, batch_rows)
+                   for chunk, models in todo]
+        for future in as_completed(futures):
+            finished(future.result())  # the first failure raises here
+    except BrokenProcessPool as exc:
+        raise TransientError(f"a loader worker process died: {exc}") from exc
+    finally:
+        # On failure: drop what has not started; chunks in flight finish and checkpoint.
+        pool.shutdown(wait=True, cancel_futures=True)
+        if limiter:
+            limiter.close()

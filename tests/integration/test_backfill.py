@@ -193,15 +193,16 @@ def rng(request: pytest.FixtureRequest) -> random.Random:
 # Exactness
 
 
+@pytest.mark.parametrize("workers", [1, 3], ids=["one process", "3 loader processes"])
 def test_backfill_reproduces_the_projection_of_postgres_exactly(
-        bf_keyspace: str, bf_cql: Session, pg_app: psycopg.Connection, tmp_path: Path,
-        rng: random.Random) -> None:
+        workers: int, bf_keyspace: str, bf_cql: Session, pg_app: psycopg.Connection,
+        tmp_path: Path, rng: random.Random) -> None:
     d = generate(pg_app, rng, users=60)
     counts = pg_counts(pg_app, d)
     assert counts["sessions"] >= 100 and counts["steps"] > 0
 
     result = backfill_flow(user_ids=d.users, chunk_size=97, readers=3, concurrency=32,
-                           snapshot_root=str(tmp_path), keyspace=bf_keyspace)
+                           workers=workers, snapshot_root=str(tmp_path), keyspace=bf_keyspace)
 
     # The snapshot holds exactly the filtered rows, chunked by key range into Parquet files.
     manifest = Manifest.read(result["snapshot_dir"])
@@ -462,8 +463,10 @@ def test_killed_backfill_resumes_without_reloading_finished_chunks(
     env = {**os.environ, "PREFECT_API_URL": os.environ.get(
         "PREFECT_API_URL", "http://127.0.0.1:4200/api")}
     proc = subprocess.Popen(
+        # Two loader processes: killing the flow's process must stop them too (no checkpoint
+        # may land after the kill, or the resume would skip a chunk nobody saw finish).
         [sys.executable, "-m", "flows.backfill", "--user-ids", *d.users, "--chunk-size", "40",
-         "--rate-limit-rows-per-s", "800", "--snapshot-root", str(tmp_path),
+         "--workers", "2", "--rate-limit-rows-per-s", "800", "--snapshot-root", str(tmp_path),
          "--keyspace", bf_keyspace], cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -478,6 +481,9 @@ def test_killed_backfill_resumes_without_reloading_finished_chunks(
         proc.wait(30)
     time.sleep(1)  # a checkpoint already sent by the dead process may still land
     before = checkpoints.loaded(manifest.snapshot_id, READ_MODELS)
+    time.sleep(2)
+    assert checkpoints.loaded(manifest.snapshot_id, READ_MODELS) == before, \
+        "a loader worker outlived the killed flow and kept loading"
     assert 8 <= len(before) < len(manifest.chunks), "killed too late to test anything"
 
     result = backfill_flow(user_ids=d.users, resume=True, snapshot_root=str(tmp_path),

@@ -6,9 +6,11 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
+import multiprocessing
 import random
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from tasks.snapshot import (
     tables_for,
     where,
 )
+from tests.unit import limiter_worker
 
 # --------------------------------------------------------------------------------------------
 # Parameters
@@ -243,3 +246,25 @@ def test_rate_limiter_makes_up_for_a_stall() -> None:
     finally:
         limiter.close()
     assert elapsed < 0.45, elapsed
+
+
+def test_one_rate_limit_holds_for_several_worker_processes() -> None:
+    # Three spawned processes share one limit (the loader's workers > 1): together they take
+    # the limit's rows, not three times as many.
+    limit = 600.0
+    limiter = RowRateLimiter.shared(limit)
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        with ProcessPoolExecutor(3, mp_context=ctx, initializer=limiter_worker.join,
+                                 initargs=(limiter.for_worker(),)) as pool:
+            end_at = time.monotonic() + 6.0
+            futures = [pool.submit(limiter_worker.take_rows, end_at) for _ in range(3)]
+            shares = [f.result(timeout=60) for f in futures]
+    finally:
+        limiter.close()
+    rows = sum(n for n, _ in shares)
+    # From the first process's first row on, the bucket is taken at the full rate by
+    # whoever is running; it refilled at most catch_up_s (0.5 s) of rows before that.
+    window = end_at - min(started for _, started in shares)
+    assert window > 2, f"the worker processes took {6 - window:.1f} s to start"
+    assert limit * window * 0.9 <= rows <= limit * (window + 0.5) + 3 * 20, (rows, window)

@@ -1,0 +1,28 @@
+"""Worker-process side of the shared rate-limit test: a module that imports little, so
+spawned processes start fast."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tasks.loader import RowRateLimiter
+
+_joined: list[RowRateLimiter] = []
+
+
+def join(spec: tuple[float, float, Any]) -> None:
+    # Pool initializer: the shared state's lock can only reach a process as it is spawned.
+    _joined.append(RowRateLimiter.joined(spec))
+
+
+def take_rows(end_at: float) -> tuple[int, float]:
+    """Take rows 20 at a time until ``end_at`` (time.monotonic is one clock for all the
+    processes of a machine); returns (rows, when the first was taken)."""
+    limiter, rows = _joined[0], 0
+    limiter.acquire(20)
+    started, rows = time.monotonic(), 20
+    while time.monotonic() < end_at:
+        limiter.acquire(20)
+        rows += 20
+    return rows, started
