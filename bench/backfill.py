@@ -144,7 +144,7 @@ def stage_load(cfg: dict[str, Any]) -> dict[str, Any]:
     session = scylla.connect()
     try:
         r = load_snapshot(cfg["snapshot_dir"], session, keyspace=cfg["keyspace"],
-                          concurrency=cfg["concurrency"])
+                          concurrency=cfg["concurrency"], workers=cfg["workers"])
     finally:
         scylla.close(session)
     timeline = [p for p in r.pairs if p.read_model == "conversation_timeline"]
@@ -161,7 +161,7 @@ def stage_flow(cfg: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     r = backfill_flow(snapshot_root=cfg["root"], keyspace=cfg["keyspace"], rebuild=True,
                       chunk_size=cfg["chunk_size"], readers=cfg["readers"],
-                      concurrency=cfg["concurrency"])
+                      concurrency=cfg["concurrency"], workers=cfg["workers"])
     seconds = time.monotonic() - started
     return {"rows": r["rows_read"], "rows_written": r["rows_written"], "seconds": seconds,
             "rows_per_s": r["rows_read"] / seconds, "snapshot_seconds": r["snapshot_seconds"],
@@ -171,13 +171,44 @@ def stage_flow(cfg: dict[str, Any]) -> dict[str, Any]:
 STAGES = {"snapshot": stage_snapshot, "load": stage_load, "flow": stage_flow}
 
 
+def cassandra_cpu_s() -> float | None:
+    """CPU seconds the local Cassandra has used so far (user + system), from /proc."""
+    try:
+        pid = int((ROOT / ".stack" / "run" / "cassandra.pid").read_text())
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def run_measured(cmd: list[str], cwd: Path, env: dict[str, str] | None = None
+                 ) -> tuple[int, str, dict[str, Any]]:
+    """Run a command; (exit code, its output, what it cost): wall time, its own CPU and peak
+    RSS (wait4: the process and the workers it waited for), and Cassandra's CPU meanwhile."""
+    cass0, started = cassandra_cpu_s(), time.monotonic()
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        output = out.read()
+    cass1 = cassandra_cpu_s()
+    cost = {"wall_seconds": round(time.monotonic() - started, 3),
+            "client_cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "cassandra_cpu_s": None if cass0 is None or cass1 is None else round(cass1 - cass0, 2),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    return proc.returncode, output, cost
+
+
 def run_stage(name: str, cfg: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "bench.backfill", "--stage", name,
-                          "--config", json.dumps(cfg)], cwd=ROOT, env=env, text=True,
-                         capture_output=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"stage {name} failed:\n{out.stderr[-3000:]}")
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    rc, output, cost = run_measured([sys.executable, "-m", "bench.backfill", "--stage", name,
+                                     "--config", json.dumps(cfg)], ROOT, env)
+    if rc != 0:
+        raise RuntimeError(f"stage {name} failed:\n{output[-3000:]}")
+    result = dict(json.loads(output.strip().splitlines()[-1]))
+    # The stage's own peak (the parent) and its workers' (wait4 gives the largest).
+    return {**result, **cost, "peak_rss_mib": max(result["peak_rss_mib"], cost["peak_rss_mib"])}
 
 
 # ----------------------------------------------------------------------------- cqlsh
@@ -209,15 +240,7 @@ def cqlsh_copy(csv_path: Path, keyspace: str, rows: int) -> dict[str, Any]:
     cmd = [str(cqlsh), cfg.contact_points[0], str(cfg.port), "--request-timeout", "60", "-e",
            f"COPY {keyspace}.conversation_timeline (session_id, created_at, created_at_micros, "
            f"turn_id, role, content, model) FROM '{csv_path}' WITH HEADER=false"]
-    started = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=csv_path.parent, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    output = proc.stdout.read()
-    # wait4, not wait: its rusage is cqlsh's own (and its workers'), not the whole bench's.
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.monotonic() - started
+    rc, output, cost = run_measured(cmd, csv_path.parent)
     # "N rows imported from 1 files in 0 day, 0 hour, 1 minute, and 2.5 seconds" (or, in
     # other versions, "in 62.5 seconds")
     m = re.search(r"(\d+) rows imported from \d+ files? in (.*?)seconds", output)
@@ -225,30 +248,37 @@ def cqlsh_copy(csv_path: Path, keyspace: str, rows: int) -> dict[str, Any]:
         raise RuntimeError(f"cqlsh COPY did not import {rows} rows:\n{output[-2000:]}")
     parts = [float(x) for x in re.findall(r"[\d.]+", m.group(2))]
     copy_s = sum(v * f for v, f in zip(reversed(parts), (1, 60, 3600, 86400), strict=False))
-    return {"rows": rows, "seconds": copy_s, "rows_per_s": rows / copy_s, "wall_seconds": wall,
-            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    return {"rows": rows, "seconds": copy_s, "rows_per_s": rows / copy_s, "exit_code": rc,
+            **cost}
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def markdown(r: dict[str, Any]) -> str:
-    rows = [("snapshot (Postgres → Parquet)", r["snapshot"]["rows"], r["snapshot"]["seconds"],
-             r["snapshot"]["rows_per_s"], r["snapshot"]["peak_rss_mib"]),
-            ("load (Parquet → projection → Cassandra), source rows", r["load"]["rows_read"],
-             r["load"]["seconds"], r["load"]["rows_per_s"], r["load"]["peak_rss_mib"]),
-            ("load, read-model rows written", r["load"]["rows_written"], r["load"]["seconds"],
-             r["load"]["writes_per_s"], r["load"]["peak_rss_mib"]),
-            ("whole backfill flow (rebuild: truncate + snapshot + load)", r["flow"]["rows"],
-             r["flow"]["seconds"], r["flow"]["rows_per_s"], r["flow"]["peak_rss_mib"]),
-            ("load, conversation_timeline only", r["load"]["timeline_rows"],
-             r["load"]["timeline_seconds"], r["load"]["timeline_rows_per_s"], None),
-            ("cqlsh COPY FROM, conversation_timeline", r["cqlsh"]["rows"],
-             r["cqlsh"]["seconds"], r["cqlsh"]["rows_per_s"], r["cqlsh"]["peak_rss_mib"])]
-    lines = ["| stage | rows | seconds | rows/s | peak RSS (MiB) |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {a} | {b:,} | {c:.2f} | {d:,.0f} | {'-' if e is None else e} |"
-              for a, b, c, d, e in rows]
-    lines.append(f"\nour conversation_timeline load / cqlsh COPY FROM: "
+    def cpu(stage: dict[str, Any], rows: int, key: str) -> str:
+        v = stage.get(key)
+        return "-" if v is None or not rows else f"{v * 1e6 / rows:.0f}"
+
+    snap, load, flow, cq = r["snapshot"], r["load"], r["flow"], r["cqlsh"]
+    rows = [("snapshot (Postgres → Parquet)", snap["rows"], snap["seconds"], snap["rows_per_s"],
+             snap["peak_rss_mib"], snap),
+            ("load (Parquet → projection → Cassandra), source rows", load["rows_read"],
+             load["seconds"], load["rows_per_s"], load["peak_rss_mib"], load),
+            ("whole backfill flow (rebuild: truncate + snapshot + load)", flow["rows"],
+             flow["seconds"], flow["rows_per_s"], flow["peak_rss_mib"], flow),
+            ("load, conversation_timeline only", load["timeline_rows"],
+             load["timeline_seconds"], load["timeline_rows_per_s"], None, None),
+            ("cqlsh COPY FROM, conversation_timeline", cq["rows"], cq["seconds"],
+             cq["rows_per_s"], cq["peak_rss_mib"], cq)]
+    lines = ["| stage | rows | seconds | rows/s | peak RSS (MiB) | client CPU µs/row | "
+             "Cassandra CPU µs/row |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {a} | {b:,} | {c:.2f} | {d:,.0f} | {'-' if e is None else e} | "
+              f"{'-' if st is None else cpu(st, b, 'client_cpu_s')} | "
+              f"{'-' if st is None else cpu(st, b, 'cassandra_cpu_s')} |"
+              for a, b, c, d, e, st in rows]
+    lines.append(f"\nwhole backfill / cqlsh COPY FROM: **{r['ratio_flow_vs_cqlsh']:.2f}x**; "
+                 f"conversation_timeline load / cqlsh COPY FROM: "
                  f"**{r['ratio_timeline_vs_cqlsh']:.2f}x**")
     return "\n".join(lines)
 
@@ -263,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chunk-size", type=int, default=50_000)
     ap.add_argument("--readers", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=1, help="loader processes")
     ap.add_argument("--keep", action="store_true", help="keep the schema, keyspaces, files")
     ap.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
@@ -286,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         gen_s = time.monotonic() - t0
         print(f"generated {counts} in {gen_s:.1f} s (schema {schema})", file=sys.stderr)
         cfg = {"root": str(work / "snapshots"), "chunk_size": a.chunk_size,
-               "readers": a.readers, "concurrency": a.concurrency, "keyspace": ks}
+               "readers": a.readers, "concurrency": a.concurrency, "workers": a.workers,
+               "keyspace": ks}
         snap = run_stage("snapshot", cfg, env)
         print(f"snapshot: {snap}", file=sys.stderr)
         load = run_stage("load", {**cfg, "snapshot_dir": snap["snapshot_dir"]}, env)
@@ -303,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
             "generate_seconds": round(gen_s, 2), "snapshot": snap, "load": load,
             "flow": whole, "cqlsh": cq,
             "ratio_timeline_vs_cqlsh": load["timeline_rows_per_s"] / cq["rows_per_s"],
+            # The issue's measure: the whole backfill (source rows/s) against cqlsh.
+            "ratio_flow_vs_cqlsh": whole["rows_per_s"] / cq["rows_per_s"],
         }
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"backfill-{a.turns}.json").write_text(

@@ -25,20 +25,18 @@ import re
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
-import pyarrow as pa
 import pyarrow.parquet as pq
-from cassandra.cluster import Session
-from cassandra.concurrent import execute_concurrent
-from cassandra.query import BatchStatement, BatchType, BoundStatement
+from cassandra.cluster import ResponseFuture, Session
+from cassandra.query import BatchStatement, BatchType, BoundStatement, PreparedStatement
 from pyrate_limiter import (
     Duration,
     Limiter,
@@ -50,11 +48,12 @@ from pyrate_limiter import (
 
 from tasks import scylla
 from tasks.errors import ConfigurationError, InvalidInput, TerminalError, TransientError
-from tasks.projection import READ_MODELS, Upsert, project_row
+from tasks.projection import READ_MODELS, project_arrow
 from tasks.scylla import TRANSIENT_DRIVER_ERRORS, ScyllaWriter
 from tasks.settings import get_settings
 from tasks.snapshot import FEEDS, ChunkFile, Manifest, tables_for
 
+T = TypeVar("T")
 _IDENT: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}\Z")
 CHECKPOINT_TABLE: Final = "backfill_checkpoints"
 
@@ -131,7 +130,7 @@ class RowRateLimiter:
         self._limiter.close()
 
 
-def pieces(items: Sequence[Upsert], size: int) -> Iterator[Sequence[Upsert]]:
+def pieces(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
 
@@ -143,7 +142,10 @@ def pieces(items: Sequence[Upsert], size: int) -> Iterator[Sequence[Upsert]]:
 def _approx_bytes(params: Sequence[Any]) -> int:
     n = 32  # per-statement framing, column ids
     for v in params:
-        n += len(v.encode()) if isinstance(v, str) else 16
+        if type(v) is str:
+            n += len(v) if v.isascii() else len(v.encode())  # isascii: O(1) in CPython
+        else:
+            n += 16
     return n
 
 
@@ -156,26 +158,36 @@ class BatchingWriter:
     A batch never leaves its replica set, so the coordinator fans out no more than single
     writes would; it stays under ``max_bytes`` (Cassandra warns above 5 KiB per batch). Each
     statement keeps its own USING TIMESTAMP, so batching changes nothing in what wins.
-    ``max_rows=1`` falls back to ScyllaWriter.write: one statement per row (e.g. for
-    ScyllaDB, whose shard-aware driver routes single-partition writes to the right core)."""
+    ``max_rows=1`` sends one statement per row (e.g. for ScyllaDB, whose shard-aware driver
+    routes single-partition writes to the right core)."""
 
     def __init__(self, writer: ScyllaWriter, max_rows: int = 20, max_bytes: int = 4_000) -> None:
         if max_rows < 1 or max_bytes < 1:
             raise InvalidInput("batch limits must be >= 1")
         self.writer, self.max_rows, self.max_bytes = writer, max_rows, max_bytes
+        self.keyspace = writer.keyspace
+        self._inflight: deque[ResponseFuture] = deque()
 
-    def _batches(self, mutations: Sequence[Upsert]) -> list[BatchStatement]:
+    def _batches(self, prepared: PreparedStatement, rows: Sequence[Sequence[Any]]
+                 ) -> list[BatchStatement]:
         metadata = self.writer.session.cluster.metadata
+        # One host: one replica set, nothing to look up (the lookup is a fifth of the cost).
+        single = len(metadata.all_hosts()) <= 1
         groups: dict[tuple[int, ...], list[tuple[bytes, int, BoundStatement]]] = {}
-        for prepared, params in self.writer.bound(mutations):
+        for params in rows:
             stmt = prepared.bind(params)
-            key = stmt.routing_key or b""
-            # Host objects live as long as the cluster: their ids name a replica set cheaply.
-            replicas = tuple(sorted(map(id, metadata.get_replicas(self.writer.keyspace, key))))
+            if single:
+                replicas: tuple[int, ...] = ()
+                key = b""
+            else:
+                key = stmt.routing_key or b""
+                # Host objects live as long as the cluster: their ids name a replica set.
+                replicas = tuple(sorted(map(id, metadata.get_replicas(self.keyspace, key))))
             groups.setdefault(replicas, []).append((key, _approx_bytes(params), stmt))
         batches: list[BatchStatement] = []
         for members in groups.values():
-            members.sort(key=lambda m: m[0])  # one partition's rows side by side
+            if not single:
+                members.sort(key=lambda m: m[0])  # one partition's rows side by side
             batch, size = BatchStatement(batch_type=BatchType.UNLOGGED), 0
             for _key, nbytes, stmt in members:
                 if len(batch) and (len(batch) >= self.max_rows or size + nbytes > self.max_bytes):
@@ -187,20 +199,44 @@ class BatchingWriter:
                 batches.append(batch)
         return batches
 
-    def write(self, mutations: Sequence[Upsert]) -> int:
-        if self.max_rows == 1 or len(mutations) <= 1:
-            return self.writer.write(mutations)
+    def submit_rows(self, cql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """Send ``rows`` (bind parameters of the statement ``cql``) without waiting for them:
+        at most ``concurrency`` requests stay in flight, the oldest is awaited beyond that.
+        So the next rows are projected while the store applies these; ``flush`` waits for
+        the rest. Any failure raises TransientError (here or in ``flush``)."""
+        if not rows:
+            return 0
+        prepared = self.writer.prepare(cql)
+        requests: list[Any] = (
+            [prepared.bind(r) for r in rows] if self.max_rows == 1 or len(rows) == 1
+            else self._batches(prepared, rows))
+        for request in requests:
+            while len(self._inflight) >= self.writer.concurrency:
+                self._await(self._inflight.popleft())
+            try:
+                self._inflight.append(self.writer.session.execute_async(request))
+            except TRANSIENT_DRIVER_ERRORS as exc:
+                raise TransientError(f"Scylla write failed: {type(exc).__name__}: {exc}") \
+                    from exc
+        return len(rows)
+
+    def flush(self) -> None:
+        """Wait until every request sent so far is acknowledged."""
+        while self._inflight:
+            self._await(self._inflight.popleft())
+
+    def write_rows(self, cql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """Write ``rows`` and wait for them."""
+        n = self.submit_rows(cql, rows)
+        self.flush()
+        return n
+
+    def _await(self, future: ResponseFuture) -> None:
         try:
-            results = execute_concurrent(self.writer.session,
-                                         [(b, ()) for b in self._batches(mutations)],
-                                         concurrency=self.writer.concurrency,
-                                         raise_on_first_error=True)
+            future.result()
         except TRANSIENT_DRIVER_ERRORS as exc:
-            raise TransientError(f"Scylla write of {len(mutations)} rows failed: "
-                                 f"{type(exc).__name__}: {exc}") from exc
-        if failed := [r.result_or_exc for r in results if not r.success]:
-            raise TransientError(f"{len(failed)} Scylla batches failed: {failed[0]!r}")
-        return len(mutations)
+            self._inflight.clear()  # their outcome no longer matters: the chunk is redone
+            raise TransientError(f"Scylla write failed: {type(exc).__name__}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,46 +354,27 @@ class LoadResult:
         return self.rows_written / self.seconds if self.seconds > 0 else 0.0
 
 
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_ONE_US: Final = timedelta(microseconds=1)
-
-
-def rows_of(batch: pa.RecordBatch) -> list[dict[str, Any]]:
-    """A record batch as row dicts the projection accepts, column by column: uuids as their 16
-    bytes, timestamps from their µs. About 3x faster than ``to_pylist()``, which builds a
-    zoneinfo-aware datetime and a UUID object per cell through the slow scalar path."""
-    columns: list[list[Any]] = []
-    for col in batch.columns:
-        if isinstance(col.type, pa.ExtensionType):  # arrow.uuid: fixed_size_binary(16)
-            columns.append(col.storage.to_pylist())
-        elif pa.types.is_timestamp(col.type):
-            columns.append([None if us is None else _EPOCH + us * _ONE_US
-                            for us in col.cast(pa.int64()).to_pylist()])
-        else:
-            columns.append(col.to_pylist())
-    names = batch.schema.names
-    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
-
-
 def load_chunk(path: Path, table: str, read_models: Collection[str], writer: BatchingWriter,
                limiter: RowRateLimiter | None = None, batch_rows: int = 2_000
                ) -> tuple[int, Counter[str]]:
-    """Project and write one chunk file; returns (rows read, rows written per read model)."""
+    """Project and write one chunk file; returns (rows read, rows written per read model).
+    Record batches go through the projection column-wise (``project_arrow``: the same
+    statements and parameters as ``project_row``, without a dict and a Mutation per row)."""
     rows_read, written = 0, Counter[str]()
     if limiter:
         # Time spent projecting between two acquisitions longer than the bucket holds
         # (1/10 s) would be lost to the rate: keep record batches that small.
         batch_rows = max(50, min(batch_rows, limiter.burst))
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
-        rows = rows_of(batch)
-        mutations = [m for row in rows for m in project_row(table, row, read_models)]
-        step = limiter.burst if limiter else max(1, len(mutations))
-        for piece in pieces(mutations, step):
-            if limiter:
-                limiter.acquire(len(piece))
-            writer.write(piece)
-        rows_read += len(rows)
-        written.update(m.read_model for m in mutations)
+        for upserts in project_arrow(table, batch, writer.keyspace, read_models):
+            step = limiter.burst if limiter else max(1, len(upserts.params))
+            for piece in pieces(upserts.params, step):
+                if limiter:
+                    limiter.acquire(len(piece))
+                writer.submit_rows(upserts.cql, piece)
+            written[upserts.read_model] += len(upserts.params)
+        rows_read += batch.num_rows
+    writer.flush()  # every row acknowledged before the caller checkpoints the chunk
     return rows_read, written
 
 
