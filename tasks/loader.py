@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import multiprocessing
 import re
 import signal
@@ -149,6 +150,21 @@ def _approx_bytes(params: Sequence[Any]) -> int:
     return n
 
 
+class _ReplicaBatchWarnings(logging.Filter):
+    """Drops the driver's log line for Cassandra's "Unlogged batch covering N partitions"
+    warning, which the server attaches to every batch over 10 partitions: these batches
+    span partitions on purpose (one replica set, like cqlsh COPY's), and one log line per
+    request cost the load a tenth of its CPU under Prefect's console handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "Server warning: %s" and isinstance(record.args, tuple)
+                    and str(record.args[0]).startswith("Unlogged batch covering"))
+
+
+_DRIVER_WARNINGS: Final = logging.getLogger("cassandra.protocol")
+_BATCH_WARNINGS: Final = _ReplicaBatchWarnings()
+
+
 class BatchingWriter:
     """ScyllaWriter's prepared statements (and its concurrency), sent as small UNLOGGED
     batches of rows that live on the same replicas, the way cqlsh COPY and DSBulk's
@@ -167,6 +183,8 @@ class BatchingWriter:
         self.writer, self.max_rows, self.max_bytes = writer, max_rows, max_bytes
         self.keyspace = writer.keyspace
         self._inflight: deque[ResponseFuture] = deque()
+        if max_rows > 1:
+            _DRIVER_WARNINGS.addFilter(_BATCH_WARNINGS)  # once: filters are a set
 
     def _batches(self, prepared: PreparedStatement, rows: Sequence[Sequence[Any]]
                  ) -> list[BatchStatement]:

@@ -545,12 +545,15 @@ class ColumnarUpserts:
 _ONE_MS: Final = timedelta(milliseconds=1)
 
 
+_UNKNOWN_SAFETY: Final = uuid.SafeUUID.unknown  # an enum member lookup costs a property call
+
+
 def _uuid_from_bytes(b: bytes) -> uuid.UUID:
     """``uuid.UUID(bytes=b)`` without its argument checks (a third of the cost for a million
     rows; the bytes are 16 by the Arrow type): the object UUID's own __init__ builds."""
     u = object.__new__(uuid.UUID)
     object.__setattr__(u, "int", int.from_bytes(b, "big"))
-    object.__setattr__(u, "is_safe", uuid.SafeUUID.unknown)
+    object.__setattr__(u, "is_safe", _UNKNOWN_SAFETY)
     return u
 
 
