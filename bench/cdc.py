@@ -63,6 +63,7 @@ def paced_writer(rate_events: int, seconds: float, user: str, out: Any) -> None:
                 i += due
             time.sleep(0.01)
         out.put(written * 2 / (time.monotonic() - start))
+    time.sleep(1.0)  # stay alive while the parent reads this process's CPU time
 
 
 def write_backlog(turns: int) -> int:
@@ -139,7 +140,39 @@ def run_consumer(group: str, options: CdcOptions, reports: list[MetricsReport],
         scylla.close(session)
 
 
-def fixed_rate(rate: int, seconds: float, report_s: float = 1.0) -> dict[str, Any]:
+# Which process is which part of the path, by command line.
+_PARTS = (("ConnectDistributed", "kafka connect + debezium"), ("kafka.Kafka", "kafka"),
+          ("CassandraDaemon", "cassandra"), ("prefect", "prefect server"),
+          ("postgres", "postgres"))
+
+
+def cpu_by_part() -> dict[str, float]:
+    """CPU seconds used so far by each part of the path (processes alive now): the stack's
+    services, this process (the consumer) and its children (the load writer)."""
+    me, tick = os.getpid(), os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(entry.name), int(fields[1])
+        part = ("consumer (bench process)" if pid == me else "load writer" if ppid == me
+                else next((name for key, name in _PARTS if key in cmd), None))
+        if part:
+            out[part] = out.get(part, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def fixed_rate(rate: int, seconds: float, report_s: float = 1.0,
+               keep_samples: bool = True) -> dict[str, Any]:
+    """Write ``rate`` events/s for ``seconds`` with a consumer running. ``keep_samples``
+    keeps every event's latency for whole-run percentiles; a long soak does not (a million
+    samples would grow the very process whose memory it watches), and reports the
+    per-interval percentiles instead."""
     group = f"bench-rate-{uuid.uuid4().hex[:8]}"
     commit_offsets(group, end_offsets())
     reports: list[MetricsReport] = []
@@ -148,12 +181,17 @@ def fixed_rate(rate: int, seconds: float, report_s: float = 1.0) -> dict[str, An
     q: mp.Queue[float] = mp.Queue()
     writer = mp.Process(target=paced_writer, args=(rate, seconds, str(uuid.uuid4()), q))
     opts = CdcOptions(report_interval_s=report_s, max_seconds=seconds + 15, idle_exit_s=5)
-    t = threading.Thread(target=lambda: run_consumer(group, opts, reports, rss, samples))
+    t = threading.Thread(target=lambda: run_consumer(group, opts, reports, rss,
+                                                     samples if keep_samples else None))
     t.start()
     time.sleep(2)  # joined the group, partitions assigned
     writer.start()
     started = time.time()
+    time.sleep(min(2.0, seconds / 4))  # past the start-up
+    cpu0, cpu_t0 = cpu_by_part(), time.monotonic()
     achieved = q.get()
+    cpu1 = cpu_by_part()  # the writer is still alive: it exits after reporting
+    cpu_span = time.monotonic() - cpu_t0
     writer.join()
     t.join()
     # Latency of the steady part: skip the first report (warm-up) and the drain at the end.
@@ -174,9 +212,15 @@ def fixed_rate(rate: int, seconds: float, report_s: float = 1.0) -> dict[str, An
         "worst_interval_p99_ms": round(max(p99s), 1) if p99s else None,
         "max_lag_events": lag_at_end_of_writes,
         "kept_up": bool(p99s) and max(p99s) < 1000 and lag_at_end_of_writes < rate,
+        # Share of one core each part used while the writer ran (from /proc).
+        "cpu_share_of_a_core": {k: round((cpu1[k] - cpu0.get(k, 0.0)) / cpu_span, 2)
+                                for k in sorted(cpu1)},
         # Process RSS (the consumer; the writer is another process) at each report.
         "rss_mib_first_last_max": [round(rss[0], 1), round(rss[-1], 1), round(max(rss), 1)]
         if rss else None,
+        # One value per report: is the lag (or the memory) growing over the run?
+        "lag_per_report": [r.total_lag for r in reports],
+        "rss_mib_per_report": [round(x, 1) for x in rss],
     }
 
 
@@ -245,7 +289,8 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=50_000,
                         help="turns written as a backlog (2 change events each)")
     parser.add_argument("--soak-seconds", type=float, default=0,
-                        help="also run at 500 events/s this long, sampling consumer memory")
+                        help="also run at --soak-rate this long, sampling consumer memory")
+    parser.add_argument("--soak-rate", type=int, default=2000, help="events/s of the soak")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"machine": f"{platform.node()} {os.cpu_count()} cores",
@@ -258,7 +303,8 @@ def main() -> None:
     out["backlog"] = backlog(args.backlog)
     print(out["backlog"], flush=True)
     if args.soak_seconds:
-        out["soak"] = fixed_rate(500, args.soak_seconds, report_s=10.0)
+        out["soak"] = fixed_rate(args.soak_rate, args.soak_seconds, report_s=10.0,
+                                 keep_samples=False)
         print(out["soak"], flush=True)
     out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     (RESULTS / "cdc.json").write_text(json.dumps(out, indent=2))

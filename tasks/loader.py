@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import multiprocessing
 import re
 import signal
@@ -37,7 +36,6 @@ from typing import Any, Final, TypeVar
 
 import pyarrow.parquet as pq
 from cassandra.cluster import ResponseFuture, Session
-from cassandra.query import BatchStatement, BatchType, BoundStatement, PreparedStatement
 from pyrate_limiter import (
     Duration,
     Limiter,
@@ -140,82 +138,15 @@ def pieces(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 # Batched writes
 
 
-def _approx_bytes(params: Sequence[Any]) -> int:
-    n = 32  # per-statement framing, column ids
-    for v in params:
-        if type(v) is str:
-            n += len(v) if v.isascii() else len(v.encode())  # isascii: O(1) in CPython
-        else:
-            n += 16
-    return n
-
-
-class _ReplicaBatchWarnings(logging.Filter):
-    """Drops the driver's log line for Cassandra's "Unlogged batch covering N partitions"
-    warning, which the server attaches to every batch over 10 partitions: these batches
-    span partitions on purpose (one replica set, like cqlsh COPY's), and one log line per
-    request cost the load a tenth of its CPU under Prefect's console handler."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.msg == "Server warning: %s" and isinstance(record.args, tuple)
-                    and str(record.args[0]).startswith("Unlogged batch covering"))
-
-
-_DRIVER_WARNINGS: Final = logging.getLogger("cassandra.protocol")
-_BATCH_WARNINGS: Final = _ReplicaBatchWarnings()
-
-
 class BatchingWriter:
-    """ScyllaWriter's prepared statements (and its concurrency), sent as small UNLOGGED
-    batches of rows that live on the same replicas, the way cqlsh COPY and DSBulk's
-    replica-set mode load: one request carries up to ``max_rows`` rows, which on the 2-core
-    test machine triples to quintuples the rows/s of one request per row (bench/backfill.py).
+    """A ScyllaWriter's requests (replica-set batches of ``writer.batch_rows`` rows, see
+    ``ScyllaWriter.requests``) for many rows of one statement, pipelined: the next rows are
+    projected while the store applies these."""
 
-    A batch never leaves its replica set, so the coordinator fans out no more than single
-    writes would; it stays under ``max_bytes`` (Cassandra warns above 5 KiB per batch). Each
-    statement keeps its own USING TIMESTAMP, so batching changes nothing in what wins.
-    ``max_rows=1`` sends one statement per row (e.g. for ScyllaDB, whose shard-aware driver
-    routes single-partition writes to the right core)."""
-
-    def __init__(self, writer: ScyllaWriter, max_rows: int = 20, max_bytes: int = 4_000) -> None:
-        if max_rows < 1 or max_bytes < 1:
-            raise InvalidInput("batch limits must be >= 1")
-        self.writer, self.max_rows, self.max_bytes = writer, max_rows, max_bytes
+    def __init__(self, writer: ScyllaWriter) -> None:
+        self.writer = writer
         self.keyspace = writer.keyspace
         self._inflight: deque[ResponseFuture] = deque()
-        if max_rows > 1:
-            _DRIVER_WARNINGS.addFilter(_BATCH_WARNINGS)  # once: filters are a set
-
-    def _batches(self, prepared: PreparedStatement, rows: Sequence[Sequence[Any]]
-                 ) -> list[BatchStatement]:
-        metadata = self.writer.session.cluster.metadata
-        # One host: one replica set, nothing to look up (the lookup is a fifth of the cost).
-        single = len(metadata.all_hosts()) <= 1
-        groups: dict[tuple[int, ...], list[tuple[bytes, int, BoundStatement]]] = {}
-        for params in rows:
-            stmt = prepared.bind(params)
-            if single:
-                replicas: tuple[int, ...] = ()
-                key = b""
-            else:
-                key = stmt.routing_key or b""
-                # Host objects live as long as the cluster: their ids name a replica set.
-                replicas = tuple(sorted(map(id, metadata.get_replicas(self.keyspace, key))))
-            groups.setdefault(replicas, []).append((key, _approx_bytes(params), stmt))
-        batches: list[BatchStatement] = []
-        for members in groups.values():
-            if not single:
-                members.sort(key=lambda m: m[0])  # one partition's rows side by side
-            batch, size = BatchStatement(batch_type=BatchType.UNLOGGED), 0
-            for _key, nbytes, stmt in members:
-                if len(batch) and (len(batch) >= self.max_rows or size + nbytes > self.max_bytes):
-                    batches.append(batch)
-                    batch, size = BatchStatement(batch_type=BatchType.UNLOGGED), 0
-                batch.add(stmt)
-                size += nbytes
-            if len(batch):
-                batches.append(batch)
-        return batches
 
     def submit_rows(self, cql: str, rows: Sequence[Sequence[Any]]) -> int:
         """Send ``rows`` (bind parameters of the statement ``cql``) without waiting for them:
@@ -225,10 +156,7 @@ class BatchingWriter:
         if not rows:
             return 0
         prepared = self.writer.prepare(cql)
-        requests: list[Any] = (
-            [prepared.bind(r) for r in rows] if self.max_rows == 1 or len(rows) == 1
-            else self._batches(prepared, rows))
-        for request in requests:
+        for request in self.writer.requests([(prepared, r) for r in rows]):
             while len(self._inflight) >= self.writer.concurrency:
                 self._await(self._inflight.popleft())
             try:
@@ -445,8 +373,8 @@ def _worker_start(keyspace: str, concurrency: int | None, write_batch_rows: int,
                   limiter: tuple[float, float, MultiprocessStateStore | None] | None) -> None:
     _die_with_parent()
     session = scylla.connect()
-    _worker["writer"] = BatchingWriter(ScyllaWriter(session, keyspace, concurrency),
-                                       max_rows=write_batch_rows)
+    _worker["writer"] = BatchingWriter(ScyllaWriter(session, keyspace, concurrency,
+                                                    batch_rows=write_batch_rows))
     _worker["checkpoints"] = Checkpoints(session, keyspace)
     _worker["limiter"] = RowRateLimiter.joined(limiter) if limiter else None
 
@@ -545,8 +473,8 @@ def _load_here(directory: Path, todo: Sequence[tuple[ChunkFile, list[str]]], sna
                session: Session, keyspace: str, concurrency: int | None,
                rate_limit: float | None, batch_rows: int, write_batch_rows: int,
                checkpoints: Checkpoints, finished: Callable[[ChunkDone], None]) -> None:
-    writer = BatchingWriter(ScyllaWriter(session, keyspace, concurrency),
-                            max_rows=write_batch_rows)
+    writer = BatchingWriter(ScyllaWriter(session, keyspace, concurrency,
+                                         batch_rows=write_batch_rows))
     limiter = RowRateLimiter(rate_limit) if rate_limit else None
     try:
         for chunk, models in todo:

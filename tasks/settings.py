@@ -65,6 +65,11 @@ class ScyllaSettings(BaseSettings):
     request_timeout_s: float = 10.0
     # Writes in flight at once from one process (execute_concurrent's window).
     concurrency: int = 64
+    # Rows per UNLOGGED batch of writes that share their replicas (CDC and backfill); 1 sends
+    # one request per row. Batches stay under batch_max_bytes of values (Cassandra warns
+    # above 5 KiB per batch, fails above 50 KiB).
+    batch_rows: int = Field(default=20, ge=1, le=500)
+    batch_max_bytes: int = Field(default=4000, ge=100, le=40_000)
 
 
 class KafkaSettings(BaseSettings):
