@@ -12,7 +12,7 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from cassandra import DriverException, OperationTimedOut, Unavailable, WriteTimeout
 from cassandra.auth import PlainTextAuthProvider
@@ -159,7 +159,7 @@ class ScyllaWriter:
         metadata = self.session.cluster.metadata
         # One host: one replica set, nothing to look up (the lookup is a fifth of the cost).
         single = len(metadata.all_hosts()) <= 1
-        groups: dict[tuple[int, ...], list[tuple[bytes, int, BoundStatement]]] = {}
+        members: list[tuple[tuple[int, ...], bytes, int, BoundStatement]] = []
         for prepared, params in statements:
             bound = prepared.bind(params)
             key: bytes = b""
@@ -168,21 +168,13 @@ class ScyllaWriter:
                 key = bound.routing_key or b""
                 # Host objects live as long as the cluster: their ids name a replica set.
                 replicas = tuple(sorted(map(id, metadata.get_replicas(self.keyspace, key))))
-            groups.setdefault(replicas, []).append((key, _approx_bytes(params), bound))
+            members.append((replicas, key, _approx_bytes(params), bound))
         out: list[BoundStatement | BatchStatement] = []
-        for members in groups.values():
-            if not single:
-                members.sort(key=lambda m: m[0])  # one partition's rows side by side
-            batch, size = BatchStatement(batch_type=BatchType.UNLOGGED), 0
-            for _key, nbytes, bound in members:
-                if len(batch) and (len(batch) >= self.batch_rows
-                                   or size + nbytes > self.batch_max_bytes):
-                    out.append(batch)
-                    batch, size = BatchStatement(batch_type=BatchType.UNLOGGED), 0
+        for group in replica_batches(members, self.batch_rows, self.batch_max_bytes):
+            batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+            for bound in group:
                 batch.add(bound)
-                size += nbytes
-            if len(batch):
-                out.append(batch)
+            out.append(batch)
         return out
 
     def write(self, mutations: Sequence[Mutation], timeout: float | None = None) -> int:
@@ -210,6 +202,33 @@ class ScyllaWriter:
             raise TransientError(f"{len(failed)} of {len(mutations)} Scylla writes failed: "
                                  f"{failed[0]!r}")
         return len(statements)
+
+
+T = TypeVar("T")
+
+
+def replica_batches(members: Iterable[tuple[tuple[int, ...], bytes, int, T]], max_rows: int,
+                    max_bytes: int) -> list[list[T]]:
+    """Group (replica set, partition key, size, item) into batches: one replica set per
+    batch, a partition's items side by side, at most ``max_rows`` items and ``max_bytes``
+    (an item larger than that goes alone). Every item lands in exactly one batch."""
+    groups: dict[tuple[int, ...], list[tuple[bytes, int, T]]] = {}
+    for replicas, key, nbytes, item in members:
+        groups.setdefault(replicas, []).append((key, nbytes, item))
+    out: list[list[T]] = []
+    for group in groups.values():
+        group.sort(key=lambda m: m[0])  # stable: a partition's items keep their order
+        batch: list[T] = []
+        size = 0
+        for _key, nbytes, item in group:
+            if batch and (len(batch) >= max_rows or size + nbytes > max_bytes):
+                out.append(batch)
+                batch, size = [], 0
+            batch.append(item)
+            size += nbytes
+        if batch:
+            out.append(batch)
+    return out
 
 
 def _approx_bytes(params: Sequence[Any]) -> int:

@@ -270,7 +270,8 @@ def test_one_rate_limit_holds_for_several_worker_processes() -> None:
     assert limit * window * 0.9 <= rows <= limit * (window + 0.5) + 3 * 20, (rows, window)
 
 
-def test_batching_writer_drops_only_the_replica_batch_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_batching_writer_drops_only_the_replica_batch_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
     # The server warns on every batch over 10 partitions; the loader's batches span
     # partitions of one replica set on purpose. Other server warnings still get through.
     from cassandra.protocol import log as driver_log
