@@ -4,7 +4,7 @@ conversation_timeline from a CSV, for a reference rate.
 
     .venv/bin/python -m bench.backfill [--turns 1000000] [--turns-per-session 20]
         [--sessions-per-user 5] [--steps-per-agent-turn 1] [--chunk-size 50000]
-        [--readers 4] [--concurrency 128] [--keep]
+        [--readers 4] [--concurrency 128] [--workers 1] [--keep]
 
 Needs the local stack (`make schemas`) and PREFECT_API_URL for the flow stage. Results go to
 bench/results/backfill-<turns>.json and a markdown table on stdout.

@@ -3,6 +3,7 @@ whole path sustains, and the consumer's rate draining a backlog against a bare s
 loop writing the same mutations with the same prepared statements.
 
     .venv/bin/python -m bench.cdc [--rates 200 1000 2000 3000] [--seconds 20] [--backlog 50000]
+                                    [--soak-seconds 600] [--soak-rate 2000]
 
 Needs the local stack with the connector registered (`make schemas`). Results go to
 bench/results/cdc.json and a markdown table on stdout.

@@ -171,12 +171,6 @@ class BatchingWriter:
         while self._inflight:
             self._await(self._inflight.popleft())
 
-    def write_rows(self, cql: str, rows: Sequence[Sequence[Any]]) -> int:
-        """Write ``rows`` and wait for them."""
-        n = self.submit_rows(cql, rows)
-        self.flush()
-        return n
-
     def _await(self, future: ResponseFuture) -> None:
         try:
             future.result()
