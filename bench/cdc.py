@@ -64,7 +64,9 @@ def paced_writer(rate_events: int, seconds: float, user: str, out: Any) -> None:
                 i += due
             time.sleep(0.01)
         out.put(written * 2 / (time.monotonic() - start))
-    time.sleep(1.0)  # stay alive while the parent reads this process's CPU time
+        # Stay alive, connection open, while the parent reads the CPU time of this process
+        # and of its Postgres backend.
+        time.sleep(1.0)
 
 
 def write_backlog(turns: int) -> int:
@@ -292,6 +294,7 @@ def main() -> None:
     parser.add_argument("--soak-seconds", type=float, default=0,
                         help="also run at --soak-rate this long, sampling consumer memory")
     parser.add_argument("--soak-rate", type=int, default=2000, help="events/s of the soak")
+    parser.add_argument("--out", type=Path, default=RESULTS / "cdc.json", help="results file")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"machine": f"{platform.node()} {os.cpu_count()} cores",
@@ -308,7 +311,8 @@ def main() -> None:
                                  keep_samples=False)
         print(out["soak"], flush=True)
     out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    (RESULTS / "cdc.json").write_text(json.dumps(out, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
     print("\n| target events/s | achieved | p50 ms | p99 ms | worst 1 s p99 | max lag | kept up |")
     print("|---|---|---|---|---|---|---|")
     for r in out["fixed_rate"]:

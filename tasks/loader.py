@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import multiprocessing
+import os
 import re
 import signal
 import sys
@@ -31,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -106,8 +108,12 @@ class RowRateLimiter:
         # Lock and manager from the spawn context the loader's workers are started with (a
         # fork-context lock cannot be handed to a spawned process).
         ctx = multiprocessing.get_context("spawn")
-        return cls(rows_per_s, catch_up_s,
-                   store=MultiprocessStateStore(ctx.Manager().list(), ctx.RLock()))
+        manager = SyncManager(ctx=ctx)
+        manager.start(_die_with_parent, (os.getpid(),))  # no orphan after a kill
+        limiter = cls(rows_per_s, catch_up_s,
+                      store=MultiprocessStateStore(manager.list(), ctx.RLock()))
+        limiter._manager = manager
+        return limiter
 
     def for_worker(self) -> tuple[float, float, MultiprocessStateStore | None]:
         """What a worker process needs to join this limiter (see ``joined``)."""
@@ -118,6 +124,8 @@ class RowRateLimiter:
         rows_per_s, catch_up_s, store = spec
         return cls(rows_per_s, catch_up_s, store=store, drain=store is None)
 
+    _manager: SyncManager | None = None
+
     def acquire(self, rows: int) -> None:
         while rows > 0:
             n = min(rows, self.burst)
@@ -127,6 +135,8 @@ class RowRateLimiter:
 
     def close(self) -> None:
         self._limiter.close()
+        if self._manager is not None:
+            self._manager.shutdown()
 
 
 def pieces(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -155,16 +165,22 @@ class BatchingWriter:
         the rest. Any failure raises TransientError (here or in ``flush``)."""
         if not rows:
             return 0
-        prepared = self.writer.prepare(cql)
-        for request in self.writer.requests([(prepared, r) for r in rows]):
-            while len(self._inflight) >= self.writer.concurrency:
-                self._await(self._inflight.popleft())
-            try:
+        try:
+            # Inside the try: preparing talks to the cluster too (and a raw NoHostAvailable
+            # would neither be retried nor pickle back from a worker process).
+            prepared = self.writer.prepare(cql)
+            for request in self.writer.requests([(prepared, r) for r in rows]):
+                while len(self._inflight) >= self.writer.concurrency:
+                    self._await(self._inflight.popleft())
                 self._inflight.append(self.writer.session.execute_async(request))
-            except TRANSIENT_DRIVER_ERRORS as exc:
-                raise TransientError(f"Scylla write failed: {type(exc).__name__}: {exc}") \
-                    from exc
+        except TRANSIENT_DRIVER_ERRORS as exc:
+            self._inflight.clear()
+            raise TransientError(f"Scylla write failed: {type(exc).__name__}: {exc}") from exc
         return len(rows)
+
+    def discard(self) -> None:
+        """Forget requests a failed chunk left in flight (the chunk is redone anyway)."""
+        self._inflight.clear()
 
     def flush(self) -> None:
         """Wait until every request sent so far is acknowledged."""
@@ -301,6 +317,7 @@ def load_chunk(path: Path, table: str, read_models: Collection[str], writer: Bat
     Record batches go through the projection column-wise (``project_arrow``: the same
     statements and parameters as ``project_row``, without a dict and a Mutation per row)."""
     rows_read, written = 0, Counter[str]()
+    writer.discard()  # a worker's previous chunk may have failed with requests in flight
     if limiter:
         # Time spent projecting between two acquisitions longer than the bucket holds
         # (1/10 s) would be lost to the rate: keep record batches that small.
@@ -348,24 +365,27 @@ def load_and_checkpoint(directory: Path, chunk: ChunkFile, read_models: Sequence
     return ChunkDone(chunk.id, chunk.table, tuple(read_models), read, written, seconds)
 
 
-# Worker processes: the Python client, not the store, limits one loader (projection, binding
-# and the driver's encoding hold the GIL: ~100 µs per row against Cassandra's ~60), so a load
+# Worker processes: where the client, not the store, limits one loader (projection, binding
+# and the driver's encoding hold one GIL: ~40 µs of CPU per row on the test machine), a load
 # spreads its chunks over processes, each with its own session.
 
 _worker: dict[str, Any] = {}
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     # A SIGKILLed backfill must not leave workers writing and checkpointing behind it (the
     # resume would then skip chunks it never saw finish). Linux: prctl(PR_SET_PDEATHSIG).
     if sys.platform == "linux":
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl: nobody would signal us
+        os._exit(1)
 
 
-def _worker_start(keyspace: str, concurrency: int | None, write_batch_rows: int,
+def _worker_start(parent_pid: int, keyspace: str, concurrency: int | None,
+                  write_batch_rows: int,
                   limiter: tuple[float, float, MultiprocessStateStore | None] | None) -> None:
-    _die_with_parent()
+    _die_with_parent(parent_pid)
     session = scylla.connect()
     _worker["writer"] = BatchingWriter(ScyllaWriter(session, keyspace, concurrency,
                                                     batch_rows=write_batch_rows))
@@ -488,7 +508,7 @@ def _load_in_workers(directory: Path, todo: Sequence[tuple[ChunkFile, list[str]]
     pool = ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
         initializer=_worker_start,
-        initargs=(keyspace, concurrency, write_batch_rows,
+        initargs=(os.getpid(), keyspace, concurrency, write_batch_rows,
                   limiter.for_worker() if limiter else None))
     try:
         futures = [pool.submit(_worker_load, directory, chunk, models, snapshot_id, batch_rows)

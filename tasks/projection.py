@@ -572,16 +572,26 @@ def _arrow_column(table: str, col: str, typ: str, array: Any) -> tuple[list[Any]
             raise DecodeError(f"{table}.{col}: expected 16-byte uuids, got {array.type}")
         return [None if b is None else _uuid_from_bytes(b) for b in storage.to_pylist()], []
     if typ == "timestamptz":
+        # Any zone: an Arrow timestamp with a zone stores UTC instants. Naive ones are refused
+        # as the row path refuses naive datetimes.
         if not (pa.types.is_timestamp(array.type) and array.type.unit == "us"
-                and array.type.tz in ("UTC", "+00:00")):
-            raise DecodeError(f"{table}.{col}: expected timestamp[us, UTC], got {array.type}")
+                and array.type.tz):
+            raise DecodeError(f"{table}.{col}: expected timestamp[us] with a time zone, "
+                              f"got {array.type}")
         micros = array.cast(pa.int64()).to_pylist()
-        return [None if us is None else _EPOCH + (us // 1000) * _ONE_MS for us in micros], micros
+        try:
+            return ([None if us is None else _EPOCH + (us // 1000) * _ONE_MS for us in micros],
+                    micros)
+        except OverflowError as exc:  # beyond year 9999, as the row path reports it
+            raise DecodeError(f"{table}.{col}: {exc}") from None
     values = array.to_pylist()
-    if typ == "int":
-        return [None if v is None else _to_int(v) for v in values], []
-    if typ == "jsonb":  # as text, the way _cell writes canonical JSON; NULL is JSON null
-        return [str(_to_json("null" if v is None else v)) for v in values], []
+    try:
+        if typ == "int":
+            return [None if v is None else _to_int(v) for v in values], []
+        if typ == "jsonb":  # as text, the way _cell writes canonical JSON; NULL is JSON null
+            return [str(_to_json("null" if v is None else v)) for v in values], []
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise DecodeError(f"{table}.{col}: {exc}") from None
     if not pa.types.is_string(array.type) and not pa.types.is_large_string(array.type):
         raise DecodeError(f"{table}.{col}: expected text, got {array.type}")
     return values, []

@@ -257,10 +257,13 @@ _REPLICA_BATCH_WARNINGS: Final = _ReplicaBatchWarnings()
 
 
 def batch_bytes(mutations: Iterable[Mutation]) -> int:
-    """A cheap upper estimate of a batch's mutation data: the text and blob values plus 16
+    """A cheap estimate of a batch's mutation data: the text (UTF-8) and blob values plus 16
     bytes for every other value (uuids, timestamps, counts)."""
     total = 0
     for m in mutations:
         for _, v in (*m.key, *(m.values if isinstance(m, Upsert) else ())):
-            total += len(v) if isinstance(v, str | bytes) else 16
+            if isinstance(v, str):
+                total += len(v) if v.isascii() else len(v.encode())
+            else:
+                total += len(v) if isinstance(v, bytes) else 16
     return total

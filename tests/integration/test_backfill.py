@@ -456,6 +456,25 @@ def test_rebuild_truncates_then_reloads_while_cdc_keeps_writing(
 # Resume, rate limit, parameters
 
 
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:  # a zombie has exited: only its entry waits for a reaper
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
 def test_killed_backfill_resumes_without_reloading_finished_chunks(
         bf_keyspace: str, bf_cql: Session, pg_app: psycopg.Connection, tmp_path: Path,
         rng: random.Random) -> None:
@@ -476,9 +495,15 @@ def test_killed_backfill_resumes_without_reloading_finished_chunks(
         checkpoints = Checkpoints(bf_cql, bf_keyspace)
         assert wait_for(lambda: len(checkpoints.loaded(manifest.snapshot_id, READ_MODELS)) >= 8,
                         timeout=120, interval=0.05)
+        # The loader workers (and the rate limit's manager) are the flow process's children.
+        children = children_of(proc.pid)
+        assert len(children) >= 3, children
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
+    # PR_SET_PDEATHSIG: they die with it, mid-chunk, instead of finishing their queue.
+    assert wait_for(lambda: not any(alive(pid) for pid in children), timeout=5, interval=0.1), \
+        [pid for pid in children if alive(pid)]
     time.sleep(1)  # a checkpoint already sent by the dead process may still land
     before = checkpoints.loaded(manifest.snapshot_id, READ_MODELS)
     time.sleep(2)

@@ -1,8 +1,9 @@
-"""Worker-process side of the shared rate-limit test: a module that imports little, so
-spawned processes start fast."""
+"""Worker-process side of the shared rate-limit test. Its own module, so spawned processes
+import tasks.loader only, not the test module's flows and Prefect."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -14,6 +15,12 @@ _joined: list[RowRateLimiter] = []
 def join(spec: tuple[float, float, Any]) -> None:
     # Pool initializer: the shared state's lock can only reach a process as it is spawned.
     _joined.append(RowRateLimiter.joined(spec))
+
+
+def ready(seconds: float) -> int:
+    """Occupies a started worker for a moment, so that N of these reach N processes."""
+    time.sleep(seconds)
+    return os.getpid()
 
 
 def take_rows(end_at: float) -> tuple[int, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -97,7 +97,14 @@ def test_columnar_refuses_what_row_by_row_refuses() -> None:
         project_arrow("human_turns", batch.drop_columns(["updated_at"]), KS)
     naive = batch.set_column(3, "created_at", pa.array([now.replace(tzinfo=None)],
                                                        pa.timestamp("us")))
-    with pytest.raises(DecodeError, match=r"created_at: expected timestamp\[us, UTC\]"):
+    with pytest.raises(DecodeError, match=r"created_at: expected timestamp\[us\] with a time"):
         project_arrow("human_turns", naive, KS)
+    # Another zone's name for the same instants is fine: Arrow stores UTC.
+    etc = batch.set_column(3, "created_at", batch.column(3).cast(pa.timestamp("us", "Etc/UTC")))
+    assert project_arrow("human_turns", etc, KS)[0].params == \
+        project_arrow("human_turns", batch, KS)[0].params
+    # Bad values are DecodeErrors naming table and column, as in the row path.
+    step = {**row, "agent_turn_id": uuid.uuid4(), "kind": "tool", "payload": "{not json"}
+    with pytest.raises(DecodeError, match=r"steps.payload"):
+        project_arrow("steps", _batch("steps", [step]), KS)
     assert project_arrow("human_turns", batch.slice(0, 0), KS)[0].params == []
-    _ = timedelta  # keep the import list honest for readers of the strategies
