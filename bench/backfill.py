@@ -39,6 +39,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from psycopg import sql
 
+from bench.proc import proc_stat
 from tasks import postgres, scylla
 from tasks.settings import get_settings
 
@@ -174,10 +175,8 @@ STAGES = {"snapshot": stage_snapshot, "load": stage_load, "flow": stage_flow}
 def cassandra_cpu_s() -> float | None:
     """CPU seconds the local Cassandra has used so far (user + system), from /proc."""
     try:
-        pid = int((ROOT / ".stack" / "run" / "cassandra.pid").read_text())
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+        return proc_stat(int((ROOT / ".stack" / "run" / "cassandra.pid").read_text())).cpu_s
+    except (OSError, ValueError):
         return None
 
 

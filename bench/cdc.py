@@ -26,6 +26,7 @@ from typing import Any
 from cassandra.concurrent import execute_concurrent
 from confluent_kafka import Consumer, TopicPartition
 
+from bench.proc import proc_stat
 from tasks import cdc_probe, kafka, postgres, scylla
 from tasks.cdc import CdcConsumer, CdcOptions
 from tasks.debezium import decode_message
@@ -152,21 +153,21 @@ _PARTS = (("ConnectDistributed", "kafka connect + debezium"), ("kafka.Kafka", "k
 def cpu_by_part() -> dict[str, float]:
     """CPU seconds used so far by each part of the path (processes alive now): the stack's
     services, this process (the consumer) and its children (the load writer)."""
-    me, tick = os.getpid(), os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
     out: dict[str, float] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            stat = proc_stat(entry.name)
         except OSError:
             continue
-        pid, ppid = int(entry.name), int(fields[1])
-        part = ("consumer (bench process)" if pid == me else "load writer" if ppid == me
+        part = ("consumer (bench process)" if stat.pid == me
+                else "load writer" if stat.ppid == me
                 else next((name for key, name in _PARTS if key in cmd), None))
         if part:
-            out[part] = out.get(part, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+            out[part] = out.get(part, 0.0) + stat.cpu_s
     return out
 
 

@@ -232,12 +232,14 @@ def replica_batches(members: Iterable[tuple[tuple[int, ...], bytes, int, T]], ma
 
 
 def _approx_bytes(params: Sequence[Any]) -> int:
-    n = 32  # per-statement framing, column ids
+    """A statement's size in a batch, roughly: text (UTF-8) and blob values, 16 bytes for
+    every other value (uuids, timestamps, counts), 32 of framing."""
+    n = 32
     for v in params:
         if type(v) is str:
             n += len(v) if v.isascii() else len(v.encode())  # isascii: O(1) in CPython
         else:
-            n += 16
+            n += len(v) if type(v) is bytes else 16
     return n
 
 
@@ -257,13 +259,6 @@ _REPLICA_BATCH_WARNINGS: Final = _ReplicaBatchWarnings()
 
 
 def batch_bytes(mutations: Iterable[Mutation]) -> int:
-    """A cheap estimate of a batch's mutation data: the text (UTF-8) and blob values plus 16
-    bytes for every other value (uuids, timestamps, counts)."""
-    total = 0
-    for m in mutations:
-        for _, v in (*m.key, *(m.values if isinstance(m, Upsert) else ())):
-            if isinstance(v, str):
-                total += len(v) if v.isascii() else len(v.encode())
-            else:
-                total += len(v) if isinstance(v, bytes) else 16
-    return total
+    """``_approx_bytes`` of a batch of these mutations."""
+    return sum(_approx_bytes([v for _, v in (*m.key, *(m.values if isinstance(m, Upsert)
+                                                        else ()))]) for m in mutations)

@@ -29,6 +29,7 @@ import pytest
 from cassandra.cluster import Session
 from psycopg.types.json import Jsonb
 
+from bench.proc import proc_stat
 from flows.backfill import backfill_flow
 from tasks import postgres, scylla
 from tasks.errors import ConfigurationError
@@ -461,16 +462,16 @@ def children_of(pid: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                if proc_stat(entry.name).ppid == pid:
                     out.append(int(entry.name))
-            except (OSError, ValueError, IndexError):
+            except OSError:
                 continue
     return out
 
 
 def alive(pid: int) -> bool:
     try:  # a zombie has exited: only its entry waits for a reaper
-        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+        return proc_stat(pid).state != "Z"
     except OSError:
         return False
 
