@@ -306,6 +306,19 @@ def _log4j2(name: str) -> Path:
     return path
 
 
+def kafka_cluster_id() -> str:
+    """A random Kafka cluster id that never starts with "-".
+
+    The id is 16 random bytes in URL-safe base64, so one in 64 would start with "-", which
+    kafka-storage's argument parser takes for an option (a CI run failed that way). Kafka's
+    own Uuid.randomUuid() avoids such ids too; passing it as --cluster-id=... is a second guard.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def kafka_start() -> None:
     java = java17()
     cp = str(resolve_jars("kafka", JARS / "kafka")) + "/*"
@@ -314,10 +327,11 @@ def kafka_start() -> None:
     props.write_text((INFRA / "conf" / "kafka.properties").read_text()
                      .replace("@LOGDIR@", str(logdir)))
     if not (logdir / "meta.properties").exists():
-        cluster_id = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+        cluster_id = kafka_cluster_id()
         say(f"formatting Kafka storage (cluster id {cluster_id})")
         run([java, "-cp", cp, f"-Dlog4j2.configurationFile={_log4j2('kafka-tools')}",
-             "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)])
+             "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+             "-c", str(props)])
     spawn("kafka", [java, "-Xms512m", "-Xmx1g", "-XX:+UseG1GC",
                     f"-Dlog4j2.configurationFile={_log4j2('kafka')}", f"-Dcqrs.stack={STACK}",
                     "-cp", cp, "kafka.Kafka", str(props)])
