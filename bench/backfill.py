@@ -4,7 +4,7 @@ conversation_timeline from a CSV, for a reference rate.
 
     .venv/bin/python -m bench.backfill [--turns 1000000] [--turns-per-session 20]
         [--sessions-per-user 5] [--steps-per-agent-turn 1] [--chunk-size 50000]
-        [--readers 4] [--concurrency 128] [--workers 1] [--keep]
+        [--readers 4] [--concurrency 128] [--workers 1] [--methods cql sstable] [--keep]
 
 Needs the local stack (`make schemas`) and PREFECT_API_URL for the flow stage. Results go to
 bench/results/backfill-<turns>.json and a markdown table on stdout.
@@ -145,7 +145,8 @@ def stage_load(cfg: dict[str, Any]) -> dict[str, Any]:
     session = scylla.connect()
     try:
         r = load_snapshot(cfg["snapshot_dir"], session, keyspace=cfg["keyspace"],
-                          concurrency=cfg["concurrency"], workers=cfg["workers"])
+                          concurrency=cfg["concurrency"], workers=cfg["workers"],
+                          method=cfg["method"])
     finally:
         scylla.close(session)
     timeline = [p for p in r.pairs if p.read_model == "conversation_timeline"]
@@ -162,7 +163,8 @@ def stage_flow(cfg: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     r = backfill_flow(snapshot_root=cfg["root"], keyspace=cfg["keyspace"], rebuild=True,
                       chunk_size=cfg["chunk_size"], readers=cfg["readers"],
-                      concurrency=cfg["concurrency"], workers=cfg["workers"])
+                      concurrency=cfg["concurrency"], workers=cfg["workers"],
+                      method=cfg["method"])
     seconds = time.monotonic() - started
     return {"rows": r["rows_read"], "rows_written": r["rows_written"], "seconds": seconds,
             "rows_per_s": r["rows_read"] / seconds, "snapshot_seconds": r["snapshot_seconds"],
@@ -259,26 +261,30 @@ def markdown(r: dict[str, Any]) -> str:
         v = stage.get(key)
         return "-" if v is None or not rows else f"{v * 1e6 / rows:.0f}"
 
-    snap, load, flow, cq = r["snapshot"], r["load"], r["flow"], r["cqlsh"]
+    snap, cq = r["snapshot"], r["cqlsh"]
     rows = [("snapshot (Postgres → Parquet)", snap["rows"], snap["seconds"], snap["rows_per_s"],
-             snap["peak_rss_mib"], snap),
-            ("load (Parquet → projection → Cassandra), source rows", load["rows_read"],
-             load["seconds"], load["rows_per_s"], load["peak_rss_mib"], load),
-            ("whole backfill flow (rebuild: truncate + snapshot + load)", flow["rows"],
-             flow["seconds"], flow["rows_per_s"], flow["peak_rss_mib"], flow),
-            ("load, conversation_timeline only", load["timeline_rows"],
-             load["timeline_seconds"], load["timeline_rows_per_s"], None, None),
-            ("cqlsh COPY FROM, conversation_timeline", cq["rows"], cq["seconds"],
-             cq["rows_per_s"], cq["peak_rss_mib"], cq)]
+             snap["peak_rss_mib"], snap)]
+    for method, m in r["methods"].items():
+        load, flow = m["load"], m["flow"]
+        rows += [(f"{method}: load (Parquet → projection → Cassandra), source rows",
+                  load["rows_read"], load["seconds"], load["rows_per_s"], load["peak_rss_mib"],
+                  load),
+                 (f"{method}: whole backfill flow (rebuild: truncate + snapshot + load)",
+                  flow["rows"], flow["seconds"], flow["rows_per_s"], flow["peak_rss_mib"], flow),
+                 (f"{method}: load, conversation_timeline only", load["timeline_rows"],
+                  load["timeline_seconds"], load["timeline_rows_per_s"], None, None)]
+    rows.append(("cqlsh COPY FROM, conversation_timeline", cq["rows"], cq["seconds"],
+                 cq["rows_per_s"], cq["peak_rss_mib"], cq))
     lines = ["| stage | rows | seconds | rows/s | peak RSS (MiB) | client CPU µs/row | "
              "Cassandra CPU µs/row |", "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {a} | {b:,} | {c:.2f} | {d:,.0f} | {'-' if e is None else e} | "
               f"{'-' if st is None else cpu(st, b, 'client_cpu_s')} | "
               f"{'-' if st is None else cpu(st, b, 'cassandra_cpu_s')} |"
               for a, b, c, d, e, st in rows]
-    lines.append(f"\nwhole backfill / cqlsh COPY FROM: **{r['ratio_flow_vs_cqlsh']:.2f}x**; "
-                 f"conversation_timeline load / cqlsh COPY FROM: "
-                 f"**{r['ratio_timeline_vs_cqlsh']:.2f}x**")
+    for method, m in r["methods"].items():
+        lines.append(f"\n{method}: whole backfill / cqlsh COPY FROM: "
+                     f"**{m['ratio_flow_vs_cqlsh']:.2f}x**; conversation_timeline load / "
+                     f"cqlsh COPY FROM: **{m['ratio_timeline_vs_cqlsh']:.2f}x**")
     return "\n".join(lines)
 
 
@@ -293,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--readers", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=128)
     ap.add_argument("--workers", type=int, default=1, help="loader processes")
+    ap.add_argument("--methods", nargs="+", choices=("cql", "sstable"),
+                    default=["cql", "sstable"], help="load methods to measure")
     ap.add_argument("--keep", action="store_true", help="keep the schema, keyspaces, files")
     ap.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
@@ -303,12 +311,13 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     tag = uuid.uuid4().hex[:8]
-    schema, ks, ks_cqlsh = f"bench_backfill_{tag}", f"bench_bf_{tag}", f"bench_cqlsh_{tag}"
+    schema, ks_cqlsh = f"bench_backfill_{tag}", f"bench_cqlsh_{tag}"
+    keyspaces = {m: f"bench_bf_{m}_{tag}" for m in a.methods}
     work = Path(tempfile.mkdtemp(prefix=f"bench-backfill-{tag}-"))
     env = {**os.environ, "PGOPTIONS": f"-c search_path={schema}"}
     session = scylla.connect()
     try:
-        for name in (ks, ks_cqlsh):
+        for name in (*keyspaces.values(), ks_cqlsh):
             scylla.migrate(session, get_settings().scylla.model_copy(update={"keyspace": name}))
         t0 = time.monotonic()
         counts = generate(schema, a.turns, a.turns_per_session, a.sessions_per_user,
@@ -316,26 +325,31 @@ def main(argv: list[str] | None = None) -> None:
         gen_s = time.monotonic() - t0
         print(f"generated {counts} in {gen_s:.1f} s (schema {schema})", file=sys.stderr)
         cfg = {"root": str(work / "snapshots"), "chunk_size": a.chunk_size,
-               "readers": a.readers, "concurrency": a.concurrency, "workers": a.workers,
-               "keyspace": ks}
+               "readers": a.readers, "concurrency": a.concurrency, "workers": a.workers}
         snap = run_stage("snapshot", cfg, env)
         print(f"snapshot: {snap}", file=sys.stderr)
-        load = run_stage("load", {**cfg, "snapshot_dir": snap["snapshot_dir"]}, env)
-        print(f"load: {load}", file=sys.stderr)
-        whole = run_stage("flow", {**cfg, "root": str(work / "flow")}, env)
-        print(f"flow: {whole}", file=sys.stderr)
         csv_rows = timeline_csv(snap["snapshot_dir"], work / "timeline.csv")
         cq = cqlsh_copy(work / "timeline.csv", ks_cqlsh, csv_rows)
         print(f"cqlsh: {cq}", file=sys.stderr)
+        methods: dict[str, Any] = {}
+        for method, ks in keyspaces.items():
+            mcfg = {**cfg, "keyspace": ks, "method": method}
+            load = run_stage("load", {**mcfg, "snapshot_dir": snap["snapshot_dir"]}, env)
+            print(f"{method} load: {load}", file=sys.stderr)
+            whole = run_stage("flow", {**mcfg, "root": str(work / f"flow-{method}")}, env)
+            print(f"{method} flow: {whole}", file=sys.stderr)
+            methods[method] = {
+                "load": load, "flow": whole,
+                "ratio_timeline_vs_cqlsh": load["timeline_rows_per_s"] / cq["rows_per_s"],
+                # The measure: the whole backfill (source rows/s) against cqlsh.
+                "ratio_flow_vs_cqlsh": whole["rows_per_s"] / cq["rows_per_s"],
+            }
         result = {
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
             "params": vars(a) | {"stage": None, "config": None}, "rows": counts,
-            "generate_seconds": round(gen_s, 2), "snapshot": snap, "load": load,
-            "flow": whole, "cqlsh": cq,
-            "ratio_timeline_vs_cqlsh": load["timeline_rows_per_s"] / cq["rows_per_s"],
-            # The measure: the whole backfill (source rows/s) against cqlsh.
-            "ratio_flow_vs_cqlsh": whole["rows_per_s"] / cq["rows_per_s"],
+            "generate_seconds": round(gen_s, 2), "snapshot": snap, "cqlsh": cq,
+            "methods": methods,
         }
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"backfill-{a.turns}.json").write_text(
@@ -343,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown(result))
     finally:
         if not a.keep:
-            for name in (ks, ks_cqlsh):
+            for name in (*keyspaces.values(), ks_cqlsh):
                 session.execute(f"DROP KEYSPACE IF EXISTS {name}", timeout=120)
             drop_schema(schema)
             shutil.rmtree(work, ignore_errors=True)

@@ -33,7 +33,7 @@ from prefect.cache_policies import NONE
 from prefect.runtime import task_run
 
 from flows.backfill_params import BackfillParams, validate
-from tasks import postgres, scylla
+from tasks import postgres, scylla, sstable_load
 from tasks.errors import ConfigurationError, is_transient
 from tasks.loader import Checkpoints, LoadProgress, LoadResult, load_snapshot, truncate_read_models
 from tasks.settings import get_settings
@@ -147,6 +147,18 @@ def check_gap(p: BackfillParams, manifest: Manifest | None) -> dict[str, Any]:
     return state
 
 
+@task(cache_policy=NONE)
+def check_sstable_method(p: BackfillParams) -> None:
+    """The sstable method needs Java 17 and the cassandra-all jars here, and an Apache
+    Cassandra 4+ cluster there: checked before the snapshot, not after it."""
+    sstable_load.check_available()
+    session = scylla.connect()
+    try:
+        get_run_logger().info("sstable load method: %s", sstable_load.check_target(session))
+    finally:
+        scylla.close(session)
+
+
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
 def snapshot_stage(p: BackfillParams, dry_run: bool = False) -> tuple[Manifest, Path | None]:
     reporter = None if dry_run else Reporter("snapshot")
@@ -184,7 +196,7 @@ def load_stage(p: BackfillParams, directory: Path) -> LoadResult:
                                keyspace=p.keyspace, concurrency=p.concurrency,
                                rate_limit_rows_per_s=p.rate_limit_rows_per_s, resume=resume,
                                write_batch_rows=p.write_batch_rows, workers=p.workers,
-                               on_progress=reporter)
+                               method=p.method, on_progress=reporter)
     finally:
         scylla.close(session)
     if not result.chunks_loaded and not result.chunks_skipped:
@@ -235,6 +247,7 @@ def backfill_flow(
     concurrency: int = 64,
     write_batch_rows: int = 20,
     workers: int = 1,
+    method: str = "cql",
     readers: int = 4,
     rate_limit_rows_per_s: float | None = None,
     resume: bool = False,
@@ -257,6 +270,8 @@ def backfill_flow(
         else:
             log.info("resume: continuing snapshot %s", directory)
     manifest = Manifest.read(directory) if directory else None
+    if p.method == "sstable" and not p.dry_run:
+        check_sstable_method(p)
     check_gap(p, manifest)
 
     if p.dry_run:

@@ -8,7 +8,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -56,6 +56,12 @@ class BackfillParams(BaseModel):
                                     "one rate limit for all; a kill redoes at most one chunk "
                                     "per worker (more than 1 pays off when the machine has "
                                     "cores the store does not use)")
+    method: Literal["cql", "sstable"] = Field(
+        "cql", description="how rows reach the read models: cql = prepared INSERTs in "
+                           "batches (ScyllaDB or Cassandra); sstable = each chunk written "
+                           "into SSTables and streamed to its replicas, several times "
+                           "faster and lighter on the cluster (Apache Cassandra 4+ only; "
+                           "needs Java 17 and the cassandra-all jars, CQRS_SSTABLE_*)")
     readers: PositiveInt = Field(
         4, description="parallel Postgres reader connections sharing the snapshot")
     rate_limit_rows_per_s: PositiveFloat | None = Field(

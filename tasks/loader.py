@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import multiprocessing
+import multiprocessing.util
 import os
 import re
 import signal
@@ -347,14 +348,19 @@ class ChunkDone:
     seconds: float
 
 
+# What loads one chunk into some read models: (directory, chunk, read models) -> (rows read,
+# rows written per read model). One per method and process (see ``_chunk_loader``).
+ChunkLoader = Callable[[Path, ChunkFile, Sequence[str]], tuple[int, Counter[str]]]
+LOAD_METHODS: Final = ("cql", "sstable")
+
+
 def load_and_checkpoint(directory: Path, chunk: ChunkFile, read_models: Sequence[str],
-                        snapshot_id: str, writer: BatchingWriter, checkpoints: Checkpoints,
-                        limiter: RowRateLimiter | None, batch_rows: int) -> ChunkDone:
+                        snapshot_id: str, load: ChunkLoader, checkpoints: Checkpoints
+                        ) -> ChunkDone:
     """Load one chunk into ``read_models``, check its row count against the manifest, then
     checkpoint it: the checkpoint is written only once every row of the chunk is."""
     t0 = time.monotonic()
-    read, written = load_chunk(directory / chunk.file, chunk.table, read_models, writer,
-                               limiter, batch_rows)
+    read, written = load(directory, chunk, read_models)
     if read != chunk.rows:
         raise TerminalError(f"{chunk.file}: {read} rows, manifest says {chunk.rows}")
     seconds = time.monotonic() - t0
@@ -363,6 +369,35 @@ def load_and_checkpoint(directory: Path, chunk: ChunkFile, read_models: Sequence
     except TRANSIENT_DRIVER_ERRORS as exc:
         raise TransientError(f"checkpoint of {chunk.id} failed: {exc}") from exc
     return ChunkDone(chunk.id, chunk.table, tuple(read_models), read, written, seconds)
+
+
+def _chunk_loader(method: str, session: Session, keyspace: str, concurrency: int | None,
+                  write_batch_rows: int, limiter: RowRateLimiter | None, batch_rows: int,
+                  closers: list[Callable[[], None]]) -> ChunkLoader:
+    """This process's way to load a chunk: CQL writes (any Scylla or Cassandra) or SSTables
+    streamed to the replicas (Cassandra 4+, see tasks/sstable_load). Whatever must be shut
+    down at the end is appended to ``closers``."""
+    if method == "sstable":
+        from tasks.sstable_load import SSTableWriterProcess
+
+        proc = SSTableWriterProcess(session, keyspace)
+        closers.append(proc.close)
+        acquire = limiter.acquire if limiter else None
+
+        def load_sstables(directory: Path, chunk: ChunkFile, models: Sequence[str]
+                          ) -> tuple[int, Counter[str]]:
+            read, written, _ = proc.load_chunk(directory / chunk.file, chunk.table, chunk.id,
+                                               models, acquire)
+            return read, written
+        return load_sstables
+    writer = BatchingWriter(ScyllaWriter(session, keyspace, concurrency,
+                                         batch_rows=write_batch_rows))
+
+    def load_cql(directory: Path, chunk: ChunkFile, models: Sequence[str]
+                 ) -> tuple[int, Counter[str]]:
+        return load_chunk(directory / chunk.file, chunk.table, models, writer, limiter,
+                          batch_rows)
+    return load_cql
 
 
 # Worker processes: where the client, not the store, limits one loader (projection, binding
@@ -382,36 +417,43 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _worker_start(parent_pid: int, keyspace: str, concurrency: int | None,
-                  write_batch_rows: int,
+def _worker_start(parent_pid: int, method: str, keyspace: str, concurrency: int | None,
+                  write_batch_rows: int, batch_rows: int,
                   limiter: tuple[float, float, MultiprocessStateStore | None] | None) -> None:
     _die_with_parent(parent_pid)
     session = scylla.connect()
-    _worker["writer"] = BatchingWriter(ScyllaWriter(session, keyspace, concurrency,
-                                                    batch_rows=write_batch_rows))
+    joined = RowRateLimiter.joined(limiter) if limiter else None
+    closers: list[Callable[[], None]] = []
+    _worker["load"] = _chunk_loader(method, session, keyspace, concurrency, write_batch_rows,
+                                    joined, batch_rows, closers)
     _worker["checkpoints"] = Checkpoints(session, keyspace)
-    _worker["limiter"] = RowRateLimiter.joined(limiter) if limiter else None
+    for close in closers:  # e.g. the SSTable writer's JVM, when the pool shuts down
+        multiprocessing.util.Finalize(None, close, exitpriority=10)
 
 
 def _worker_load(directory: Path, chunk: ChunkFile, read_models: Sequence[str],
-                 snapshot_id: str, batch_rows: int) -> ChunkDone:
-    return load_and_checkpoint(directory, chunk, read_models, snapshot_id, _worker["writer"],
-                               _worker["checkpoints"], _worker["limiter"], batch_rows)
+                 snapshot_id: str) -> ChunkDone:
+    return load_and_checkpoint(directory, chunk, read_models, snapshot_id, _worker["load"],
+                               _worker["checkpoints"])
 
 
 def load_snapshot(directory: Path | str, session: Session, *,
                   read_models: Collection[str] | None = None, keyspace: str | None = None,
                   concurrency: int | None = None, rate_limit_rows_per_s: float | None = None,
                   resume: bool = False, batch_rows: int = 2_000, write_batch_rows: int = 20,
-                  workers: int = 1,
+                  workers: int = 1, method: str = "cql",
                   on_progress: Callable[[LoadProgress], None] | None = None) -> LoadResult:
     """Load a snapshot into ``read_models`` (default: those it was taken for) of ``keyspace``.
     With ``resume``, chunks checkpointed for a read model are neither read nor written again
     for it. ``workers`` > 1 loads chunks in that many processes (spawned, one Scylla session
     each, ``concurrency`` writes in flight each, one shared rate limit); a kill then redoes
-    at most one chunk per worker. Never touches Postgres."""
+    at most one chunk per worker. ``method``: "cql" writes rows with prepared INSERTs (any
+    Scylla or Cassandra); "sstable" writes each chunk into SSTables and streams them to the
+    replicas (Apache Cassandra 4+ only; see tasks/sstable_load). Never touches Postgres."""
     if workers < 1:
         raise InvalidInput(f"workers must be >= 1, got {workers}")
+    if method not in LOAD_METHODS:
+        raise InvalidInput(f"unknown load method {method!r}; one of {LOAD_METHODS}")
     directory = Path(directory)
     manifest = Manifest.read(directory)
     models = tuple(sorted(set(read_models or manifest.read_models)))
@@ -471,11 +513,11 @@ def load_snapshot(directory: Path | str, session: Session, *,
     workers = min(workers, len(todo))
     try:
         if workers <= 1:
-            _load_here(directory, todo, manifest.snapshot_id, session, ks, concurrency,
-                       rate_limit_rows_per_s, batch_rows, write_batch_rows, checkpoints,
-                       finished)
+            _load_here(directory, todo, manifest.snapshot_id, session, method, ks,
+                       concurrency, rate_limit_rows_per_s, batch_rows, write_batch_rows,
+                       checkpoints, finished)
         else:
-            _load_in_workers(directory, todo, manifest.snapshot_id, ks, concurrency,
+            _load_in_workers(directory, todo, manifest.snapshot_id, method, ks, concurrency,
                              rate_limit_rows_per_s, batch_rows, write_batch_rows, workers,
                              finished)
     finally:
@@ -484,23 +526,26 @@ def load_snapshot(directory: Path | str, session: Session, *,
 
 
 def _load_here(directory: Path, todo: Sequence[tuple[ChunkFile, list[str]]], snapshot_id: str,
-               session: Session, keyspace: str, concurrency: int | None,
+               session: Session, method: str, keyspace: str, concurrency: int | None,
                rate_limit: float | None, batch_rows: int, write_batch_rows: int,
                checkpoints: Checkpoints, finished: Callable[[ChunkDone], None]) -> None:
-    writer = BatchingWriter(ScyllaWriter(session, keyspace, concurrency,
-                                         batch_rows=write_batch_rows))
     limiter = RowRateLimiter(rate_limit) if rate_limit else None
+    closers: list[Callable[[], None]] = []
     try:
+        load = _chunk_loader(method, session, keyspace, concurrency, write_batch_rows,
+                             limiter, batch_rows, closers)
         for chunk, models in todo:
-            finished(load_and_checkpoint(directory, chunk, models, snapshot_id, writer,
-                                         checkpoints, limiter, batch_rows))
+            finished(load_and_checkpoint(directory, chunk, models, snapshot_id, load,
+                                         checkpoints))
     finally:
+        for close in closers:
+            close()
         if limiter:
             limiter.close()
 
 
 def _load_in_workers(directory: Path, todo: Sequence[tuple[ChunkFile, list[str]]],
-                     snapshot_id: str, keyspace: str, concurrency: int | None,
+                     snapshot_id: str, method: str, keyspace: str, concurrency: int | None,
                      rate_limit: float | None, batch_rows: int, write_batch_rows: int,
                      workers: int, finished: Callable[[ChunkDone], None]) -> None:
     limiter = RowRateLimiter.shared(rate_limit) if rate_limit else None
@@ -508,10 +553,10 @@ def _load_in_workers(directory: Path, todo: Sequence[tuple[ChunkFile, list[str]]
     pool = ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
         initializer=_worker_start,
-        initargs=(os.getpid(), keyspace, concurrency, write_batch_rows,
+        initargs=(os.getpid(), method, keyspace, concurrency, write_batch_rows, batch_rows,
                   limiter.for_worker() if limiter else None))
     try:
-        futures = [pool.submit(_worker_load, directory, chunk, models, snapshot_id, batch_rows)
+        futures = [pool.submit(_worker_load, directory, chunk, models, snapshot_id)
                    for chunk, models in todo]
         for future in as_completed(futures):
             finished(future.result())  # the first failure raises here

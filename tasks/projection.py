@@ -626,3 +626,102 @@ def project_arrow(table: str, batch: Any, keyspace: str,
                                    _insert_text(f"{keyspace}.{spec.read_model}", tuple(cols)),
                                    list(zip(*columns, strict=True))))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Columnar, typed: the same upserts as Arrow arrays in CQL terms (the "sstable" load method
+# hands them to Cassandra's SSTable writer without a Python object per cell)
+
+
+@dataclass(frozen=True, slots=True)
+class ArrowUpserts:
+    """``project_arrow``'s upserts as one Arrow array per bind marker of ``cql``, in CQL terms:
+    uuid → fixed_size_binary(16), timestamp → int64 ms since the epoch, int → int32, text →
+    string; the last array is the row's version (int64 µs), the ``USING TIMESTAMP``. Row i of
+    the arrays is parameter tuple i of ``project_arrow`` (tests/unit prove it)."""
+
+    read_model: str
+    cql: str
+    arrays: list[Any]
+
+
+# The range a datetime holds (the row path fails beyond it; Arrow would not).
+_MIN_US: Final = -62_135_596_800_000_000  # 0001-01-01
+_MAX_US: Final = 253_402_300_799_999_999  # 9999-12-31 23:59:59.999999
+
+
+def _arrow_cql_column(table: str, col: str, typ: str, array: Any) -> tuple[Any, Any]:
+    """(values in CQL terms, µs since the epoch as int64 numpy for timestamps, else None) of
+    one Arrow column, checked as ``_arrow_column`` checks it."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if array.null_count and (table, col) not in _NULLABLE and typ != "jsonb":
+        raise DecodeError(f"{table}.{col}: NULL in a NOT NULL column")
+    if typ == "uuid":
+        storage = array.storage if isinstance(array.type, pa.BaseExtensionType) else array
+        if storage.type != pa.binary(16):
+            raise DecodeError(f"{table}.{col}: expected 16-byte uuids, got {array.type}")
+        return storage, None
+    if typ == "timestamptz":
+        if not (pa.types.is_timestamp(array.type) and array.type.unit == "us"
+                and array.type.tz):
+            raise DecodeError(f"{table}.{col}: expected timestamp[us] with a time zone, "
+                              f"got {array.type}")
+        micros = array.cast(pa.int64())
+        us = micros.fill_null(0).to_numpy()
+        if len(us) and (us.min() < _MIN_US or us.max() > _MAX_US):
+            raise DecodeError(f"{table}.{col}: a timestamp beyond the years 1 to 9999")
+        mask = micros.is_null().to_numpy(zero_copy_only=False) if micros.null_count else None
+        return pa.array(np.floor_divide(us, 1000), pa.int64(), mask=mask), us
+    if typ == "int":
+        if not pa.types.is_integer(array.type):
+            raise DecodeError(f"{table}.{col}: expected an integer, got {array.type}")
+        try:
+            return array.cast(pa.int32()), None  # safe cast: out of range raises
+        except pa.ArrowInvalid as exc:
+            raise DecodeError(f"{table}.{col}: out of range for a CQL int ({exc})") from None
+    if typ == "jsonb":
+        values = array.to_pylist()
+        try:
+            return pa.array([str(_to_json("null" if v is None else v)) for v in values],
+                            pa.string()), None
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise DecodeError(f"{table}.{col}: {exc}") from None
+    if pa.types.is_large_string(array.type):
+        return pc.cast(array, pa.string()), None
+    if not pa.types.is_string(array.type):
+        raise DecodeError(f"{table}.{col}: expected text, got {array.type}")
+    return array, None
+
+
+def project_arrow_columns(table: str, batch: Any, keyspace: str,
+                          read_models: Collection[str] | None = None) -> list[ArrowUpserts]:
+    """``project_arrow`` with Arrow arrays in CQL terms instead of Python tuples."""
+    import numpy as np
+    import pyarrow as pa
+
+    if not _IDENT.match(keyspace):
+        raise InvalidInput(f"invalid keyspace name {keyspace!r}")
+    specs = _specs(table, read_models)
+    names = set(batch.schema.names)
+    if missing := [c for c in COLUMNS[table] if c not in names]:
+        raise DecodeError(f"{table}: required column(s) missing: {missing}")
+    values: dict[str, Any] = {}
+    micros: dict[str, Any] = {}
+    for col, typ in COLUMNS[table].items():
+        values[col], micros[col] = _arrow_cql_column(table, col, typ, batch.column(col))
+    n = batch.num_rows
+    out: list[ArrowUpserts] = []
+    for spec in specs:
+        cols = [dst for dst, _ in (*spec.key, *spec.constants, *spec.values)]
+        arrays = [pa.array(np.mod(micros[src], 1000), pa.int32()) if dst in _MICROS_COLUMNS
+                  else values[src] for dst, src in spec.key]
+        arrays += [pa.array([const] * n, pa.string()) for _, const in spec.constants]
+        arrays += [values[src] for _, src in spec.values]
+        arrays.append(pa.array(micros["updated_at"], pa.int64()))
+        out.append(ArrowUpserts(spec.read_model,
+                                _insert_text(f"{keyspace}.{spec.read_model}", tuple(cols)),
+                                arrays))
+    return out

@@ -7,7 +7,9 @@ Prefect deployment they may instead come from Secret blocks (see ``secret_or_env
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from pathlib import Path
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -72,6 +74,27 @@ class ScyllaSettings(BaseSettings):
     batch_max_bytes: int = Field(default=4000, ge=100, le=40_000)
 
 
+def _local_stack_jars() -> str:
+    # `make up` resolves cassandra-all and its dependencies here; elsewhere, point
+    # CQRS_SSTABLE_CLASSPATH at the same set (infra/maven/cassandra/pom.xml resolves them).
+    return str(Path(__file__).resolve().parent.parent / ".stack" / "jars" / "cassandra") + "/*"
+
+
+class SSTableSettings(BaseSettings):
+    """The backfill's "sstable" load method (Apache Cassandra targets; see tasks/sstable_load)."""
+
+    model_config = SettingsConfigDict(env_prefix="CQRS_SSTABLE_")
+
+    java: str = Field(default_factory=lambda: str(Path(os.environ["JAVA_HOME"]) / "bin" / "java")
+                      if os.environ.get("JAVA_HOME") else "java")
+    classpath: str = Field(default_factory=_local_stack_jars)
+    storage_port: int = 7000  # the cluster's internode port, which streaming uses
+    heap: str = "1g"
+    # Rows each SSTable writer buffers before it writes an SSTable in the background.
+    buffer_mib: int = Field(default=64, ge=1, le=1024)
+    work_dir: str | None = None  # where chunks' SSTables wait to be streamed (default: TMPDIR)
+
+
 class KafkaSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CQRS_KAFKA_")
 
@@ -92,6 +115,7 @@ class Settings(BaseSettings):
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)
     scylla: ScyllaSettings = Field(default_factory=ScyllaSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    sstable: SSTableSettings = Field(default_factory=SSTableSettings)
     prefect_api_url: str = "http://127.0.0.1:4200/api"
 
 
