@@ -89,9 +89,10 @@ class SSTableSettings(BaseSettings):
                       if os.environ.get("JAVA_HOME") else "java")
     classpath: str = Field(default_factory=_local_stack_jars)
     storage_port: int = 7000  # the cluster's internode port, which streaming uses
-    heap: str = "1g"
+    heap: str = "512m"  # the JVM's heap, fixed: its memory does not grow with the snapshot
     # Rows each SSTable writer buffers before it writes an SSTable in the background.
-    buffer_mib: int = Field(default=64, ge=1, le=1024)
+    buffer_mib: int = Field(default=32, ge=1, le=1024)
+    cache_dir: str = "~/.cache/cqrs-sync"  # the JVM half, compiled once per version
     work_dir: str | None = None  # where chunks' SSTables wait to be streamed (default: TMPDIR)
 
 

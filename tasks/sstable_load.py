@@ -168,6 +168,34 @@ def check_target(session: Session) -> str:
     return f"Apache Cassandra {version}"
 
 
+def compiled_classes(cfg: SSTableSettings) -> Path:
+    """SSTableBulkWriter compiled once per source version into a cache directory (javac runs
+    a few seconds and some hundred MiB; every loader process would pay that again)."""
+    import hashlib
+
+    digest = hashlib.sha256(JAVA_SOURCE.read_bytes()).hexdigest()[:16]
+    cache = Path(cfg.cache_dir).expanduser() / f"sstable-writer-{digest}"
+    if (cache / "SSTableBulkWriter.class").is_file():
+        return cache
+    javac = Path(cfg.java).with_name("javac") if os.sep in cfg.java else shutil.which("javac")
+    if not javac or not Path(javac).exists():
+        raise ConfigurationError("the sstable load method compiles its JVM half with javac: "
+                                 "install a JDK 17, not only a JRE (openjdk-17-jdk-headless)")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
+    out = subprocess.run([str(javac), "-nowarn", "-d", str(staging), "-cp", cfg.classpath,
+                          str(JAVA_SOURCE)], capture_output=True, text=True)
+    if out.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ConfigurationError(f"javac failed on {JAVA_SOURCE.name} with classpath "
+                                 f"{cfg.classpath}: {out.stderr[-1500:]}")
+    try:
+        staging.rename(cache)  # atomic: a concurrent loader process may have won the race
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return cache
+
+
 class SSTableWriterProcess:
     """One JVM running SSTableBulkWriter for one loader process. ``load_chunk`` writes a
     chunk's rows into SSTables and streams them; it returns only once the cluster holds
@@ -177,6 +205,8 @@ class SSTableWriterProcess:
                  settings: SSTableSettings | None = None) -> None:
         self.cfg = cfg = settings or get_settings().sstable
         check_available(cfg)
+        check_target(session)
+        classes = compiled_classes(cfg)
         scylla = get_settings().scylla
         self.session, self.keyspace = session, keyspace
         self.work = Path(tempfile.mkdtemp(prefix="cqrs-sstables-", dir=cfg.work_dir))
@@ -192,9 +222,12 @@ class SSTableWriterProcess:
         die_with_parent = (["setpriv", "--pdeathsig", "KILL", "--"]
                            if shutil.which("setpriv") else [])
         self._proc = subprocess.Popen(
-            [*die_with_parent, cfg.java, *JVM_FLAGS, f"-Xmx{cfg.heap}",
-             f"-Dcqrs.sstable.buffer.mib={cfg.buffer_mib}", "-cp", cfg.classpath,
-             str(JAVA_SOURCE), hosts, str(cfg.storage_port)],
+            # A fixed heap, touched at start: the process's memory is what the settings say
+            # from the first chunk on, whatever the snapshot's size.
+            [*die_with_parent, cfg.java, *JVM_FLAGS, f"-Xms{cfg.heap}", f"-Xmx{cfg.heap}",
+             "-XX:+AlwaysPreTouch", f"-Dcqrs.sstable.buffer.mib={cfg.buffer_mib}",
+             "-cp", f"{classes}{os.pathsep}{cfg.classpath}", "SSTableBulkWriter", hosts,
+             str(cfg.storage_port), keyspace],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
         assert self._proc.stdin and self._proc.stdout
         self._in: IO[bytes] = self._proc.stdin

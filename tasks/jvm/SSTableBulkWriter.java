@@ -9,7 +9,8 @@
  * then receives files instead of executing a million INSERTs: no commit log, no memtable.
  *
  * Run with Java 17 as a single-file program (the classpath is cassandra-all and its
- * dependencies):  java -cp 'jars/*' SSTableBulkWriter.java HOST:PORT[,HOST:PORT...] STORAGE_PORT
+ * dependencies):  java -cp 'jars/*' SSTableBulkWriter.java HOST:PORT[,...] STORAGE_PORT [KEYSPACE]
+ * (tasks/sstable_load.py compiles it once instead). KEYSPACE: ask for its ring at start.
  * Credentials, when the cluster wants them: CQRS_SCYLLA_USERNAME / CQRS_SCYLLA_PASSWORD.
  *
  * Protocol: commands on stdin, one header line each (fields separated by tabs), replies on
@@ -113,7 +114,7 @@ public final class SSTableBulkWriter {
     private final int storagePort;
     private final String user = System.getenv("CQRS_SCYLLA_USERNAME");
     private final String password = System.getenv("CQRS_SCYLLA_PASSWORD");
-    private final Map<String, RingOnceClient> clients = new HashMap<>();
+    private final Map<String, RingOnceClient> clients = new java.util.concurrent.ConcurrentHashMap<>();
     private final Map<String, Writer> writers = new HashMap<>();
     private final Map<Path, String> failures = new HashMap<>();
     private final PrintStream replies;
@@ -125,8 +126,8 @@ public final class SSTableBulkWriter {
     }
 
     public static void main(String[] args) throws Exception {
-        if (args.length != 2) {
-            System.err.println("usage: SSTableBulkWriter HOST:PORT[,HOST:PORT...] STORAGE_PORT");
+        if (args.length < 2 || args.length > 3) {
+            System.err.println("usage: SSTableBulkWriter HOST:PORT[,HOST:PORT...] STORAGE_PORT [KEYSPACE]");
             System.exit(2);
         }
         List<InetSocketAddress> hosts = new ArrayList<>();
@@ -145,9 +146,30 @@ public final class SSTableBulkWriter {
         DatabaseDescriptor.setStreamThroughputOutboundBytesPerSec(throttleMib * 1024 * 1024);
         DatabaseDescriptor.setEntireSSTableStreamThroughputOutboundMebibytesPerSec((int) throttleMib);
         SSTableBulkWriter server = new SSTableBulkWriter(hosts, Integer.parseInt(args[1]), replies);
+        if (args.length == 3) {
+            server.warmUp(args[2]);
+        }
         server.serve(new DataInputStream(new BufferedInputStream(System.in, 1 << 20)));
         // Non-daemon threads (streaming, the driver) would keep the JVM alive.
         System.exit(0);
+    }
+
+    /** Ask for the ring and schema now, while the caller projects its first chunk: a cold
+     * JVM's first driver session takes seconds. A failure here is only logged; the first
+     * STREAM asks again and reports it. */
+    void warmUp(String keyspace) {
+        RingOnceClient client = clients.computeIfAbsent(
+            keyspace, k -> new RingOnceClient(hosts, storagePort, user, password));
+        Thread t = new Thread(() -> {
+            try {
+                CQLSSTableWriter.builder();  // loads and initialises the writer's classes
+                client.init(keyspace);
+            } catch (Exception e) {
+                System.err.println("warm-up: " + e);
+            }
+        }, "ring-warm-up");
+        t.setDaemon(true);
+        t.start();
     }
 
     void serve(DataInputStream in) throws IOException {

@@ -194,16 +194,20 @@ def rng(request: pytest.FixtureRequest) -> random.Random:
 # Exactness
 
 
-@pytest.mark.parametrize("workers", [1, 3], ids=["one process", "3 loader processes"])
+@pytest.mark.parametrize(("method", "workers"), [("cql", 1), ("cql", 3), ("sstable", 1),
+                                                  ("sstable", 2)],
+                         ids=["cql, one process", "cql, 3 loader processes",
+                              "sstable, one process", "sstable, 2 loader processes"])
 def test_backfill_reproduces_the_projection_of_postgres_exactly(
-        workers: int, bf_keyspace: str, bf_cql: Session, pg_app: psycopg.Connection,
-        tmp_path: Path, rng: random.Random) -> None:
+        method: str, workers: int, bf_keyspace: str, bf_cql: Session,
+        pg_app: psycopg.Connection, tmp_path: Path, rng: random.Random) -> None:
     d = generate(pg_app, rng, users=60)
     counts = pg_counts(pg_app, d)
     assert counts["sessions"] >= 100 and counts["steps"] > 0
 
     result = backfill_flow(user_ids=d.users, chunk_size=97, readers=3, concurrency=32,
-                           workers=workers, snapshot_root=str(tmp_path), keyspace=bf_keyspace)
+                           workers=workers, method=method, snapshot_root=str(tmp_path),
+                           keyspace=bf_keyspace)
 
     # The snapshot holds exactly the filtered rows, chunked by key range into Parquet files.
     manifest = Manifest.read(result["snapshot_dir"])
@@ -368,13 +372,14 @@ def _run_with_mutator(d: Dataset, seed: int, fn: Callable[[], dict[str, Any]]
     return result, m
 
 
+@pytest.mark.parametrize("method", ["cql", "sstable"])
 def test_backfill_while_postgres_changes_and_cdc_runs_converges(
-        cdc_consumer: object, cql: Session, pg_app: psycopg.Connection, tmp_path: Path,
-        rng: random.Random) -> None:
+        method: str, cdc_consumer: object, cql: Session, pg_app: psycopg.Connection,
+        tmp_path: Path, rng: random.Random) -> None:
     d = generate(pg_app, rng, users=25)
     # Rate-limited so that the load overlaps the changes for a few seconds.
     result, m = _run_with_mutator(d, rng.randrange(1 << 30), lambda: backfill_flow(
-        user_ids=d.users, chunk_size=60, rate_limit_rows_per_s=1500,
+        user_ids=d.users, chunk_size=60, rate_limit_rows_per_s=1500, method=method,
         snapshot_root=str(tmp_path)))
     snapshot_at = datetime.fromisoformat(
         Manifest.read(result["snapshot_dir"]).snapshot_time).timestamp()
@@ -385,9 +390,10 @@ def test_backfill_while_postgres_changes_and_cdc_runs_converges(
         differences(cql, pg_app, d)
 
 
+@pytest.mark.parametrize("method", ["cql", "sstable"])
 def test_loading_an_old_snapshot_never_undoes_newer_changes(
-        cdc_consumer: object, cql: Session, pg_app: psycopg.Connection, tmp_path: Path,
-        rng: random.Random) -> None:
+        method: str, cdc_consumer: object, cql: Session, pg_app: psycopg.Connection,
+        tmp_path: Path, rng: random.Random) -> None:
     d = generate(pg_app, rng, users=10, turns=(2, 10))
     first = backfill_flow(user_ids=d.users, chunk_size=50, snapshot_root=str(tmp_path))
     # After the snapshot: delete, update and insert, and let CDC apply it all.
@@ -403,14 +409,15 @@ def test_loading_an_old_snapshot_never_undoes_newer_changes(
     assert wait_for(lambda: differences(cql, pg_app, d) == [], timeout=180, interval=1), \
         differences(cql, pg_app, d)
     # Replaying the older snapshot writes every row again, older versions all: they lose.
-    again = backfill_flow(user_ids=d.users, snapshot_dir=first["snapshot_dir"])
+    again = backfill_flow(user_ids=d.users, snapshot_dir=first["snapshot_dir"], method=method)
     assert again["rows_written"] > 0 and again["snapshot_id"] == first["snapshot_id"]
     assert differences(cql, pg_app, d) == []
 
 
+@pytest.mark.parametrize("method", ["cql", "sstable"])
 def test_rebuild_truncates_then_reloads_while_cdc_keeps_writing(
-        bf_keyspace: str, bf_cql: Session, pg_app: psycopg.Connection, tmp_path: Path,
-        rng: random.Random) -> None:
+        method: str, bf_keyspace: str, bf_cql: Session, pg_app: psycopg.Connection,
+        tmp_path: Path, rng: random.Random) -> None:
     """A CDC consumer of this test's own applies changes to the test keyspace throughout the
     truncate, the snapshot and the load."""
     from tasks.cdc import CdcConsumer, CdcOptions
@@ -441,7 +448,7 @@ def test_rebuild_truncates_then_reloads_while_cdc_keeps_writing(
         assert wait_for(marker_seen, timeout=120, interval=1), "private CDC consumer idle"
         _run_with_mutator(d, rng.randrange(1 << 30), lambda: backfill_flow(
             user_ids=d.users, rebuild=True, chunk_size=40, rate_limit_rows_per_s=2000,
-            snapshot_root=str(tmp_path), keyspace=bf_keyspace))
+            method=method, snapshot_root=str(tmp_path), keyspace=bf_keyspace))
         assert wait_for(lambda: differences(bf_cql, pg_app, d) == [], timeout=240, interval=1), \
             differences(bf_cql, pg_app, d)
     finally:
@@ -476,9 +483,19 @@ def alive(pid: int) -> bool:
         return False
 
 
+def descendants_of(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = children_of(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+@pytest.mark.parametrize("method", ["cql", "sstable"])
 def test_killed_backfill_resumes_without_reloading_finished_chunks(
-        bf_keyspace: str, bf_cql: Session, pg_app: psycopg.Connection, tmp_path: Path,
-        rng: random.Random) -> None:
+        method: str, bf_keyspace: str, bf_cql: Session, pg_app: psycopg.Connection,
+        tmp_path: Path, rng: random.Random) -> None:
     d = generate(pg_app, rng, users=40)
     env = {**os.environ, "PREFECT_API_URL": os.environ.get(
         "PREFECT_API_URL", "http://127.0.0.1:4200/api")}
@@ -487,7 +504,7 @@ def test_killed_backfill_resumes_without_reloading_finished_chunks(
         # may land after the kill, or the resume would skip a chunk nobody saw finish).
         [sys.executable, "-m", "flows.backfill", "--user-ids", *d.users, "--chunk-size", "40",
          "--workers", "2", "--rate-limit-rows-per-s", "800", "--snapshot-root", str(tmp_path),
-         "--keyspace", bf_keyspace], cwd=ROOT, env=env,
+         "--keyspace", bf_keyspace, "--method", method], cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_for(lambda: any(tmp_path.glob("*/manifest.json")), timeout=120), \
@@ -496,9 +513,10 @@ def test_killed_backfill_resumes_without_reloading_finished_chunks(
         checkpoints = Checkpoints(bf_cql, bf_keyspace)
         assert wait_for(lambda: len(checkpoints.loaded(manifest.snapshot_id, READ_MODELS)) >= 8,
                         timeout=120, interval=0.05)
-        # The loader workers (and the rate limit's manager) are the flow process's children.
-        children = children_of(proc.pid)
-        assert len(children) >= 3, children
+        # The loader workers (and the rate limit's manager) are the flow process's children;
+        # with the sstable method each worker has its JVM.
+        children = descendants_of(proc.pid)
+        assert len(children) >= (5 if method == "sstable" else 3), children
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
@@ -513,7 +531,7 @@ def test_killed_backfill_resumes_without_reloading_finished_chunks(
     assert 8 <= len(before) < len(manifest.chunks), "killed too late to test anything"
 
     result = backfill_flow(user_ids=d.users, resume=True, snapshot_root=str(tmp_path),
-                           keyspace=bf_keyspace)
+                           keyspace=bf_keyspace, method=method)
 
     assert result["snapshot_id"] == manifest.snapshot_id  # found the interrupted snapshot
     assert set(result["chunks_skipped"]) == set(before)
@@ -557,10 +575,20 @@ def test_bad_parameters_fail_before_anything_is_read(
         ({"concurrency": -3}, "concurrency: Input should be greater than 0"),
         ({"rate_limit_rows_per_s": 0}, "rate_limit_rows_per_s: Input should be greater"),
         ({"user_ids": [str(uuid.uuid4()), "42"]}, "user_ids.1: Input should be a valid UUID"),
+        ({"method": "bulk"}, "method: Input should be 'cql' or 'sstable'"),
     ):
         with pytest.raises(ConfigurationError, match=message):
             backfill_flow(snapshot_root=str(tmp_path), **params)  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sstable_method_without_its_jars_fails_before_the_snapshot(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(get_settings().sstable, "classpath", str(tmp_path / "nothing") + "/*")
+    with pytest.raises(ConfigurationError, match=r"no cassandra-all-\*\.jar .*CQRS_SSTABLE"):
+        backfill_flow(user_ids=[str(uuid.uuid4())], method="sstable",
+                      snapshot_root=str(tmp_path / "snapshots"))
+    assert not (tmp_path / "snapshots").exists()
 
 
 def test_gap_rule_refuses_without_the_cdc_slot(monkeypatch: pytest.MonkeyPatch,
