@@ -544,6 +544,54 @@ def test_killed_backfill_resumes_without_reloading_finished_chunks(
     assert differences(bf_cql, pg_app, d) == []
 
 
+def test_sstable_writer_killed_mid_load_is_retried_and_resumed(
+        bf_keyspace: str, bf_cql: Session, pg_app: psycopg.Connection, tmp_path: Path,
+        rng: random.Random) -> None:
+    """The JVM that writes and streams SSTables dies (OOM killer, a kill -9): the load task
+    fails with a transient error, Prefect retries it, the retry resumes from the chunks
+    already checkpointed, and the read models end exact."""
+    d = generate(pg_app, rng, users=30)
+    me = os.getpid()
+
+    def writer_jvms() -> list[int]:
+        out = []
+        for pid in descendants_of(me):
+            try:
+                if b"SSTableBulkWriter" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    out.append(pid)
+            except OSError:
+                continue  # ended meanwhile
+        return out
+
+    checkpoints = Checkpoints(bf_cql, bf_keyspace)
+    killed: list[int] = []
+
+    def kill_after_some_chunks() -> None:
+        manifests = lambda: list(tmp_path.glob("*/manifest.json"))  # noqa: E731
+        if not wait_for(lambda: bool(manifests()), timeout=120):
+            return
+        snapshot_id = Manifest.read(manifests()[0].parent).snapshot_id
+        if wait_for(lambda: len(checkpoints.loaded(snapshot_id, READ_MODELS)) >= 4,
+                    timeout=120, interval=0.05):
+            for pid in writer_jvms():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    killer = threading.Thread(target=kill_after_some_chunks, daemon=True)
+    killer.start()
+    result = backfill_flow(user_ids=d.users, chunk_size=40, rate_limit_rows_per_s=1500,
+                           method="sstable", snapshot_root=str(tmp_path), keyspace=bf_keyspace)
+    killer.join(5)
+    assert killed, "the SSTable writer was never seen to kill"
+    manifest = Manifest.read(result["snapshot_dir"])
+    # The retry skipped what the first attempt had checkpointed, and loaded the rest.
+    assert result["chunks_skipped"] and result["chunks_loaded"]
+    assert set(result["chunks_skipped"]) | set(result["chunks_loaded"]) == \
+        {c.id for c in manifest.chunks}
+    assert differences(bf_cql, pg_app, d) == []
+    assert not writer_jvms()  # the retry's JVM ended with its load
+
+
 def test_rate_limit_holds(bf_keyspace: str, pg_app: psycopg.Connection, tmp_path: Path,
                           rng: random.Random) -> None:
     # Well under what this loader sustains on the 2-core test machine (~3,000 rows/s while
