@@ -173,12 +173,16 @@ def compiled_classes(cfg: SSTableSettings) -> Path:
     a few seconds and some hundred MiB; every loader process would pay that again)."""
     import hashlib
 
-    digest = hashlib.sha256(JAVA_SOURCE.read_bytes()).hexdigest()[:16]
-    cache = Path(cfg.cache_dir).expanduser() / f"sstable-writer-{digest}"
+    java = Path(os.path.realpath(shutil.which(cfg.java) or cfg.java))
+    javac = java.with_name("javac")  # the same JDK as the java that will run the classes
+    jars = sorted(p.name for p in Path(cfg.classpath.rstrip("*").rstrip("/"))
+                  .glob("cassandra-all-*.jar"))
+    key = JAVA_SOURCE.read_bytes() + repr((str(java), jars)).encode()
+    cache = (Path(cfg.cache_dir).expanduser()
+             / f"sstable-writer-{hashlib.sha256(key).hexdigest()[:16]}")
     if (cache / "SSTableBulkWriter.class").is_file():
         return cache
-    javac = Path(cfg.java).with_name("javac") if os.sep in cfg.java else shutil.which("javac")
-    if not javac or not Path(javac).exists():
+    if not javac.exists():
         raise ConfigurationError("the sstable load method compiles its JVM half with javac: "
                                  "install a JDK 17, not only a JRE (openjdk-17-jdk-headless)")
     cache.parent.mkdir(parents=True, exist_ok=True)
