@@ -153,19 +153,45 @@ def check_available(cfg: SSTableSettings | None = None) -> None:
             f"them into .stack/jars/cassandra)")
 
 
-def check_target(session: Session) -> str:
+@dataclass(frozen=True)
+class Target:
+    """The cluster the SSTables are for, and the SSTable version it writes itself."""
+
+    release: str
+    compatibility_mode: str  # Cassandra 5's storage_compatibility_mode (4.x: CASSANDRA_4)
+
+    @property
+    def sstable_version(self) -> str:
+        # Until a Cassandra 5 cluster leaves its 4.x compatibility (the default), it writes
+        # and accepts at startup only 4.x SSTables ("nb"); streamed "oa" files would be
+        # refused as "unreadable sstables" at its next restart.
+        return "oa" if self.compatibility_mode == "NONE" else "nb"
+
+    def __str__(self) -> str:
+        return (f"Apache Cassandra {self.release} (storage compatibility "
+                f"{self.compatibility_mode}: SSTables version {self.sstable_version})")
+
+
+def check_target(session: Session) -> Target:
     """The cluster must be Apache Cassandra 4.0 or later: ScyllaDB neither speaks Cassandra's
-    streaming protocol nor reads its current SSTable format. Returns the version seen."""
+    streaming protocol nor reads its current SSTable format."""
     if "scylla_local" in session.cluster.metadata.keyspaces["system"].tables:
         raise ConfigurationError(
             "the sstable load method streams Cassandra SSTables, which ScyllaDB does not "
             "accept; use method=cql (or Scylla's own load-and-stream)")
     row = session.execute("SELECT release_version FROM system.local").one()
-    version = str(row.release_version)
-    if int(version.split(".")[0]) < 4:
+    release = str(row.release_version)
+    if int(release.split(".")[0]) < 4:
         raise ConfigurationError(f"the sstable load method needs Cassandra 4.0 or later, the "
-                                 f"cluster runs {version}; use method=cql")
-    return f"Apache Cassandra {version}"
+                                 f"cluster runs {release}; use method=cql")
+    mode = "CASSANDRA_4"
+    if int(release.split(".")[0]) >= 5:
+        setting = session.execute("SELECT value FROM system_views.settings "
+                                  "WHERE name = 'storage_compatibility_mode'").one()
+        # Unset (None) means the default, CASSANDRA_4; UPGRADING still writes 4.x files.
+        if setting is not None and setting.value == "NONE":
+            mode = "NONE"
+    return Target(release, mode)
 
 
 def compiled_classes(cfg: SSTableSettings) -> Path:
@@ -200,6 +226,16 @@ def compiled_classes(cfg: SSTableSettings) -> Path:
     return cache
 
 
+_LOGBACK: Final = """<configuration>
+  <appender name="STDERR" class="ch.qos.logback.core.ConsoleAppender">
+    <target>System.err</target>
+    <encoder><pattern>%d{HH:mm:ss.SSS} %-5level %logger{36} - %msg%n</pattern></encoder>
+  </appender>
+  <root level="WARN"><appender-ref ref="STDERR"/></root>
+</configuration>
+"""
+
+
 class SSTableWriterProcess:
     """One JVM running SSTableBulkWriter for one loader process. ``load_chunk`` writes a
     chunk's rows into SSTables and streams them; it returns only once the cluster holds
@@ -209,12 +245,16 @@ class SSTableWriterProcess:
                  settings: SSTableSettings | None = None) -> None:
         self.cfg = cfg = settings or get_settings().sstable
         check_available(cfg)
-        check_target(session)
+        self.target = target = check_target(session)
         classes = compiled_classes(cfg)
         scylla = get_settings().scylla
         self.session, self.keyspace = session, keyspace
         self.work = Path(tempfile.mkdtemp(prefix="cqrs-sstables-", dir=cfg.work_dir))
         self._log = (self.work / "jvm.log").open("w+b")
+        # Cassandra's classes log through logback, at DEBUG without a configuration: keep
+        # warnings and errors (they reach the error raised when the process dies).
+        logback = self.work / "logback.xml"
+        logback.write_text(_LOGBACK)
         hosts = ",".join(f"{h}:{scylla.port}" for h in scylla.contact_points)
         env = dict(os.environ)
         if scylla.username and scylla.password:
@@ -230,6 +270,8 @@ class SSTableWriterProcess:
             # from the first chunk on, whatever the snapshot's size.
             [*die_with_parent, cfg.java, *JVM_FLAGS, f"-Xms{cfg.heap}", f"-Xmx{cfg.heap}",
              "-XX:+AlwaysPreTouch", f"-Dcqrs.sstable.buffer.mib={cfg.buffer_mib}",
+             f"-Dlogback.configurationFile={logback}",
+             f"-Dcqrs.sstable.version={target.sstable_version}",
              "-cp", f"{classes}{os.pathsep}{cfg.classpath}", "SSTableBulkWriter", hosts,
              str(cfg.storage_port), keyspace],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
@@ -238,7 +280,8 @@ class SSTableWriterProcess:
         self._out: IO[bytes] = self._proc.stdout
         self._schemas: dict[str, str] = {}
         self._send(b"PING\n")
-        self._reply("PONG")  # compiled and started (a few seconds), or its log says why not
+        # Started (or its log says why not), and writing the version the cluster accepts.
+        self._reply(f"PONG {target.sstable_version}")
 
     def _send(self, data: bytes) -> None:
         try:

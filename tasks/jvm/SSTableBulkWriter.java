@@ -21,7 +21,7 @@
  *   STREAM <directory>   close the writers opened under it, stream what they wrote, delete it
  *         reply: OK <sstables> <bytes> <rows> <close ms> <stream ms> | ERR <transient|terminal> <why>
  *   ABORT <directory>    close and delete without streaming (a chunk that failed in Python)
- *   PING                 reply: PONG
+ *   PING                 reply: PONG <the SSTable version written, e.g. nb>
  * End of input ends the process. The first error in OPEN or ROWS fails the next STREAM of
  * that directory (terminal: the rows or the schema are wrong, retrying cannot help).
  */
@@ -140,6 +140,16 @@ public final class SSTableBulkWriter {
         PrintStream replies = new PrintStream(new FileOutputStream(FileDescriptor.out), true,
                                               StandardCharsets.UTF_8);
         System.setOut(System.err);
+        // The SSTable version must be one the cluster writes itself: a Cassandra 5 node in its
+        // default 4.x storage compatibility refuses to restart with 5.0 ("oa") files in its
+        // data directories. A client is always initialised without that compatibility, and
+        // the version is fixed when the format's version class is initialised: so initialise
+        // it first, while the compatibility mode still comes from the system property.
+        String version = System.getProperty("cqrs.sstable.version", "oa");
+        if (!version.equals("oa")) {
+            System.setProperty("cassandra.test.storage_compatibility_mode", "CASSANDRA_4");
+            Class.forName("org.apache.cassandra.io.sstable.format.big.BigFormat$BigVersion");
+        }
         DatabaseDescriptor.clientInitialization();
         // A client's defaults cap streaming at 24 MiB/s; a backfill is paced by its caller.
         long throttleMib = Long.getLong("cqrs.sstable.throttle.mib", 0);
@@ -181,7 +191,8 @@ public final class SSTableBulkWriter {
                 case "ROWS" -> rows(f, in);
                 case "STREAM" -> replies.println(stream(Paths.get(f[1])));
                 case "ABORT" -> abort(Paths.get(f[1]));
-                case "PING" -> replies.println("PONG");
+                case "PING" -> replies.println(
+                    "PONG " + DatabaseDescriptor.getSelectedSSTableFormat().getLatestVersion());
                 default -> throw new IOException("unknown command " + f[0]);
             }
         }

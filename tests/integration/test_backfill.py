@@ -31,6 +31,7 @@ from psycopg.types.json import Jsonb
 
 from bench.proc import proc_stat
 from flows.backfill import backfill_flow
+from infra import stack
 from tasks import postgres, scylla
 from tasks.errors import ConfigurationError
 from tasks.loader import Checkpoints
@@ -161,6 +162,12 @@ def differences(cql: Session, conn: psycopg.Connection, d: Dataset,
     return problems
 
 
+def sstable_versions(keyspace: str) -> set[str]:
+    """The SSTable versions ("nb", "oa"...) of a keyspace's files on the local stack's node."""
+    data = stack.DATA / "cassandra" / "data" / keyspace
+    return {p.name.split("-")[0] for p in data.glob("*/*-Data.db")}
+
+
 # --------------------------------------------------------------------------------------------
 # Fixtures
 
@@ -218,6 +225,11 @@ def test_backfill_reproduces_the_projection_of_postgres_exactly(
     assert all((Path(result["snapshot_dir"]) / c.file).is_file() for c in manifest.chunks)
 
     assert differences(bf_cql, pg_app, d) == []
+    if method == "sstable":
+        # Streamed files are in the SSTable version the node writes itself: a Cassandra 5 node
+        # in its default 4.x compatibility refuses to restart with 5.0 ("oa") files.
+        streamed = sstable_versions(bf_keyspace)
+        assert streamed and streamed <= sstable_versions("system"), streamed
 
     # Independent of the projection module: turns per session counted in SQL vs timeline rows,
     # steps per agent turn, and every cell stamped with its source row's version.
