@@ -421,18 +421,25 @@ def _worker_start(parent_pid: int, method: str, keyspace: str, concurrency: int 
                   write_batch_rows: int, batch_rows: int,
                   limiter: tuple[float, float, MultiprocessStateStore | None] | None) -> None:
     _die_with_parent(parent_pid)
-    session = scylla.connect()
-    joined = RowRateLimiter.joined(limiter) if limiter else None
-    closers: list[Callable[[], None]] = []
-    _worker["load"] = _chunk_loader(method, session, keyspace, concurrency, write_batch_rows,
-                                    joined, batch_rows, closers)
-    _worker["checkpoints"] = Checkpoints(session, keyspace)
-    for close in closers:  # e.g. the SSTable writer's JVM, when the pool shuts down
-        multiprocessing.util.Finalize(None, close, exitpriority=10)
+    _worker["args"] = (method, keyspace, concurrency, write_batch_rows, batch_rows, limiter)
 
 
 def _worker_load(directory: Path, chunk: ChunkFile, read_models: Sequence[str],
                  snapshot_id: str) -> ChunkDone:
+    if "load" not in _worker:
+        # Made at the first chunk, not in the initializer: an error here (no Java, a bad
+        # cluster) then reaches the parent as itself, instead of as a broken pool.
+        method, keyspace, concurrency, write_batch_rows, batch_rows, limiter = _worker["args"]
+        session = scylla.connect()
+        _worker["checkpoints"] = Checkpoints(session, keyspace)
+        closers: list[Callable[[], None]] = []
+        try:
+            _worker["load"] = _chunk_loader(
+                method, session, keyspace, concurrency, write_batch_rows,
+                RowRateLimiter.joined(limiter) if limiter else None, batch_rows, closers)
+        finally:
+            for close in closers:  # e.g. the SSTable writer's JVM, when the pool shuts down
+                multiprocessing.util.Finalize(None, close, exitpriority=10)
     return load_and_checkpoint(directory, chunk, read_models, snapshot_id, _worker["load"],
                                _worker["checkpoints"])
 

@@ -93,6 +93,8 @@ class SSTableSettings(BaseSettings):
     # Rows each SSTable writer buffers before it writes an SSTable in the background.
     buffer_mib: int = Field(default=32, ge=1, le=1024)
     cache_dir: str = "~/.cache/cqrs-sync"  # the JVM half, compiled once per version
+    # A chunk's stream that has not finished after this long is abandoned (and retried).
+    stream_timeout_s: float = Field(default=3600.0, gt=0)
     work_dir: str | None = None  # where chunks' SSTables wait to be streamed (default: TMPDIR)
 
 

@@ -20,10 +20,13 @@ streamed, and only then acknowledged, so a chunk stays the unit of checkpoint an
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import shutil
 import subprocess
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -138,6 +141,18 @@ def _table_cql(session: Session, keyspace: str, table: str) -> str:
             + (f" WITH CLUSTERING ORDER BY ({order})" if order else ""))
 
 
+def cassandra_jars(classpath: str) -> list[Path]:
+    """The cassandra-all jars on a Java classpath (entries: jars, or directories/*)."""
+    found: list[Path] = []
+    for entry in filter(None, classpath.split(os.pathsep)):
+        path = Path(entry)
+        if path.name == "*":
+            found += sorted(path.parent.glob("cassandra-all-*.jar"))
+        elif path.name.startswith("cassandra-all-") and path.suffix == ".jar" and path.exists():
+            found.append(path)
+    return found
+
+
 def check_available(cfg: SSTableSettings | None = None) -> None:
     """Fail before any work when the sstable method cannot run here: no Java 17, no jars."""
     cfg = cfg or get_settings().sstable
@@ -145,12 +160,11 @@ def check_available(cfg: SSTableSettings | None = None) -> None:
     if not java or not os.access(java, os.X_OK):
         raise ConfigurationError(f"the sstable load method needs Java 17: {cfg.java!r} not "
                                  f"found (set CQRS_SSTABLE_JAVA)")
-    jars = Path(cfg.classpath.rstrip("*").rstrip("/"))
-    if not any(jars.glob("cassandra-all-*.jar")):
+    if not cassandra_jars(cfg.classpath):
         raise ConfigurationError(
             f"the sstable load method needs cassandra-all and its dependencies: no "
-            f"cassandra-all-*.jar in {jars} (set CQRS_SSTABLE_CLASSPATH; `make up` resolves "
-            f"them into .stack/jars/cassandra)")
+            f"cassandra-all-*.jar in {cfg.classpath} (set CQRS_SSTABLE_CLASSPATH; `make up` "
+            f"resolves them into .stack/jars/cassandra)")
 
 
 @dataclass(frozen=True)
@@ -201,8 +215,7 @@ def compiled_classes(cfg: SSTableSettings) -> Path:
 
     java = Path(os.path.realpath(shutil.which(cfg.java) or cfg.java))
     javac = java.with_name("javac")  # the same JDK as the java that will run the classes
-    jars = sorted(p.name for p in Path(cfg.classpath.rstrip("*").rstrip("/"))
-                  .glob("cassandra-all-*.jar"))
+    jars = [p.name for p in cassandra_jars(cfg.classpath)]
     key = JAVA_SOURCE.read_bytes() + repr((str(java), jars)).encode()
     cache = (Path(cfg.cache_dir).expanduser()
              / f"sstable-writer-{hashlib.sha256(key).hexdigest()[:16]}")
@@ -236,20 +249,67 @@ _LOGBACK: Final = """<configuration>
 """
 
 
+_MAX_PAYLOAD: Final = 16 * 2**20  # bytes per ROWS message: the JVM holds one at a time
+
+
+def _split(arrays: Sequence[pa.Array], max_bytes: int) -> list[list[pa.Array]]:
+    """The arrays cut into row ranges of at most about ``max_bytes`` (zero-copy slices)."""
+    n = len(arrays[0]) if arrays else 0
+    nbytes = sum(a.nbytes for a in arrays)
+    pieces = max(1, -(-nbytes // max_bytes))
+    if pieces == 1 or n <= 1:
+        return [list(arrays)]
+    step = -(-n // pieces)
+    return [[a.slice(i, step) for a in arrays] for i in range(0, n, step)]
+
+
+def _clean_stale(root: Path) -> None:
+    """Remove work directories of loader processes that are gone (killed: nothing ran
+    their cleanup). Their names start with the owner's pid."""
+    for d in root.glob("*-*"):
+        pid = d.name.split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            continue  # alive, someone else's
+
+
 class SSTableWriterProcess:
     """One JVM running SSTableBulkWriter for one loader process. ``load_chunk`` writes a
     chunk's rows into SSTables and streams them; it returns only once the cluster holds
-    them, so the caller may checkpoint the chunk."""
+    them, so the caller may checkpoint the chunk. Any failure in the middle of the
+    conversation kills the JVM (a fresh one serves the next chunk): the two sides are never
+    left out of step."""
 
     def __init__(self, session: Session, keyspace: str,
                  settings: SSTableSettings | None = None) -> None:
         self.cfg = cfg = settings or get_settings().sstable
         check_available(cfg)
-        self.target = target = check_target(session)
-        classes = compiled_classes(cfg)
-        scylla = get_settings().scylla
+        self.target = check_target(session)
+        self._classes = compiled_classes(cfg)
         self.session, self.keyspace = session, keyspace
-        self.work = Path(tempfile.mkdtemp(prefix="cqrs-sstables-", dir=cfg.work_dir))
+        root = Path(cfg.work_dir or tempfile.gettempdir()) / "cqrs-sstables"
+        root.mkdir(parents=True, exist_ok=True)
+        _clean_stale(root)
+        self.work = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+        self._schemas: dict[str, str] = {}
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        cfg, target = self.cfg, self.target
+        scylla = get_settings().scylla
+        if self._log is not None:
+            self._log.close()
         self._log = (self.work / "jvm.log").open("w+b")
         # Cassandra's classes log through logback, at DEBUG without a configuration: keep
         # warnings and errors (they reach the error raised when the process dies).
@@ -267,46 +327,84 @@ class SSTableWriterProcess:
                            if shutil.which("setpriv") else [])
         self._proc = subprocess.Popen(
             # A fixed heap, touched at start: the process's memory is what the settings say
-            # from the first chunk on, whatever the snapshot's size.
+            # from the first chunk on, whatever the snapshot's size. stdout carries only the
+            # replies: the JVM's own messages go to stderr.
             [*die_with_parent, cfg.java, *JVM_FLAGS, f"-Xms{cfg.heap}", f"-Xmx{cfg.heap}",
-             "-XX:+AlwaysPreTouch", f"-Dcqrs.sstable.buffer.mib={cfg.buffer_mib}",
+             "-XX:+AlwaysPreTouch", "-XX:+ExitOnOutOfMemoryError",
+             "-Xlog:disable", "-Xlog:all=warning:stderr", "-XX:+DisplayVMOutputToStderr",
+             f"-Dcqrs.sstable.buffer.mib={cfg.buffer_mib}",
              f"-Dlogback.configurationFile={logback}",
              f"-Dcqrs.sstable.version={target.sstable_version}",
-             "-cp", f"{classes}{os.pathsep}{cfg.classpath}", "SSTableBulkWriter", hosts,
-             str(cfg.storage_port), keyspace],
+             "-cp", f"{self._classes}{os.pathsep}{cfg.classpath}", "SSTableBulkWriter", hosts,
+             str(cfg.storage_port), self.keyspace],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
-        assert self._proc.stdin and self._proc.stdout
-        self._in: IO[bytes] = self._proc.stdin
-        self._out: IO[bytes] = self._proc.stdout
-        self._schemas: dict[str, str] = {}
         self._send(b"PING\n")
         # Started (or its log says why not), and writing the version the cluster accepts.
-        self._reply(f"PONG {target.sstable_version}")
+        reply = self._reply(timeout_s=120)
+        if reply != f"PONG {target.sstable_version}":
+            self._kill()
+            raise TerminalError(f"the SSTable writer answered {reply!r}; expected it to write "
+                                f"version {target.sstable_version} for {target}")
+
+    def _running(self) -> subprocess.Popen[bytes]:
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        assert self._proc is not None
+        return self._proc
 
     def _send(self, data: bytes) -> None:
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None
         try:
-            self._in.write(data)
+            proc.stdin.write(data)
         except (BrokenPipeError, ValueError) as exc:
             raise self._died(exc) from exc
 
-    def _reply(self, expect: str | None = None) -> str:
+    def _reply(self, timeout_s: float) -> str:
+        """The next reply line; the JVM's death or silence beyond ``timeout_s`` raises."""
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
         try:
-            self._in.flush()
-            line = self._out.readline().decode().rstrip("\n")
+            proc.stdin.flush()
         except (BrokenPipeError, ValueError) as exc:
             raise self._died(exc) from exc
+        deadline = time.monotonic() + timeout_s
+        while not select.select([proc.stdout], [], [], 1.0)[0]:
+            if proc.poll() is not None:
+                raise self._died(None)
+            if time.monotonic() > deadline:
+                self._kill()
+                raise TransientError(f"the SSTable writer gave no answer in {timeout_s:.0f} s")
+        line = proc.stdout.readline().decode(errors="replace").rstrip("\n")
         if not line:
             raise self._died(None)
-        if expect and line != expect:
-            raise TerminalError(f"SSTable writer answered {line!r}, expected {expect!r}")
         return line
 
     def _died(self, exc: BaseException | None) -> TransientError:
-        code = self._proc.poll()
-        self._log.flush()
-        self._log.seek(0)
-        tail = self._log.read()[-2000:].decode(errors="replace")
+        proc, log = self._proc, self._log
+        if proc is not None and proc.poll() is None:
+            self._kill()
+        tail = ""
+        if log is not None:
+            log.flush()
+            log.seek(0)
+            tail = log.read()[-2000:].decode(errors="replace")
+        code = proc.returncode if proc is not None else None
         return TransientError(f"the SSTable writer process ended (exit {code}, {exc}): {tail}")
+
+    def _kill(self) -> None:
+        """End the JVM now: after a failure half-way through a command, its input and ours
+        no longer line up. What it wrote for the chunk is deleted with the work directory."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            with contextlib.suppress(OSError):
+                if pipe is not None:
+                    pipe.close()
 
     def _schema(self, read_model: str) -> str:
         if read_model not in self._schemas:
@@ -318,6 +416,7 @@ class SSTableWriterProcess:
                    ) -> tuple[int, Counter[str], StreamReport]:
         """Write and stream one chunk file; (rows read, rows written per read model, what
         was streamed). ``acquire(n)`` is called before n rows go out (the rate limit)."""
+        self._running()
         chunk_dir = self.work / "".join(c if c.isalnum() or c in "-_." else "_"
                                         for c in chunk_id)
         writers: dict[str, str] = {}
@@ -331,26 +430,32 @@ class SSTableWriterProcess:
                         target = chunk_dir / wid / self.keyspace / up.read_model
                         self._send(f"OPEN\t{wid}\t{target}\t{self._schema(up.read_model)}\t"
                                    f"{up.cql}\n".encode())
-                    if acquire:
-                        acquire(batch.num_rows)
-                    payload = rows_payload(up.arrays)
-                    self._send(f"ROWS\t{wid}\t{batch.num_rows}\t{len(up.arrays)}\t"
-                               f"{len(payload)}\n".encode() + payload)
-                    written[up.read_model] += batch.num_rows
+                    for arrays in _split(up.arrays, _MAX_PAYLOAD):
+                        n = len(arrays[0])
+                        if acquire:
+                            acquire(n)
+                        payload = rows_payload(arrays)
+                        self._send(f"ROWS\t{wid}\t{n}\t{len(arrays)}\t{len(payload)}\n"
+                                   .encode() + payload)
+                        written[up.read_model] += n
                 rows_read += batch.num_rows
+            self._send(f"STREAM\t{chunk_dir}\n".encode())
+            reply = self._reply(self.cfg.stream_timeout_s)
         except BaseException:
-            if self._proc.poll() is None:
-                self._send(f"ABORT\t{chunk_dir}\n".encode())
-                self._in.flush()
+            # Whatever failed (a bad row here, the pipe, an interrupt half-way through a
+            # message): this JVM's input may be out of step. A new one serves the next chunk.
+            self._kill()
+            shutil.rmtree(chunk_dir, ignore_errors=True)
             raise
-        self._send(f"STREAM\t{chunk_dir}\n".encode())
-        reply = self._reply()
-        kind, _, rest = reply.partition(" ")
-        if kind == "ERR":
-            severity, _, why = rest.partition(" ")
-            error = TransientError if severity == "transient" else TerminalError
-            raise error(f"SSTable load of {chunk_id} failed: {why}")
-        sstables, nbytes, rows, close_ms, stream_ms = (int(x) for x in rest.split())
+        fields = reply.split("\t")
+        if len(fields) < 3 or fields[0] not in ("OK", "ERR") or fields[1] != str(chunk_dir):
+            self._kill()
+            raise TransientError(f"SSTable writer's answer for {chunk_id} is not one: "
+                                 f"{reply[:300]!r}")
+        if fields[0] == "ERR":
+            error = TransientError if fields[2] == "transient" else TerminalError
+            raise error(f"SSTable load of {chunk_id} failed: {' '.join(fields[3:])}")
+        sstables, nbytes, rows, close_ms, stream_ms = (int(x) for x in fields[2:7])
         report = StreamReport(sstables, nbytes, rows, close_ms, stream_ms)
         if rows != sum(written.values()):
             raise TerminalError(f"SSTable writer wrote {rows} rows of {chunk_id}, "
@@ -358,16 +463,18 @@ class SSTableWriterProcess:
         return rows_read, written, report
 
     def close(self) -> None:
+        proc = self._proc
         try:
-            if self._proc.poll() is None:
-                self._in.close()
-                try:
-                    self._proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    if proc.stdin is not None:
+                        proc.stdin.close()  # end of input: the JVM exits
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=30)
+            self._kill()
         finally:
-            self._log.close()
+            if self._log is not None:
+                self._log.close()
             shutil.rmtree(self.work, ignore_errors=True)
 
     def __enter__(self) -> SSTableWriterProcess:
@@ -375,4 +482,3 @@ class SSTableWriterProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

@@ -19,11 +19,14 @@
  *   ROWS  <writer id>\t<rows>\t<columns>\t<bytes>   then <bytes> bytes, column after column:
  *         <rows> big-endian int32 lengths (-1 = null), then the values' bytes back to back
  *   STREAM <directory>   close the writers opened under it, stream what they wrote, delete it
- *         reply: OK <sstables> <bytes> <rows> <close ms> <stream ms> | ERR <transient|terminal> <why>
+ *         reply (tab-separated): OK <directory> <sstables> <bytes> <rows> <close ms> <stream ms>
+ *                              | ERR <directory> <transient|terminal> <why>
  *   ABORT <directory>    close and delete without streaming (a chunk that failed in Python)
  *   PING                 reply: PONG <the SSTable version written, e.g. nb>
- * End of input ends the process. The first error in OPEN or ROWS fails the next STREAM of
- * that directory (terminal: the rows or the schema are wrong, retrying cannot help).
+ * End of input ends the process, and so does any error the protocol cannot survive (the
+ * process halts: the caller sees it end instead of waiting for a reply that never comes).
+ * The first error in OPEN or ROWS fails the next STREAM of that directory: terminal when
+ * the rows or the schema are wrong, transient when it is I/O (a full disk, say).
  */
 
 import java.io.BufferedInputStream;
@@ -48,12 +51,15 @@ import java.util.HashMap;
 import java.util.Iterator;
 import java.util.List;
 import java.util.Map;
+import java.util.concurrent.atomic.AtomicLong;
 import java.util.stream.Stream;
 
 import org.apache.cassandra.config.DatabaseDescriptor;
 import org.apache.cassandra.config.EncryptionOptions;
 import org.apache.cassandra.io.sstable.CQLSSTableWriter;
 import org.apache.cassandra.io.sstable.SSTableLoader;
+import org.apache.cassandra.streaming.StreamEvent;
+import org.apache.cassandra.streaming.StreamEventHandler;
 import org.apache.cassandra.streaming.StreamState;
 import org.apache.cassandra.streaming.StreamingChannel;
 import org.apache.cassandra.tools.BulkLoadConnectionFactory;
@@ -64,12 +70,15 @@ public final class SSTableBulkWriter {
 
     /** Rows buffered per writer before it writes an SSTable (in the background). */
     private static final int BUFFER_MIB = Integer.getInteger("cqrs.sstable.buffer.mib", 64);
+    /** How long one answer about the ring is trusted. */
+    private static final long RING_MAX_AGE_NS = 300L * 1_000_000_000L;
 
     /** A loader client that asks the cluster for its ring and schema once per keyspace, not
      * once per stream: a load streams every chunk separately (so a chunk is the unit of
      * resume), and a driver session per chunk would cost more than the stream. */
     static final class RingOnceClient extends NativeSSTableLoaderClient {
         private boolean ready;
+        final long created = System.nanoTime();
 
         private final int storagePort;
 
@@ -159,7 +168,14 @@ public final class SSTableBulkWriter {
         if (args.length == 3) {
             server.warmUp(args[2]);
         }
-        server.serve(new DataInputStream(new BufferedInputStream(System.in, 1 << 20)));
+        try {
+            server.serve(new DataInputStream(new BufferedInputStream(System.in, 1 << 20)));
+        } catch (Throwable t) {
+            // Out of step with the caller or out of memory: end here, whatever threads remain
+            // (the writers' disk threads are not daemons and would keep the JVM waiting).
+            t.printStackTrace();
+            Runtime.getRuntime().halt(1);
+        }
         // Non-daemon threads (streaming, the driver) would keep the JVM alive.
         System.exit(0);
     }
@@ -168,8 +184,7 @@ public final class SSTableBulkWriter {
      * JVM's first driver session takes seconds. A failure here is only logged; the first
      * STREAM asks again and reports it. */
     void warmUp(String keyspace) {
-        RingOnceClient client = clients.computeIfAbsent(
-            keyspace, k -> new RingOnceClient(hosts, storagePort, user, password));
+        RingOnceClient client = client(keyspace);
         Thread t = new Thread(() -> {
             try {
                 CQLSSTableWriter.builder();  // loads and initialises the writer's classes
@@ -210,7 +225,7 @@ public final class SSTableBulkWriter {
                 .build();
             writers.put(f[1], new Writer(dir, w));
         } catch (Exception e) {
-            failures.putIfAbsent(dir, "OPEN " + f[1] + ": " + e);
+            failures.putIfAbsent(dir, severity(e) + "\tOPEN " + f[1] + ": " + e);
         }
     }
 
@@ -254,7 +269,7 @@ public final class SSTableBulkWriter {
             }
             w.rows += rows;
         } catch (Exception e) {
-            failures.putIfAbsent(w.directory, "ROWS " + f[1] + ": " + e);
+            failures.putIfAbsent(w.directory, severity(e) + "\tROWS " + f[1] + ": " + e);
         }
     }
 
@@ -271,7 +286,7 @@ public final class SSTableBulkWriter {
                 w.sstables.close();
                 rows += w.rows;
             } catch (Exception e) {
-                errors.add("close " + w.directory + ": " + e);
+                errors.add(severity(e) + "\tclose " + w.directory + ": " + e);
             }
         }
         return new long[] {rows};
@@ -281,49 +296,130 @@ public final class SSTableBulkWriter {
         long t0 = System.nanoTime();
         List<String> errors = new ArrayList<>();
         long rows = closeWriters(dir, errors)[0];
-        String failure = failures.remove(dir);
-        if (failure == null) {
-            for (Path p : new ArrayList<>(failures.keySet())) {
-                if (p.startsWith(dir)) {
-                    failure = failures.remove(p);
-                }
+        String failure = null;
+        for (Path p : new ArrayList<>(failures.keySet())) {
+            if (p.startsWith(dir)) {
+                String f = failures.remove(p);
+                failure = failure == null ? f : failure;
             }
         }
-        if (failure != null || !errors.isEmpty()) {
+        if (failure == null && !errors.isEmpty()) {
+            failure = errors.get(0);
+        }
+        if (failure != null) {
             delete(dir);
-            return "ERR terminal " + oneLine(failure != null ? failure : errors.get(0));
+            return "ERR\t" + dir + "\t" + oneLine(failure);
         }
         long t1 = System.nanoTime();
         long sstables = 0, bytes = 0;
         try {
             for (Path tableDir : tableDirectories(dir)) {
                 String keyspace = tableDir.getParent().getFileName().toString();
+                long here = 0;
                 for (Path file : list(tableDir)) {
                     if (file.getFileName().toString().endsWith("-Data.db")) {
-                        sstables++;
+                        here++;
                     }
                     bytes += Files.size(file);
                 }
-                RingOnceClient client = clients.computeIfAbsent(
-                    keyspace, k -> new RingOnceClient(hosts, storagePort, user, password));
+                sstables += here;
+                RingOnceClient client = client(keyspace);
+                SkipRecorder output = new SkipRecorder();
                 SSTableLoader loader = new SSTableLoader(
-                    new org.apache.cassandra.io.util.File(tableDir.toFile()), client,
-                    new OutputHandler.LogOutput());
-                StreamState state = loader.stream(Collections.emptySet()).get();
+                    new org.apache.cassandra.io.util.File(tableDir.toFile()), client, output);
+                PlanCounter plan = new PlanCounter();
+                StreamState state = loader.stream(Collections.emptySet(), plan).get();
+                long sent = plan.files.get();
                 if (state.hasFailedSession() || !loader.getFailedHosts().isEmpty()) {
                     delete(dir);
-                    return "ERR transient streaming " + tableDir + " failed to " + loader.getFailedHosts();
+                    return "ERR\t" + dir + "\ttransient\tstreaming " + tableDir + " failed to "
+                           + loader.getFailedHosts();
+                }
+                // SSTableLoader skips what it cannot open or place (an unknown table, a missing
+                // component) and still reports success: every SSTable must have gone somewhere.
+                if (!output.skipped.isEmpty() || sent < here) {
+                    delete(dir);
+                    clients.remove(keyspace);
+                    return "ERR\t" + dir + "\ttransient\t" + tableDir + ": " + sent + " of " + here
+                           + " SSTables streamed; " + oneLine(String.join("; ", output.skipped));
                 }
             }
         } catch (Exception e) {
             delete(dir);
             clients.clear();  // the ring may have changed: ask again next time
-            return "ERR transient streaming failed: " + oneLine(String.valueOf(rootCause(e)));
+            return "ERR\t" + dir + "\ttransient\tstreaming failed: " + oneLine(String.valueOf(rootCause(e)));
         }
         long t2 = System.nanoTime();
         delete(dir);
-        return String.format("OK %d %d %d %d %d", sstables, bytes, rows,
+        return String.format("OK\t%s\t%d\t%d\t%d\t%d\t%d", dir, sstables, bytes, rows,
                              (t1 - t0) / 1_000_000, (t2 - t1) / 1_000_000);
+    }
+
+    /** The keyspace's loader client; asked again for the ring after RING_MAX_AGE_NS, so a
+     * long load follows nodes that join, move or leave (as each sstableloader run would). */
+    private RingOnceClient client(String keyspace) {
+        RingOnceClient c = clients.get(keyspace);
+        if (c == null || System.nanoTime() - c.created > RING_MAX_AGE_NS) {
+            c = new RingOnceClient(hosts, storagePort, user, password);
+            clients.put(keyspace, c);
+        }
+        return c;
+    }
+
+    /** Counts the SSTables the stream plan sends, as each session is prepared (what
+     * sstableloader's progress display counts). */
+    static final class PlanCounter implements StreamEventHandler {
+        final AtomicLong files = new AtomicLong();
+
+        @Override
+        public void handleStreamEvent(StreamEvent event) {
+            if (event.eventType == StreamEvent.Type.STREAM_PREPARED) {
+                files.addAndGet(((StreamEvent.SessionPreparedEvent) event).session.getTotalFilesToSend());
+            }
+        }
+
+        @Override
+        public void onSuccess(StreamState state) {
+        }
+
+        @Override
+        public void onFailure(Throwable t) {
+        }
+    }
+
+    /** Records the files SSTableLoader skips (it only logs them). */
+    static final class SkipRecorder extends OutputHandler.LogOutput {
+        final List<String> skipped = Collections.synchronizedList(new ArrayList<>());
+
+        @Override
+        public void output(String msg) {
+            if (msg.startsWith("Skipping")) {
+                skipped.add(msg);
+            }
+            super.output(msg);
+        }
+
+        @Override
+        public void warn(String msg) {
+            skipped.add(msg);
+            super.warn(msg);
+        }
+
+        @Override
+        public void warn(Throwable th, String msg) {
+            skipped.add(msg + ": " + th);
+            super.warn(th, msg);
+        }
+    }
+
+    /** I/O trouble may pass (a full disk freed); anything else is the rows or the schema. */
+    private static String severity(Throwable e) {
+        for (Throwable t = e; t != null; t = t.getCause() == t ? null : t.getCause()) {
+            if (t instanceof IOException || t instanceof org.apache.cassandra.io.FSError) {
+                return "transient";
+            }
+        }
+        return "terminal";
     }
 
     private void abort(Path dir) {

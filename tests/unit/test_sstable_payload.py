@@ -105,3 +105,30 @@ def test_typed_columns_refuse_what_the_row_path_refuses() -> None:
     with pytest.raises(DecodeError, match=r"turn_count: out of range"):
         project_arrow_columns("sessions", big.set_column(
             i, "turn_count", pa.array([2**31], pa.int64())), KS)
+
+
+def test_split_cuts_rows_into_zero_copy_pieces_under_the_byte_cap() -> None:
+    from tasks.sstable_load import _split
+
+    texts = pa.array([f"row {i} " + "x" * (i % 50) for i in range(1000)])
+    ints = pa.array(range(1000), pa.int64())
+    pieces = _split([texts, ints], max_bytes=4096)
+    assert len(pieces) > 1
+    assert all(sum(a.nbytes for a in p) <= 2 * 4096 for p in pieces)
+    assert pa.concat_arrays([p[0] for p in pieces]).equals(texts)
+    assert pa.concat_arrays([p[1] for p in pieces]).equals(ints)
+    assert _split([ints], max_bytes=1 << 20) == [[ints]]
+
+
+def test_cassandra_jars_reads_every_classpath_entry(tmp_path: Any) -> None:
+    import os
+
+    from tasks.sstable_load import cassandra_jars
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "cassandra-all-5.0.8.jar").touch()
+    (tmp_path / "guava.jar").touch()
+    cp = os.pathsep.join([f"{tmp_path}/a/*", str(tmp_path / "guava.jar"), f"{tmp_path}/b/*"])
+    assert [p.name for p in cassandra_jars(cp)] == ["cassandra-all-5.0.8.jar"]
+    assert cassandra_jars(f"{tmp_path}/a/*") == []
