@@ -557,12 +557,10 @@ def _uuid_from_bytes(b: bytes) -> uuid.UUID:
     return u
 
 
-def _arrow_column(table: str, col: str, typ: str, array: Any) -> tuple[list[Any], list[Any]]:
-    """(canonical values, µs since the epoch for timestamps) of one Arrow column, converted
-    column-wise as normalize_row would per cell: UUIDs from their 16 bytes, timestamps
-    truncated to the CQL millisecond, JSON canonical. NULL only where the write model
-    allows it."""
-    import pyarrow as pa  # here, not at the top: CDC and dual-write never load pyarrow
+def _checked_arrow_column(table: str, col: str, typ: str, array: Any) -> Any:
+    """The column's array (a uuid column's 16-byte storage) once its type and its NULLs fit
+    the write model; a DecodeError naming the column otherwise."""
+    import pyarrow as pa
 
     if array.null_count and (table, col) not in _NULLABLE and typ != "jsonb":
         raise DecodeError(f"{table}.{col}: NULL in a NOT NULL column")
@@ -570,14 +568,27 @@ def _arrow_column(table: str, col: str, typ: str, array: Any) -> tuple[list[Any]
         storage = array.storage if isinstance(array.type, pa.BaseExtensionType) else array
         if storage.type != pa.binary(16):
             raise DecodeError(f"{table}.{col}: expected 16-byte uuids, got {array.type}")
-        return [None if b is None else _uuid_from_bytes(b) for b in storage.to_pylist()], []
+        return storage
+    # Any zone: an Arrow timestamp with a zone stores UTC instants. Naive ones are refused as
+    # the row path refuses naive datetimes.
+    if typ == "timestamptz" and not (pa.types.is_timestamp(array.type)
+                                     and array.type.unit == "us" and array.type.tz):
+        raise DecodeError(f"{table}.{col}: expected timestamp[us] with a time zone, "
+                          f"got {array.type}")
+    return array
+
+
+def _arrow_column(table: str, col: str, typ: str, array: Any) -> tuple[list[Any], list[Any]]:
+    """(canonical values, µs since the epoch for timestamps) of one Arrow column, converted
+    column-wise as normalize_row would per cell: UUIDs from their 16 bytes, timestamps
+    truncated to the CQL millisecond, JSON canonical. NULL only where the write model
+    allows it."""
+    import pyarrow as pa  # here, not at the top: CDC and dual-write never load pyarrow
+
+    array = _checked_arrow_column(table, col, typ, array)
+    if typ == "uuid":
+        return [None if b is None else _uuid_from_bytes(b) for b in array.to_pylist()], []
     if typ == "timestamptz":
-        # Any zone: an Arrow timestamp with a zone stores UTC instants. Naive ones are refused
-        # as the row path refuses naive datetimes.
-        if not (pa.types.is_timestamp(array.type) and array.type.unit == "us"
-                and array.type.tz):
-            raise DecodeError(f"{table}.{col}: expected timestamp[us] with a time zone, "
-                              f"got {array.type}")
         micros = array.cast(pa.int64()).to_pylist()
         try:
             return ([None if us is None else _EPOCH + (us // 1000) * _ONE_MS for us in micros],
@@ -597,18 +608,25 @@ def _arrow_column(table: str, col: str, typ: str, array: Any) -> tuple[list[Any]
     return values, []
 
 
-def project_arrow(table: str, batch: Any, keyspace: str,
-                  read_models: Collection[str] | None = None) -> list[ColumnarUpserts]:
-    """``project_row`` then ``to_cql`` for every row of a pyarrow RecordBatch of current rows,
-    column by column: the same statements and the same parameters (tests/unit check it row
-    for row), at a fraction of the per-row cost. Rows are snapshot reads: TOAST placeholders
-    cannot occur, so that text is kept as content, as project_row keeps it."""
+def _batch_specs(table: str, batch: Any, keyspace: str,
+                 read_models: Collection[str] | None) -> tuple[_Spec, ...]:
+    """What a record batch of ``table`` feeds, once the keyspace and its columns are valid."""
     if not _IDENT.match(keyspace):
         raise InvalidInput(f"invalid keyspace name {keyspace!r}")
     specs = _specs(table, read_models)
     names = set(batch.schema.names)
     if missing := [c for c in COLUMNS[table] if c not in names]:
         raise DecodeError(f"{table}: required column(s) missing: {missing}")
+    return specs
+
+
+def project_arrow(table: str, batch: Any, keyspace: str,
+                  read_models: Collection[str] | None = None) -> list[ColumnarUpserts]:
+    """``project_row`` then ``to_cql`` for every row of a pyarrow RecordBatch of current rows,
+    column by column: the same statements and the same parameters (tests/unit check it row
+    for row), at a fraction of the per-row cost. Rows are snapshot reads: TOAST placeholders
+    cannot occur, so that text is kept as content, as project_row keeps it."""
+    specs = _batch_specs(table, batch, keyspace, read_models)
     values: dict[str, list[Any]] = {}
     micros: dict[str, list[Any]] = {}
     for col, typ in COLUMNS[table].items():
@@ -652,23 +670,15 @@ _MAX_US: Final = 253_402_300_799_999_999  # 9999-12-31 23:59:59.999999
 
 def _arrow_cql_column(table: str, col: str, typ: str, array: Any) -> tuple[Any, Any]:
     """(values in CQL terms, µs since the epoch as int64 numpy for timestamps, else None) of
-    one Arrow column, checked as ``_arrow_column`` checks it."""
+    one Arrow column, checked as ``_arrow_column`` checks it (``_checked_arrow_column``)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if array.null_count and (table, col) not in _NULLABLE and typ != "jsonb":
-        raise DecodeError(f"{table}.{col}: NULL in a NOT NULL column")
+    array = _checked_arrow_column(table, col, typ, array)
     if typ == "uuid":
-        storage = array.storage if isinstance(array.type, pa.BaseExtensionType) else array
-        if storage.type != pa.binary(16):
-            raise DecodeError(f"{table}.{col}: expected 16-byte uuids, got {array.type}")
-        return storage, None
+        return array, None
     if typ == "timestamptz":
-        if not (pa.types.is_timestamp(array.type) and array.type.unit == "us"
-                and array.type.tz):
-            raise DecodeError(f"{table}.{col}: expected timestamp[us] with a time zone, "
-                              f"got {array.type}")
         micros = array.cast(pa.int64())
         us = micros.fill_null(0).to_numpy()
         if len(us) and (us.min() < _MIN_US or us.max() > _MAX_US):
@@ -702,12 +712,7 @@ def project_arrow_columns(table: str, batch: Any, keyspace: str,
     import numpy as np
     import pyarrow as pa
 
-    if not _IDENT.match(keyspace):
-        raise InvalidInput(f"invalid keyspace name {keyspace!r}")
-    specs = _specs(table, read_models)
-    names = set(batch.schema.names)
-    if missing := [c for c in COLUMNS[table] if c not in names]:
-        raise DecodeError(f"{table}: required column(s) missing: {missing}")
+    specs = _batch_specs(table, batch, keyspace, read_models)
     values: dict[str, Any] = {}
     micros: dict[str, Any] = {}
     for col, typ in COLUMNS[table].items():

@@ -4,7 +4,9 @@ up fails these tests loudly; they are never skipped."""
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from cassandra.cluster import Session
@@ -25,6 +27,19 @@ def stack_ready() -> None:
 
     result = setup_flow()
     assert result["connector"] == "RUNNING", result
+
+
+@contextmanager
+def own_keyspace(prefix: str) -> Iterator[str]:
+    """A keyspace with the read-model schema and nothing else writing to it, dropped after."""
+    ks = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    session = scylla.connect()
+    try:
+        scylla.migrate(session, get_settings().scylla.model_copy(update={"keyspace": ks}))
+        yield ks
+    finally:
+        session.execute(f"DROP KEYSPACE IF EXISTS {ks}", timeout=120)
+        scylla.close(session)
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,7 @@ from tasks.loader import Checkpoints
 from tasks.projection import KEY_COLUMNS, READ_MODELS, expected_rows
 from tasks.settings import get_settings
 from tasks.snapshot import Manifest
+from tests.integration.conftest import own_keyspace
 from tests.integration.readmodels import _utc, postgres_rows, scylla_rows, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,12 +176,8 @@ def sstable_versions(keyspace: str) -> set[str]:
 @pytest.fixture(scope="module")
 def bf_keyspace() -> Iterator[str]:
     """A keyspace of this module's own: the read-model schema, nothing else writing to it."""
-    ks = f"bftest_{uuid.uuid4().hex[:12]}"
-    session = scylla.connect()
-    scylla.migrate(session, get_settings().scylla.model_copy(update={"keyspace": ks}))
-    yield ks
-    session.execute(f"DROP KEYSPACE IF EXISTS {ks}", timeout=120)
-    scylla.close(session)
+    with own_keyspace("bftest") as ks:
+        yield ks
 
 
 @pytest.fixture(scope="module")

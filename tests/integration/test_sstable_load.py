@@ -18,19 +18,15 @@ from cassandra.cluster import Session
 from tasks import scylla
 from tasks.errors import TransientError
 from tasks.projection import project_arrow
-from tasks.settings import get_settings
 from tasks.snapshot import arrow_schema
 from tasks.sstable_load import SSTableWriterProcess, _table_cql
+from tests.integration.conftest import own_keyspace
 
 
 @pytest.fixture()
 def keyspace() -> Iterator[str]:
-    ks = f"sstest_{uuid.uuid4().hex[:12]}"
-    session = scylla.connect()
-    scylla.migrate(session, get_settings().scylla.model_copy(update={"keyspace": ks}))
-    yield ks
-    session.execute(f"DROP KEYSPACE IF EXISTS {ks}", timeout=120)
-    scylla.close(session)
+    with own_keyspace("sstest") as ks:
+        yield ks
 
 
 def chunk_file(tmp_path: Path, table: str, n: int) -> tuple[Path, pa.RecordBatch]:
