@@ -43,7 +43,7 @@ test-unit: venv   ## pure tests only, no stack
 
 lint: venv
 	$(PY) -m ruff check tasks flows deployments infra tests
-	$(PY) -m mypy tasks flows infra
+	$(PY) -m mypy tasks flows infra bench tests
 
 bench: schemas    ## every benchmark, ~30 min; results in bench/results/, tables on stdout
 	$(PY) -m bench.dual_write --calls 2000

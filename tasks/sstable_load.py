@@ -411,7 +411,8 @@ class SSTableWriterProcess:
             self._schemas[read_model] = _table_cql(self.session, self.keyspace, read_model)
         return self._schemas[read_model]
 
-    def load_chunk(self, path: Path, table: str, chunk_id: str, read_models: Collection[str],
+    def load_chunk(self, path: Path, table: str, chunk_id: str,
+                   read_models: Collection[str] | None,
                    acquire: Any = None, batch_rows: int = 20_000
                    ) -> tuple[int, Counter[str], StreamReport]:
         """Write and stream one chunk file; (rows read, rows written per read model, what

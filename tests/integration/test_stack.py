@@ -40,8 +40,9 @@ def test_insert_in_postgres_arrives_as_debezium_event(pg_app) -> None:
         msg = consumer.poll(0.5)
         if msg is None or msg.error():
             continue
-        if json.loads(msg.key())["id"] == str(session_id):
-            event = json.loads(msg.value())
+        key, value = msg.key(), msg.value()
+        if key is not None and value is not None and json.loads(key)["id"] == str(session_id):
+            event = json.loads(value)
     consumer.close()
     assert event is not None, "no Debezium event for the inserted session within 30 s"
     assert event["op"] == "c"
@@ -80,7 +81,10 @@ def test_flow_runs_on_the_prefect_server() -> None:
 
     async def read() -> tuple[str, str]:
         async with get_client() as client:
-            run = await client.read_flow_run(state.state_details.flow_run_id)
+            flow_run_id = state.state_details.flow_run_id
+            assert flow_run_id is not None
+            run = await client.read_flow_run(flow_run_id)
+            assert run.state is not None
             return run.state.type.value, str(client.api_url)
 
     state_type, api_url = anyio.run(read)

@@ -53,21 +53,21 @@ class _Writer:
 def test_bounded_in_flight_and_all_acknowledged_after_flush() -> None:
     session = _Session()
     w = BatchingWriter(_Writer(session))  # type: ignore[arg-type]
-    assert w.submit_rows("q", list(range(10))) == 10
+    assert w.submit_rows("q", [(i,) for i in range(10)]) == 10
     assert session.peak <= 3 and len(session.acked) == 7  # the oldest awaited beyond 3
     w.flush()
-    assert session.acked == list(range(10)) and session.in_flight == 0
+    assert session.acked == [(i,) for i in range(10)] and session.in_flight == 0
 
 
 @pytest.mark.parametrize("where", ["while submitting", "in flush"])
 def test_a_failed_request_raises_transient_and_leaves_nothing_in_flight(where: str) -> None:
-    session = _Session(failing={1 if where == "while submitting" else 9})
+    session = _Session(failing={(1,) if where == "while submitting" else (9,)})
     w = BatchingWriter(_Writer(session))  # type: ignore[arg-type]
     with pytest.raises(TransientError, match="OperationTimedOut"):
-        w.submit_rows("q", list(range(10)))
+        w.submit_rows("q", [(i,) for i in range(10)])
         w.flush()
     acked = list(session.acked)
     w.flush()  # nothing left to wait for: the chunk is redone as a whole
     assert session.acked == acked
     with pytest.raises(TransientError, match="prepare timed out"):
-        w.submit_rows("unpreparable", [1])
+        w.submit_rows("unpreparable", [(1,)])
