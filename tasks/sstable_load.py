@@ -153,11 +153,16 @@ def cassandra_jars(classpath: str) -> list[Path]:
     return found
 
 
+def _java(cfg: SSTableSettings) -> Path:
+    """The java executable the settings name (a path, or a name on PATH), links resolved."""
+    return Path(os.path.realpath(shutil.which(cfg.java) or cfg.java))
+
+
 def check_available(cfg: SSTableSettings | None = None) -> None:
     """Fail before any work when the sstable method cannot run here: no Java 17, no jars."""
     cfg = cfg or get_settings().sstable
-    java = shutil.which(cfg.java) if os.sep not in cfg.java else cfg.java
-    if not java or not os.access(java, os.X_OK):
+    java = _java(cfg)
+    if not java.is_file() or not os.access(java, os.X_OK):
         raise ConfigurationError(f"the sstable load method needs Java 17: {cfg.java!r} not "
                                  f"found (set CQRS_SSTABLE_JAVA)")
     if not cassandra_jars(cfg.classpath):
@@ -213,7 +218,7 @@ def compiled_classes(cfg: SSTableSettings) -> Path:
     a few seconds and some hundred MiB; every loader process would pay that again)."""
     import hashlib
 
-    java = Path(os.path.realpath(shutil.which(cfg.java) or cfg.java))
+    java = _java(cfg)
     javac = java.with_name("javac")  # the same JDK as the java that will run the classes
     jars = [p.name for p in cassandra_jars(cfg.classpath)]
     key = JAVA_SOURCE.read_bytes() + repr((str(java), jars)).encode()

@@ -21,7 +21,6 @@
  *   STREAM <directory>   close the writers opened under it, stream what they wrote, delete it
  *         reply (tab-separated): OK <directory> <sstables> <bytes> <rows> <close ms> <stream ms>
  *                              | ERR <directory> <transient|terminal> <why>
- *   ABORT <directory>    close and delete without streaming (a chunk that failed in Python)
  *   PING                 reply: PONG <the SSTable version written, e.g. nb>
  * End of input ends the process, and so does any error the protocol cannot survive (the
  * process halts: the caller sees it end instead of waiting for a reply that never comes).
@@ -205,7 +204,6 @@ public final class SSTableBulkWriter {
                 case "OPEN" -> open(f);
                 case "ROWS" -> rows(f, in);
                 case "STREAM" -> replies.println(stream(Paths.get(f[1])));
-                case "ABORT" -> abort(Paths.get(f[1]));
                 case "PING" -> replies.println(
                     "PONG " + DatabaseDescriptor.getSelectedSSTableFormat().getLatestVersion());
                 default -> throw new IOException("unknown command " + f[0]);
@@ -273,8 +271,9 @@ public final class SSTableBulkWriter {
         }
     }
 
-    /** Close the writers under {@code dir}; returns what they wrote, or the first failure. */
-    private long[] closeWriters(Path dir, List<String> errors) {
+    /** Close the writers under {@code dir}; returns the rows they wrote, adds failures to
+     * {@code errors}. */
+    private long closeWriters(Path dir, List<String> errors) {
         long rows = 0;
         for (Iterator<Map.Entry<String, Writer>> it = writers.entrySet().iterator(); it.hasNext(); ) {
             Writer w = it.next().getValue();
@@ -289,13 +288,13 @@ public final class SSTableBulkWriter {
                 errors.add(severity(e) + "\tclose " + w.directory + ": " + e);
             }
         }
-        return new long[] {rows};
+        return rows;
     }
 
     private String stream(Path dir) {
         long t0 = System.nanoTime();
         List<String> errors = new ArrayList<>();
-        long rows = closeWriters(dir, errors)[0];
+        long rows = closeWriters(dir, errors);
         String failure = null;
         for (Path p : new ArrayList<>(failures.keySet())) {
             if (p.startsWith(dir)) {
@@ -420,12 +419,6 @@ public final class SSTableBulkWriter {
             }
         }
         return "terminal";
-    }
-
-    private void abort(Path dir) {
-        closeWriters(dir, new ArrayList<>());
-        failures.keySet().removeIf(p -> p.startsWith(dir));
-        delete(dir);
     }
 
     /** Directories <dir>/.../<keyspace>/<table> holding SSTables (SSTableLoader's layout). */
