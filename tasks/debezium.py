@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from tasks.errors import DecodeError
-from tasks.projection import SOURCE_TABLES, Change, normalize_row, version_of
+from tasks.projection import (
+    SOURCE_TABLES,
+    Change,
+    normalize_row,
+    tombstone_version,
+    version_of,
+)
 
 # A bigger event is refused before parsing: it would hold the consumer's memory and time for
 # one row, and no real row of this model comes near it (previews are capped, steps are small).
@@ -29,7 +35,7 @@ _SKIP_OPS: Final = frozenset({"t", "m"})  # truncate, logical decoding message
 class DecodedEvent:
     kind: Literal["change", "tombstone", "heartbeat", "skip"]
     change: Change | None
-    commit_ts_us: int | None  # commit time of the source transaction (latency, delete version)
+    commit_ts_us: int | None  # commit time of the source transaction (latency)
     lsn: int | None
 
 
@@ -110,10 +116,8 @@ def decode_message(topic: str, key: bytes | None, value: bytes | None) -> Decode
         if op == "d":
             if before is None:
                 raise DecodeError("delete without before image (REPLICA IDENTITY FULL?)")
-            if commit_ts_us is None:
-                raise DecodeError("delete without source.ts_us / source.ts_ms")
             old = normalize_row(table, before, partial=True, toast_placeholders=False)
-            change = Change(table, "d", old, None, commit_ts_us)
+            change = Change(table, "d", old, None, tombstone_version(old))
         else:
             if after is None:
                 raise DecodeError(f"op {op!r} without after image")

@@ -25,7 +25,6 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import psycopg
@@ -44,15 +43,22 @@ from tasks.dual_write_policy import (
     check_title,
 )
 from tasks.dual_write_scylla import ScyllaHandle
-from tasks.errors import InvalidInput, ServiceUnavailable
-from tasks.projection import COLUMNS, Change, Mutation, change_from_row, normalize_row, project
+from tasks.errors import InvalidInput, ServiceUnavailable, TransientError, classify
+from tasks.projection import (
+    COLUMNS,
+    Change,
+    Mutation,
+    change_from_row,
+    normalize_row,
+    project,
+    tombstone_version,
+)
 from tasks.settings import get_settings
 
 log = logging.getLogger("cqrs_sync.dual_write")
 
 Row = Mapping[str, Any]
 Cursor = psycopg.Cursor[dict[str, Any]]
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _select_list(table: str) -> sql.Composed:
@@ -134,7 +140,6 @@ class WriteResult:
     dual_write: Literal["written", "failed", "skipped"]
     mutations: tuple[Mutation, ...] = ()
     replayed: bool = False  # the ids existed already with the same content: nothing new
-    commit_ts_us: int | None = None  # delete only: the version of the tombstones
     postgres_ms: float = 0.0
     scylla_ms: float | None = None
     error: str | None = None
@@ -168,15 +173,18 @@ def _connection(deps: DualWriteDeps) -> Iterator[psycopg.Connection[Any]]:
     except PoolTimeout as exc:
         raise ServiceUnavailable("PostgreSQL", f"no app connection within "
                                  f"{deps.pool_timeout_s}s") from exc
-    except psycopg.OperationalError as exc:
-        # Lost connection: if it happened during COMMIT the outcome is unknown; a retry with
-        # the same ids is safe (idempotent by id).
-        raise ServiceUnavailable("PostgreSQL", str(exc).splitlines()[0] if str(exc) else
-                                 type(exc).__name__) from exc
     except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
         # Rolled back: nothing was written. Validation should have caught it first.
         diag = exc.diag.message_primary or type(exc).__name__
         raise InvalidInput(f"Postgres refused the write: {diag}") from exc
+    except psycopg.Error as exc:
+        error = classify(exc, "Postgres write")
+        if isinstance(error, TransientError):
+            # Lost connection, serialization failure, shutdown: if it happened during COMMIT
+            # the outcome is unknown; a retry with the same ids is safe (idempotent by id).
+            raise ServiceUnavailable("PostgreSQL", str(exc).splitlines()[0] if str(exc) else
+                                     type(exc).__name__) from exc
+        raise error from exc  # permissions, a schema mistake: no retry helps
 
 
 def _one(cur: Cursor, query: sql.Composed, params: Sequence[Any]) -> dict[str, Any] | None:
@@ -197,10 +205,6 @@ def _lock_session(cur: Cursor, session_id: uuid.UUID, lock: str) -> dict[str, An
     if row is None:
         raise InvalidInput(f"unknown session {session_id}")
     return row
-
-
-def _micros(ts: datetime) -> int:
-    return (ts - _EPOCH) // timedelta(microseconds=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,40 +315,27 @@ def rename_session(session_id: uuid.UUID | str, title: str, *,
 
 def delete_session(session_id: uuid.UUID | str, *,
                    deps: DualWriteDeps | None = None) -> WriteResult:
-    """Delete a session and, by cascade, its turns and steps. The tombstones' timestamp is the
-    transaction's commit time, read back with ``pg_xact_commit_timestamp`` (the server runs
-    with ``track_commit_timestamp=on``): Debezium's ``source.ts_us`` is that same instant, so
-    the CDC delete events project to exactly these tombstones."""
+    """Delete a session and, by cascade, its turns and steps. Each tombstone is stamped with
+    its row's version + 1 µs, exactly as CDC projects the delete events (see
+    ``projection.tombstone_version``), so a session re-created with the same id later is
+    visible again."""
     d = deps or default_deps()
     sid = as_uuid(session_id, "session_id")
     t0 = time.perf_counter()
-    with _connection(d) as conn:
-        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-            # FOR UPDATE (not NO KEY): it also blocks new turns and steps (their foreign key
-            # takes KEY SHARE), so the children read here are all the cascade will delete.
-            session = _lock_session(cur, sid, " FOR UPDATE")
-            gone: dict[str, list[dict[str, Any]]] = {"sessions": [session]}
-            for table in ("human_turns", "agent_turns"):
-                gone[table] = cur.execute(_select(table, "session_id = %s", " FOR UPDATE"),
-                                          (sid,)).fetchall()
-            gone["steps"] = cur.execute(_select(
-                "steps", "session_id = %s OR agent_turn_id IN "
-                "(SELECT id FROM agent_turns WHERE session_id = %s)", " FOR UPDATE"),
-                (sid, sid)).fetchall()
-            cur.execute("DELETE FROM sessions WHERE id = %s", (sid,))
-            xid = cur.execute("SELECT pg_current_xact_id()::xid::text AS xid").fetchone()
-        # After COMMIT: the commit timestamp exists only now.
-        commit_ts = conn.execute("SELECT pg_xact_commit_timestamp(%s::xid)",
-                                 (xid["xid"] if xid else None,)).fetchone()
-        if commit_ts is None or commit_ts[0] is None:
-            # track_commit_timestamp off: the server clock read after the commit is >= the
-            # commit time, so CDC's tombstone (at the commit time) still changes nothing.
-            log.warning("pg_xact_commit_timestamp is NULL (track_commit_timestamp=off?); "
-                        "using clock_timestamp() after commit for the tombstones")
-            commit_ts = conn.execute("SELECT clock_timestamp()").fetchone()
-    assert commit_ts is not None and commit_ts[0] is not None
-    return _finish(d, Operation.DELETE_SESSION, sid, gone, t0,
-                   deleted_at_us=_micros(commit_ts[0]))
+    with _connection(d) as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        # FOR UPDATE (not NO KEY): it also blocks new turns and steps (their foreign key
+        # takes KEY SHARE), so the children read here are all the cascade will delete.
+        session = _lock_session(cur, sid, " FOR UPDATE")
+        gone: dict[str, list[dict[str, Any]]] = {"sessions": [session]}
+        for table in ("human_turns", "agent_turns"):
+            gone[table] = cur.execute(_select(table, "session_id = %s", " FOR UPDATE"),
+                                      (sid,)).fetchall()
+        gone["steps"] = cur.execute(_select(
+            "steps", "session_id = %s OR agent_turn_id IN "
+            "(SELECT id FROM agent_turns WHERE session_id = %s)", " FOR UPDATE"),
+            (sid, sid)).fetchall()
+        cur.execute("DELETE FROM sessions WHERE id = %s", (sid,))
+    return _finish(d, Operation.DELETE_SESSION, sid, gone, t0, deleted=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,17 +344,19 @@ def delete_session(session_id: uuid.UUID | str, *,
 
 def _finish(d: DualWriteDeps, op: Operation, sid: uuid.UUID,
             raw: Mapping[str, Sequence[Row]], t0: float, *, replayed: bool = False,
-            deleted_at_us: int | None = None) -> WriteResult:
+            deleted: bool = False) -> WriteResult:
     postgres_ms = (time.perf_counter() - t0) * 1000
     # The same normalization and projection CDC and backfill use: same cells, same stamps.
-    if deleted_at_us is None:
+    if not deleted:
         changes = [change_from_row(t, r) for t, rs in raw.items() for r in rs]
     else:
-        changes = [Change(t, "d", normalize_row(t, r, toast_placeholders=False), None,
-                          deleted_at_us) for t, rs in raw.items() for r in rs]
+        changes = []
+        for t, rs in raw.items():
+            for r in rs:
+                before = normalize_row(t, r, toast_placeholders=False)
+                changes.append(Change(t, "d", before, None, tombstone_version(before)))
     rows = {t: tuple(c.after or c.before or {} for c in changes if c.table == t) for t in raw}
-    result = WriteResult(op, sid, rows, "skipped", replayed=replayed,
-                         commit_ts_us=deleted_at_us, postgres_ms=postgres_ms)
+    result = WriteResult(op, sid, rows, "skipped", replayed=replayed, postgres_ms=postgres_ms)
     if not d.policy.dual_writes(op):
         return result
     t1 = time.perf_counter()

@@ -4,8 +4,9 @@ CDC, backfill, dual-write and audit all go through this module, so one source ro
 always becomes the same cells with the same write timestamp (DESIGN.md, "the one rule"):
 
 - an Upsert/Delete carries ``timestamp_us`` = the source row's version (``updated_at`` in µs),
-  or, for a delete, the delete's commit time; Scylla's last-write-wins then makes replays,
-  duplicates, reordering and backfill/CDC overlap converge, and tombstones beat late events;
+  or, for a delete, that version + 1 µs (``tombstone_version``); Scylla's last-write-wins
+  then makes replays, duplicates, reordering and backfill/CDC overlap converge, and
+  tombstones beat late events;
 - values are canonical: UUIDs, UTC datetimes truncated to the millisecond that a CQL
   ``timestamp`` keeps, payload as canonical JSON text; so what we write equals what we read.
 """
@@ -313,6 +314,19 @@ def version_of(row: Mapping[str, Any]) -> int:
         raise DecodeError(f"updated_at: {exc} (value {v!r:.80})") from None
 
 
+def tombstone_version(before: Mapping[str, Any]) -> int:
+    """The write timestamp of a delete: the deleted row's version + 1 µs.
+
+    The smallest stamp that shadows every version the row ever had, and not the delete's
+    commit time: a row re-inserted with the same key (in the deleting transaction, or in one
+    that waited on it) is stamped before that commit, and a commit-time tombstone would hide
+    it for good. The write model guarantees a re-insert a version above this one (migration
+    0007); docs/decisions.md, "Versions over a key's whole life"."""
+    if not isinstance(before, Mapping) or not isinstance(before.get("updated_at"), datetime):
+        raise DecodeError("delete's before image lacks updated_at (REPLICA IDENTITY FULL?)")
+    return _micros(before["updated_at"]) + 1
+
+
 def change_from_row(table: str, row: Mapping[str, Any]) -> Change:
     """A current Postgres row as a snapshot-read change (op ``r``)."""
     after = normalize_row(table, row, toast_placeholders=False)
@@ -408,13 +422,7 @@ def project(change: Change, read_models: Collection[str] | None = None) -> list[
         if change.before is None:
             raise DecodeError(f"{table}: delete without a before image (REPLICA IDENTITY FULL?)")
         before = normalize_row(table, change.before, partial=True, toast_placeholders=False)
-        ts = change.version_us
-        if isinstance(ts, bool) or not isinstance(ts, int):
-            raise DecodeError(f"{table}: delete version must be an int, got {ts!r}")
-        if isinstance(before.get("updated_at"), datetime):
-            # The tombstone must shadow the version it deletes even if the commit clock lags
-            # the row version (the trigger can push updated_at ahead of the clock).
-            ts = max(ts, _micros(before["updated_at"]) + 1)
+        ts = tombstone_version(before)
         deletes: list[Mutation] = []
         for spec in specs:
             key = _key(spec, table, before, "before")
