@@ -11,7 +11,13 @@ import pytest
 
 from tasks.debezium import MAX_EVENT_BYTES, DecodedEvent, decode_message
 from tasks.errors import DecodeError
-from tasks.projection import PLACEHOLDER_TEXT, UNAVAILABLE, Change, Upsert, project
+from tasks.projection import (
+    PLACEHOLDER_TEXT,
+    UNAVAILABLE,
+    Upsert,
+    project,
+    tombstone_version,
+)
 
 TOPIC = "cqrs.public.agent_turns"
 SID = "6f1c3c1e-8d1a-4b7e-9d3f-0a1b2c3d4e5f"
@@ -61,15 +67,19 @@ def test_update_with_key_change_and_delete_projection() -> None:
     assert kinds == ["Delete", "Upsert"]
 
 
-def test_delete_version_is_commit_time() -> None:
+def test_delete_version_is_the_deleted_version_plus_one_microsecond() -> None:
     ev = decode(envelope("d", AFTER, None))
     assert ev.kind == "change" and ev.change is not None
     assert ev.change.op == "d" and ev.change.after is None
-    assert ev.change.version_us == COMMIT_US
+    assert ev.change.before is not None
+    assert ev.change.version_us == tombstone_version(ev.change.before)
+    assert ev.commit_ts_us == COMMIT_US  # the commit time still measures latency
     env = envelope("d", AFTER, None)
     del env["source"]["ts_us"]
-    assert decode(env).change == Change(
-        "agent_turns", "d", ev.change.before, None, COMMIT_US // 1000 * 1000)
+    assert decode(env).change == ev.change
+    without = envelope("d", {k: v for k, v in AFTER.items() if k != "updated_at"}, None)
+    with pytest.raises(DecodeError, match="updated_at"):
+        decode(without)
 
 
 def test_snapshot_read() -> None:
@@ -130,7 +140,6 @@ def test_schemas_enabled_envelope_is_tolerated() -> None:
     (json.dumps(envelope("c", None, [1])).encode(),  # type: ignore[arg-type]
      "after must be an object"),
     (json.dumps(envelope("d", None, None)).encode(), "REPLICA IDENTITY FULL"),
-    (json.dumps(envelope("d", AFTER, None, ts_us=None, ts_ms=None)).encode(), "ts_us"),
     (json.dumps(envelope("c", None, AFTER, ts_us="soon")).encode(), "source.ts_us"),
     (json.dumps(envelope("c", None, AFTER | {"session_id": 42})).encode(),
      r"agent_turns\.session_id: expected a uuid"),

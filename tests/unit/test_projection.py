@@ -29,6 +29,7 @@ from tasks.projection import (
     project,
     project_row,
     to_cql,
+    tombstone_version,
     version_of,
 )
 from tests.unit.lww_model import LwwStore
@@ -183,25 +184,42 @@ def test_created_at_change_inside_one_millisecond_moves_the_row() -> None:
     assert dict(out[0].key)["created_at"] == dict(out[1].key)["created_at"]
 
 
-def test_delete_uses_before_image_and_commit_version() -> None:
+def test_delete_is_stamped_one_microsecond_above_the_deleted_version() -> None:
+    # Not at the commit time: a re-insert of the key stamped before that commit (in the
+    # deleting transaction, or racing it) must stay visible.
     commit = us(T0) + 5_000_000
     assert project(Change("agent_turns", "d", debezium(agent()), None, commit)) == [
         Delete("conversation_timeline",
                (("session_id", uid(1)), ("created_at", T0_MS), ("created_at_micros", 456),
-                ("turn_id", uid(3))), commit)]
-    # A commit clock behind the row version still shadows that version.
-    late = project(Change("agent_turns", "d", agent(), None, us(T0)))
-    assert late[0].timestamp_us == us(agent()["updated_at"]) + 1
+                ("turn_id", uid(3))), us(agent()["updated_at"]) + 1)]
+    assert tombstone_version(agent()) == us(agent()["updated_at"]) + 1
+    with pytest.raises(DecodeError, match="updated_at"):
+        project(Change("agent_turns", "d", {k: v for k, v in agent().items()
+                                            if k != "updated_at"}, None, commit))
+
+
+def test_reinsert_in_the_deleting_transaction_is_visible() -> None:
+    v1 = agent()
+    commit = us(v1["updated_at"]) + 800_000  # the delete held its locks for 0.8 s
+    gone = project(Change("agent_turns", "d", debezium(v1), None, commit))
+    again = agent(content="again", updated_at=v1["updated_at"] + timedelta(microseconds=2))
+    for order in ((gone, project_row("agent_turns", again)),
+                  (project_row("agent_turns", again), gone)):
+        assert state(*order) == expected({"agent_turns": [again]})
 
 
 def test_delete_without_the_needed_before_columns_is_a_decode_error() -> None:
     with pytest.raises(DecodeError, match="before"):
         project(Change("sessions", "d", None, None, 1))
     with pytest.raises(DecodeError, match="created_at"):
-        project(Change("sessions", "d", {"id": str(uid(1)), "user_id": None}, None, 1))
-    # sessions_by_id alone needs only the id.
-    assert project(Change("sessions", "d", {"id": uid(1)}, None, 1), ["sessions_by_id"]) == [
-        Delete("sessions_by_id", (("session_id", uid(1)),), 1)]
+        project(Change("sessions", "d", {"id": str(uid(1)), "user_id": None,
+                                         "updated_at": T0}, None, 1))
+    with pytest.raises(DecodeError, match="updated_at"):
+        project(Change("sessions", "d", {"id": uid(1)}, None, 1), ["sessions_by_id"])
+    # sessions_by_id alone needs only the id (and the version).
+    assert project(Change("sessions", "d", {"id": uid(1), "updated_at": T0}, None, 1),
+                   ["sessions_by_id"]) == [
+        Delete("sessions_by_id", (("session_id", uid(1)),), us(T0) + 1)]
 
 
 def test_unknown_table_or_op_is_a_decode_error() -> None:
@@ -336,7 +354,7 @@ def test_to_cql_insert_and_delete() -> None:
     assert to_cql(de, "cqrs") == (
         "DELETE FROM cqrs.conversation_timeline USING TIMESTAMP ? "
         "WHERE session_id = ? AND created_at = ? AND created_at_micros = ? AND turn_id = ?",
-        (99 * 10**15, uid(1), T0_MS, T0.microsecond % 1000, uid(3)))
+        (us(agent()["updated_at"]) + 1, uid(1), T0_MS, T0.microsecond % 1000, uid(3)))
     # Same columns, same text: statements are prepared once.
     (other,) = project_row("agent_turns", agent(id=uid(77), content="x"))
     assert to_cql(other, "cqrs")[0] == text
@@ -467,6 +485,11 @@ def test_any_order_with_duplicates_converges_to_the_source(data: st.DataObject) 
         return debezium(row, data.draw(st.sampled_from([None, 1]))) if data.draw(
             st.booleans()) else dict(row)
 
+    # The version of each deleted key's last row: a re-insert of the key is stamped at least
+    # 2 µs above it (migration 0007), and may well be stamped below the delete's commit time
+    # (in the deleting transaction, or in one that raced it).
+    graveyard: dict[tuple[str, uuid.UUID], int] = {}
+
     for _ in range(data.draw(st.integers(1, 30))):
         table = data.draw(st.sampled_from(SOURCE_TABLES))
         id_ = data.draw(st.sampled_from(IDS[table]))
@@ -474,13 +497,19 @@ def test_any_order_with_duplicates_converges_to_the_source(data: st.DataObject) 
         action = "insert" if old is None else data.draw(
             st.sampled_from(["update", "update", "delete", "snapshot"]))
         if action == "insert":
-            new = draw_row(data, table, id_, tick())
+            version = tick()
+            if (table, id_) in graveyard:
+                # The clock at the re-insert may even lag the deleted version (updates within
+                # one µs push updated_at ahead of it); the trigger's floor lifts it.
+                deleted = graveyard[table, id_]
+                version = max(deleted + data.draw(st.integers(-50, 3000)), deleted + 2)
+            new = draw_row(data, table, id_, version)
             mutations += project(Change(table, "c", None, as_sent(new), us(new["updated_at"])))
             mutations += project_row(table, new)  # the dual-write of the same insert
             current[table, id_] = new
         elif action == "update":
             assert old is not None
-            new = draw_row(data, table, id_, tick())
+            new = draw_row(data, table, id_, max(tick(), us(old["updated_at"]) + 1))
             new |= {c: old[c] for c in new if c != "updated_at" and data.draw(st.booleans())}
             after = as_sent(new)
             for col in TOASTABLE[table]:  # unchanged TOASTed value: Debezium's placeholder
@@ -496,7 +525,15 @@ def test_any_order_with_duplicates_converges_to_the_source(data: st.DataObject) 
             current[table, id_] = new
         elif action == "delete":
             assert old is not None
-            mutations += project(Change(table, "d", as_sent(old), None, tick()))
+            # Debezium's version of a delete is its commit time: any time after the row's
+            # version, up to seconds later when the transaction held its locks.
+            commit = us(old["updated_at"]) + data.draw(st.integers(1, 2_000_000))
+            mutations += project(Change(table, "d", as_sent(old), None, commit))
+            if data.draw(st.booleans()):  # the dual-write of the same delete
+                mutations += project(Change(table, "d", old, None, commit))
+            if data.draw(st.booleans()):  # a backfill that read the row before the delete
+                mutations += project_row(table, old)
+            graveyard[table, id_] = us(old["updated_at"])
             del current[table, id_]
         else:  # a backfill read of the current row, overlapping CDC
             assert old is not None
