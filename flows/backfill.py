@@ -34,29 +34,18 @@ from prefect.runtime import task_run
 
 from flows.backfill_params import BackfillParams, validate
 from tasks import postgres, scylla, sstable_load
-from tasks.errors import ConfigurationError, is_transient
+from tasks.errors import ConfigurationError, ServiceUnavailable, retry_if_transient
+from tasks.kafka_connect import KafkaConnectClient
 from tasks.loader import Checkpoints, LoadProgress, LoadResult, load_snapshot, truncate_read_models
 from tasks.settings import get_settings
 from tasks.snapshot import (
     Manifest,
     SnapshotProgress,
     check_cdc_slot,
+    check_snapshot_age,
     tables_for,
     take_snapshot,
 )
-
-
-def _transient(state: Any) -> bool:
-    try:
-        state.result()
-    except Exception as exc:  # only classified here
-        return is_transient(exc)
-    return False
-
-
-def _retry_transient(_task: Any, _run: Any, state: Any) -> bool:
-    return _transient(state)
-
 
 # --------------------------------------------------------------------------------------------
 # Progress in the Prefect UI
@@ -126,9 +115,18 @@ def summary_rows(manifest: Manifest, result: LoadResult | None) -> list[dict[str
 # Tasks: thin wrappers over tasks.snapshot / tasks.loader
 
 
+def _debezium_lsn(log: Any) -> int | None:
+    settings = get_settings().kafka
+    try:
+        return KafkaConnectClient(settings.connect_url).source_lsn(settings.connector_name)
+    except ServiceUnavailable as exc:
+        log.warning("cannot read Debezium's offset: %s", exc)
+        return None
+
+
 @task(cache_policy=NONE)
 def check_gap(p: BackfillParams, manifest: Manifest | None) -> dict[str, Any]:
-    """The gap rule: CDC must cover every change after the snapshot (DESIGN.md)."""
+    """CDC must cover every change after the snapshot (docs/architecture.md, "The gap rule")."""
     log = get_run_logger()
     slot = postgres.slot_status()
     state = {"name": slot.name, "exists": slot.exists, "active": slot.active,
@@ -138,13 +136,63 @@ def check_gap(p: BackfillParams, manifest: Manifest | None) -> dict[str, Any]:
                     "snapshot reach the read models only if something else applies them", state)
         return state
     check_cdc_slot(state, slot.name)
-    if manifest is not None and not manifest.slot.get("exists"):
-        raise ConfigurationError(
-            f"snapshot {manifest.snapshot_id} was taken without a CDC slot: changes between it "
-            f"and the slot's creation are in neither. Take a new snapshot, or pass no_cdc=True.")
+    gap = postgres.slot_gap(slot, _debezium_lsn(log))
+    if manifest is None:
+        if gap:  # a new snapshot holds every change up to now: it is what covers such a gap
+            log.warning("%s; the new snapshot covers the changes missed so far", gap)
+    else:
+        if not manifest.slot.get("exists"):
+            raise ConfigurationError(
+                f"snapshot {manifest.snapshot_id} was taken without a CDC slot: changes "
+                f"between it and the slot's creation are in neither. Take a new snapshot, or "
+                f"pass no_cdc=True.")
+        if gap:
+            raise ConfigurationError(
+                f"{gap}: snapshot {manifest.snapshot_id} predates that, so changes between "
+                f"it and the slot's recreation are in neither. Take a new snapshot, or pass "
+                f"no_cdc=True.")
+        recorded = manifest.slot.get("confirmed_flush_lsn")
+        if (recorded and slot.confirmed_flush_lsn
+                and postgres.lsn_to_int(slot.confirmed_flush_lsn)
+                < postgres.lsn_to_int(recorded)):
+            # A slot's confirmed position never moves back: this is another slot (dropped and
+            # recreated, or a restored database), which does not continue from the snapshot.
+            raise ConfigurationError(
+                f"replication slot {slot.name!r} is at {slot.confirmed_flush_lsn}, behind the "
+                f"{recorded} it had confirmed when snapshot {manifest.snapshot_id} was taken: "
+                f"it is not the slot the snapshot was taken against, and changes since the "
+                f"snapshot may be in neither. Take a new snapshot, or pass no_cdc=True.")
     log.info("CDC slot %s is active (confirmed flush LSN %s): no gap after the snapshot",
              slot.name, slot.confirmed_flush_lsn)
     return state
+
+
+def gc_grace_seconds(keyspace: str, read_models: Sequence[str]) -> dict[str, int]:
+    """gc_grace_seconds of each read-model table, as the target cluster's schema has it."""
+    session = scylla.connect()
+    try:
+        rows = session.execute(
+            "SELECT table_name, gc_grace_seconds FROM system_schema.tables "
+            "WHERE keyspace_name = %s", (keyspace,))
+        found = {r.table_name: int(r.gc_grace_seconds) for r in rows}
+    finally:
+        scylla.close(session)
+    if missing := [rm for rm in read_models if rm not in found]:
+        raise ConfigurationError(f"keyspace {keyspace!r} has no table(s) {missing}: apply the "
+                                 f"schema first (`python -m flows.setup`)")
+    return {rm: found[rm] for rm in read_models}
+
+
+@task(cache_policy=NONE)
+def check_snapshot_fresh(p: BackfillParams, manifest: Manifest) -> None:
+    """An existing snapshot is loaded only while the tombstones it could undo still exist."""
+    keyspace = p.keyspace or get_settings().scylla.keyspace
+    grace = gc_grace_seconds(keyspace, p.read_models)
+    if p.allow_old_snapshot:
+        get_run_logger().warning("allow_old_snapshot: snapshot %s (taken %s) is loaded whatever "
+                                 "its age; gc_grace_seconds %s", manifest.snapshot_id,
+                                 manifest.snapshot_time, grace)
+    check_snapshot_age(manifest.taken_at, grace, allow=p.allow_old_snapshot)
 
 
 @task(cache_policy=NONE)
@@ -159,7 +207,7 @@ def check_sstable_method(p: BackfillParams) -> None:
         scylla.close(session)
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_if_transient)
 def snapshot_stage(p: BackfillParams, dry_run: bool = False) -> tuple[Manifest, Path | None]:
     reporter = None if dry_run else Reporter("snapshot")
     manifest, directory = take_snapshot(
@@ -185,7 +233,7 @@ def truncate_stage(p: BackfillParams) -> None:
         scylla.close(session)
 
 
-@task(cache_policy=NONE, retries=3, retry_delay_seconds=10, retry_condition_fn=_retry_transient)
+@task(cache_policy=NONE, retries=3, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
 def load_stage(p: BackfillParams, directory: Path) -> LoadResult:
     # A retry after a transient failure resumes: the chunks it finished are checkpointed.
     resume = p.resume or (task_run.run_count or 1) > 1
@@ -254,6 +302,7 @@ def backfill_flow(
     dry_run: bool = False,
     rebuild: bool = False,
     no_cdc: bool = False,
+    allow_old_snapshot: bool = False,
     snapshot_dir: str | None = None,
     snapshot_root: str = "snapshots",
     keyspace: str | None = None,
@@ -273,6 +322,8 @@ def backfill_flow(
     if p.method == "sstable" and not p.dry_run:
         check_sstable_method(p)
     check_gap(p, manifest)
+    if manifest is not None and not p.dry_run:
+        check_snapshot_fresh(p, manifest)
 
     if p.dry_run:
         if manifest is None:

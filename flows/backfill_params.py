@@ -15,8 +15,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveFloat,
-    PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -24,13 +22,21 @@ from pydantic import (
 
 from tasks.errors import ConfigurationError
 from tasks.projection import READ_MODELS
-from tasks.snapshot import MANIFEST, SnapshotFilter
+from tasks.snapshot import MANIFEST, Manifest, SnapshotFilter
 
 _KEYSPACE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}\Z")
 
+# Upper bounds: far above what pays off, low enough that a typo (a few extra zeros) is refused
+# instead of opening thousands of connections or building chunks that cannot fit in memory.
+MAX_CHUNK_SIZE = 10_000_000
+MAX_CONCURRENCY = 4_096
+MAX_WRITE_BATCH_ROWS = 1_000
+MAX_READERS = 64
+_INTEGERS = ("chunk_size", "concurrency", "write_batch_rows", "workers", "readers")
+
 
 class BackfillParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     read_models: tuple[str, ...] = Field(
         READ_MODELS, description=f"read models to backfill (default: all of {list(READ_MODELS)})")
@@ -42,14 +48,17 @@ class BackfillParams(BaseModel):
                           "e.g. 2026-01-01T00:00:00Z); each table filters its own created_at")
     created_to: AwareDatetime | None = Field(
         None, description="only rows created before this time (ISO 8601 with an offset)")
-    chunk_size: PositiveInt = Field(
-        50_000, description="source rows per chunk: the unit of a Parquet file, of parallel "
-                            "reading and of checkpoints")
-    concurrency: PositiveInt = Field(
-        64, description="Scylla writes in flight at once while loading")
-    write_batch_rows: PositiveInt = Field(
-        20, description="rows per UNLOGGED batch of rows on the same replicas while loading "
-                        "(1: one statement per row)")
+    chunk_size: int = Field(
+        50_000, gt=0, le=MAX_CHUNK_SIZE,
+        description="source rows per chunk: the unit of a Parquet file, of parallel "
+                    "reading and of checkpoints")
+    concurrency: int = Field(
+        64, gt=0, le=MAX_CONCURRENCY,
+        description="Scylla writes in flight at once while loading")
+    write_batch_rows: int = Field(
+        20, gt=0, le=MAX_WRITE_BATCH_ROWS,
+        description="rows per UNLOGGED batch of rows on the same replicas while loading "
+                    "(1: one statement per row)")
     workers: int = Field(
         1, ge=1, le=64, description="loader processes sharing the chunks, each with its own "
                                     "Scylla session and `concurrency` writes in flight, and "
@@ -63,10 +72,12 @@ class BackfillParams(BaseModel):
                            "large loads and far lighter on the cluster, ~5 s of start-up "
                            "(Apache Cassandra 4+ only; "
                            "needs Java 17 and the cassandra-all jars, CQRS_SSTABLE_*)")
-    readers: PositiveInt = Field(
-        4, description="parallel Postgres reader connections sharing the snapshot")
-    rate_limit_rows_per_s: PositiveFloat | None = Field(
-        None, description="hard limit on read-model rows written per second (default: none)")
+    readers: int = Field(
+        4, gt=0, le=MAX_READERS,
+        description="parallel Postgres reader connections sharing the snapshot")
+    rate_limit_rows_per_s: float | None = Field(
+        None, gt=0,
+        description="hard limit on read-model rows written per second (default: none)")
     resume: bool = Field(
         False, description="finish an interrupted backfill: reuse its snapshot (snapshot_dir, "
                            "or the newest matching one under snapshot_root) and skip the "
@@ -80,9 +91,14 @@ class BackfillParams(BaseModel):
     no_cdc: bool = Field(
         False, description="skip the gap rule (the CDC replication slot must exist and be "
                            "active before the snapshot): accept that later changes are missed")
+    allow_old_snapshot: bool = Field(
+        False, description="load a snapshot (resume, snapshot_dir) even if it is older than "
+                           "the target tables' gc_grace_seconds: tombstones of rows deleted "
+                           "since may be purged, and the load would bring those rows back")
     snapshot_dir: Path | None = Field(
         None, description="load this existing snapshot (a folder with manifest.json) instead "
-                          "of taking a new one; Postgres is not read")
+                          "of taking a new one; Postgres is not read. Its own filter applies: "
+                          "user_ids/created_from/created_to, if given, must equal it")
     snapshot_root: Path = Field(
         Path("snapshots"), description="where new snapshots are written, one folder each")
     keyspace: str | None = Field(
@@ -101,6 +117,13 @@ class BackfillParams(BaseModel):
         if unknown := [n for n in names if n not in READ_MODELS]:
             raise ValueError(f"unknown read model(s) {unknown}; known: {list(READ_MODELS)}")
         return tuple(sorted(set(names)))
+
+    @field_validator(*_INTEGERS, mode="before")
+    @classmethod
+    def _not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # bool is an int subclass: True would mean 1
+            raise ValueError("Input should be a valid integer, not a boolean")
+        return v
 
     @field_validator("user_ids", mode="before")
     @classmethod
@@ -133,9 +156,23 @@ class BackfillParams(BaseModel):
                              "applied since that snapshot was taken, and the old snapshot "
                              "does not hold them. Rebuild from a new snapshot (omit "
                              "snapshot_dir).")
-        if self.snapshot_dir is not None and not (self.snapshot_dir / MANIFEST).is_file():
-            raise ValueError(f"snapshot_dir {self.snapshot_dir} has no {MANIFEST}: not a "
-                             f"complete snapshot")
+        if self.snapshot_dir is not None:
+            if not (self.snapshot_dir / MANIFEST).is_file():
+                raise ValueError(f"snapshot_dir {self.snapshot_dir} has no {MANIFEST}: not a "
+                                 f"complete snapshot")
+            try:
+                manifest = Manifest.read(self.snapshot_dir)
+            except ConfigurationError as exc:
+                raise ValueError(f"snapshot_dir: {exc}") from None
+            given = self.filter
+            if given != SnapshotFilter() and given.to_json() != manifest.filter:
+                # The snapshot holds the rows of its own filter only: loading it cannot apply
+                # another one, and ignoring the one given would load rows nobody asked for.
+                raise ValueError(
+                    f"snapshot_dir {self.snapshot_dir} was taken with filter "
+                    f"{manifest.filter}, not the one given ({given.to_json()}): omit "
+                    f"user_ids/created_from/created_to to load it as it is, or omit "
+                    f"snapshot_dir to take a new snapshot with these filters")
         return self
 
     @property

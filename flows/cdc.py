@@ -6,6 +6,16 @@ Scylla read models until cancelled (Prefect UI, SIGTERM, Ctrl-C) or a bound is r
 
 Scale out by running more flow runs with the same consumer group: Kafka spreads the topics'
 partitions over them.
+
+Offsets are committed per consumer group, for every change of a batch. A run projecting only
+some read models (--read-models) therefore gets a consumer group of its own by default: the
+settings' group followed by the sorted read models, e.g. cqrs-sync-cdc.conversation_timeline.
+In the shared group it would commit past changes it never applied to the other read models,
+and the group's other runs would never see them: naming the shared group together with a
+subset is refused.
+
+A requested stop (SIGTERM, SIGINT, cancelling from the UI) finishes the batch in flight,
+commits its offsets, ends the flow run Cancelled and the process with status 0.
 """
 
 from __future__ import annotations
@@ -13,19 +23,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
+import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, get_args
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 
 from tasks import postgres, scylla
-from tasks.cdc import CdcConsumer, CdcOptions
-from tasks.errors import ServiceUnavailable
+from tasks.cdc import CdcConsumer
+from tasks.cdc_options import CdcOptions, consumer_group_for
+from tasks.errors import ConfigurationError, ServiceUnavailable
 from tasks.kafka_connect import KafkaConnectClient
 from tasks.metrics import MetricsReport
 from tasks.projection import READ_MODELS
@@ -60,6 +73,14 @@ def check_source(log: Any) -> None:
         log.warning("cannot check the replication slot: %s", exc)
 
 
+def emit_prefect_event(name: str, payload: dict[str, Any]) -> None:
+    """What an operator must act on (a TRUNCATE refused, an offset gap) as a Prefect event,
+    which automations can turn into an alert."""
+    run_id = flow_run.get_id()
+    emit_event(event=name, resource={"prefect.resource.id": f"cqrs-sync.cdc.{run_id or 'local'}"},
+               payload=payload)
+
+
 def markdown(rep: MetricsReport, slot_retained: int | None) -> str:
     rows = "\n".join(f"| {tp} | {lag} |" for tp, lag in sorted(rep.lag.items()))
 
@@ -75,7 +96,8 @@ def markdown(rep: MetricsReport, slot_retained: int | None) -> str:
         f"| consumer lag (messages) | {rep.total_lag} |\n"
         f"| dead-lettered (total) | {rep.dead_lettered_total} |\n"
         f"| events (total) | {rep.events_total} |\n"
-        f"| replication slot WAL retained (bytes) | {slot_retained} |\n\n"
+        f"| replication slot WAL retained (bytes) | {slot_retained} |\n"
+        f"| waiting for | {rep.waiting_for or '-'} |\n\n"
         f"| partition | lag |\n|---|---|\n{rows}\n"
     )
 
@@ -95,8 +117,11 @@ def make_reporter(log: Any) -> Callable[[MetricsReport], None]:
             log.warning("replication slot holds %.1f GiB of WAL: is the connector stuck?",
                         retained / (1 << 30))
         log.info("%s, slot WAL retained %s bytes", rep.as_line(), retained)
-        create_markdown_artifact(key="cdc-metrics", markdown=markdown(rep, retained),
-                                 description="CDC consumer: lag, throughput, latency, DLQ")
+        try:
+            create_markdown_artifact(key="cdc-metrics", markdown=markdown(rep, retained),
+                                     description="CDC consumer: lag, throughput, latency, DLQ")
+        except Exception as exc:  # the Prefect API down must not stop the consumer
+            log.warning("cdc-metrics artifact not published: %s: %s", type(exc).__name__, exc)
     return report
 
 
@@ -113,27 +138,61 @@ def cancellation_requested() -> bool:
     return bool(state and (state.is_cancelling() or state.is_cancelled()))
 
 
-@flow(name="cdc")
+def validate(params: Mapping[str, Any]) -> tuple[CdcOptions, str]:
+    """The flow's or the command line's parameters → the run's options and its consumer group,
+    or a ConfigurationError naming each bad one. None means 'the default' (for read_models:
+    every read model); nothing is connected to."""
+    given = {k: v for k, v in params.items() if v is not None}
+    group = given.pop("consumer_group", None)
+    options = CdcOptions(**given)
+    return options, consumer_group_for(get_settings().kafka.consumer_group,
+                                       options.read_models, group)
+
+
+# The flow validates its parameters itself (CdcOptions, strict), with messages naming them.
+@flow(name="cdc", validate_parameters=False)
 def cdc_flow(
     batch_size: int = 2000,
+    batch_timeout_s: float = 0.1,
     max_messages: int | None = None,
     max_seconds: float | None = None,
-    idle_exit_s: float | None = None,
     report_interval_s: float = 10.0,
     read_models: list[str] | None = None,
+    retry_initial_s: float = 0.2,
+    retry_max_s: float = 2.0,
+    idle_exit_s: float | None = None,
     consumer_group: str | None = None,
 ) -> dict[str, Any] | State:
-    options = CdcOptions(  # validated here, before any connection is made
-        batch_size=batch_size, max_messages=max_messages, max_seconds=max_seconds,
-        idle_exit_s=idle_exit_s, report_interval_s=report_interval_s,
-        read_models=tuple(read_models or READ_MODELS))
+    """Consume Debezium's change topics into the Scylla read models until stopped.
+
+    Stopped by SIGTERM/SIGINT or cancellation, the run ends Cancelled after committing the
+    offsets of everything applied; a bound (max_messages, max_seconds, idle_exit_s) ends it
+    Completed.
+
+    Args:
+        batch_size: messages per batch; offsets are committed once per batch.
+        batch_timeout_s: how long one poll waits for a batch's first message.
+        max_messages: stop after this many messages (default: never).
+        max_seconds: stop after this many seconds (default: never).
+        report_interval_s: how often lag, rate and latency are logged and published.
+        read_models: project only these read models (default: all). A subset gets a consumer
+            group of its own, e.g. cqrs-sync-cdc.conversation_timeline.
+        retry_initial_s: first backoff while Scylla or Kafka is down.
+        retry_max_s: longest backoff, also the most lag added after an outage ends.
+        idle_exit_s: stop after this many seconds without a message (default: never).
+        consumer_group: Kafka consumer group (default: the settings' group, or for a subset
+            of read models a consumer group of its own; the shared group with a subset is
+            refused: its commits would skip changes for the other read models).
+    """
+    # First statement: every parameter is validated before anything is connected to.
+    options, group = validate(dict(locals()))
     log = get_run_logger()
     settings = get_settings()
-    kafka_settings = settings.kafka.model_copy(
-        update={"consumer_group": consumer_group} if consumer_group else {})
+    kafka_settings = settings.kafka.model_copy(update={"consumer_group": group})
     check_source(log)
     session = scylla.connect(keyspace=settings.scylla.keyspace)
-    consumer = CdcConsumer(scylla.ScyllaWriter(session), options, kafka_settings)
+    consumer = CdcConsumer(scylla.ScyllaWriter(session), options, kafka_settings,
+                           emit=emit_prefect_event)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: finishing the batch in flight, then stopping",
@@ -145,8 +204,8 @@ def cdc_flow(
         # Outside the main thread signals cannot be caught: the API check still stops us.
         with contextlib.suppress(ValueError):
             previous[sig] = signal.signal(sig, on_signal)
-    log.info("consuming %s.public.* as group %r", kafka_settings.topic_prefix,
-             kafka_settings.consumer_group)
+    log.info("consuming %s.public.* into %s as group %r", kafka_settings.topic_prefix,
+             list(options.read_models), kafka_settings.consumer_group)
     try:
         result = consumer.run(report=make_reporter(log), should_stop=cancellation_requested)
     finally:
@@ -155,7 +214,8 @@ def cdc_flow(
         scylla.close(session)
     summary = {"messages": result.messages, "changes": result.changes,
                "mutations": result.mutations, "dead_lettered": result.dead_lettered,
-               "batches": result.batches, "stopped_by": result.stopped_by}
+               "batches": result.batches, "stopped_by": result.stopped_by,
+               "consumer_group": kafka_settings.consumer_group}
     log.info("CDC stopped (%s) after %d messages, %d mutations, %d dead-lettered; offsets "
              "committed for everything applied", result.stopped_by, result.messages,
              result.mutations, result.dead_lettered)
@@ -165,25 +225,50 @@ def cdc_flow(
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Options generated from CdcOptions, so the command line, the flow and app code accept
+    the same parameters with the same descriptions."""
     parser = argparse.ArgumentParser(prog="python -m flows.cdc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=2000,
-                        help="messages per batch (offsets are committed per batch)")
-    parser.add_argument("--max-messages", type=int, help="stop after this many messages")
-    parser.add_argument("--max-seconds", type=float, help="stop after this many seconds")
-    parser.add_argument("--idle-exit-s", type=float,
-                        help="stop after this many seconds without a message")
-    parser.add_argument("--report-interval-s", type=float, default=10.0,
-                        help="how often lag, rate and latency are logged and published")
-    parser.add_argument("--read-models", nargs="+", choices=READ_MODELS,
-                        help="project only these read models (default: all)")
-    parser.add_argument("--consumer-group", help="Kafka consumer group (default from settings)")
-    a = parser.parse_args(argv)
-    cdc_flow(batch_size=a.batch_size, max_messages=a.max_messages, max_seconds=a.max_seconds,
-             idle_exit_s=a.idle_exit_s, report_interval_s=a.report_interval_s,
-             read_models=a.read_models, consumer_group=a.consumer_group)
+    for name, info in CdcOptions.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if name == "read_models":
+            parser.add_argument(
+                flag, dest=name, nargs="+", choices=READ_MODELS, metavar="READ_MODEL",
+                help=f"project only these read models (default: all of {list(READ_MODELS)}). "
+                     f"A subset gets a consumer group of its own: the settings' group and the "
+                     f"sorted read models, e.g. "
+                     f"{get_settings().kafka.consumer_group}.conversation_timeline")
+            continue
+        kinds = {info.annotation, *get_args(info.annotation)} - {type(None)}
+        convert = int if int in kinds else float
+        default = info.get_default()
+        shown = "default: never" if default is None else f"default: {default}"
+        parser.add_argument(flag, dest=name, type=convert,
+                            help=f"{info.description or name.replace('_', ' ')} ({shown})")
+    parser.add_argument(
+        "--consumer-group", dest="consumer_group",
+        help="Kafka consumer group (default: the settings' group, "
+             f"{get_settings().kafka.consumer_group!r}, or for a subset of read models a "
+             "consumer group of its own; naming the shared group with a subset is refused)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    try:
+        validate(args)  # fail here, before a flow run is even created
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # The final state, not its result: a requested stop ends the run Cancelled (with the
+    # summary as its data), which is an ordinary end for this process, not a failure.
+    state = cdc_flow(**args, return_state=True)
+    if state.is_completed() or state.is_cancelled():
+        return 0
+    print(f"error: the CDC flow run ended {state.type.value}: {state.message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,17 +11,17 @@ import argparse
 from prefect import flow, get_run_logger, task
 
 from tasks import kafka, postgres, scylla
-from tasks.errors import is_transient
+from tasks.errors import retry_if_transient
 from tasks.kafka_connect import ConnectorState, register_connector
 from tasks.settings import get_settings
 
 
-@task(retries=5, retry_delay_seconds=3, retry_condition_fn=lambda t, r, s: _transient(s))
+@task(retries=5, retry_delay_seconds=3, retry_condition_fn=retry_if_transient)
 def apply_postgres_schema() -> list[str]:
     return postgres.migrate()
 
 
-@task(retries=5, retry_delay_seconds=3, retry_condition_fn=lambda t, r, s: _transient(s))
+@task(retries=5, retry_delay_seconds=3, retry_condition_fn=retry_if_transient)
 def apply_scylla_schema() -> list[str]:
     session = scylla.connect()
     try:
@@ -30,22 +30,14 @@ def apply_scylla_schema() -> list[str]:
         scylla.close(session)
 
 
-@task(retries=5, retry_delay_seconds=3, retry_condition_fn=lambda t, r, s: _transient(s))
+@task(retries=5, retry_delay_seconds=3, retry_condition_fn=retry_if_transient)
 def create_topics() -> list[str]:
     return kafka.ensure_topics()
 
 
-@task(retries=5, retry_delay_seconds=3, retry_condition_fn=lambda t, r, s: _transient(s))
+@task(retries=5, retry_delay_seconds=3, retry_condition_fn=retry_if_transient)
 def register_debezium_connector() -> ConnectorState:
     return register_connector()
-
-
-def _transient(state: object) -> bool:
-    try:
-        state.result()  # type: ignore[attr-defined]
-    except Exception as exc:
-        return is_transient(exc)
-    return False
 
 
 @flow(name="setup", log_prints=False)

@@ -20,9 +20,10 @@ from tasks.projection import (
     version_of,
 )
 
-# A bigger event is refused before parsing: it would hold the consumer's memory and time for
-# one row, and no real row of this model comes near it (previews are capped, steps are small).
-MAX_EVENT_BYTES: Final = 8 * 1024 * 1024
+# A bigger event is refused before parsing (it goes to the dead-letter topic). Equal to the
+# record cap of Kafka and Kafka Connect here, and the write model's size caps keep every real
+# event below it (migration 0009; docs/decisions.md, "Size caps that agree").
+MAX_EVENT_BYTES: Final = 16 * 1024 * 1024
 HEARTBEAT_TOPIC_PREFIX: Final = "__debezium-heartbeat"
 
 _CHANGE_OPS: Final[dict[str, Literal["c", "u", "d", "r"]]] = {
@@ -33,10 +34,11 @@ _SKIP_OPS: Final = frozenset({"t", "m"})  # truncate, logical decoding message
 
 @dataclass(frozen=True, slots=True)
 class DecodedEvent:
-    kind: Literal["change", "tombstone", "heartbeat", "skip"]
+    kind: Literal["change", "tombstone", "heartbeat", "skip", "truncate"]
     change: Change | None
     commit_ts_us: int | None  # commit time of the source transaction (latency)
     lsn: int | None
+    table: str | None = None  # a truncate's table
 
 
 def _is_int(v: Any) -> bool:
@@ -102,6 +104,11 @@ def decode_message(topic: str, key: bytes | None, value: bytes | None) -> Decode
     commit_ts_us = _commit_ts_us(topic, source)
     lsn = source.get("lsn")
     lsn = lsn if _is_int(lsn) else None
+    if op == "t":  # published (skipped.operations=none) so that it is refused loudly
+        table = source.get("table") or topic.rsplit(".", 1)[-1]
+        if table not in SOURCE_TABLES:
+            raise DecodeError(f"{topic}: truncate of {table!r:.60}, not a source table")
+        return DecodedEvent("truncate", None, commit_ts_us, lsn, table)
     if isinstance(op, str) and op in _SKIP_OPS:
         return DecodedEvent("skip", None, commit_ts_us, lsn)
     if not isinstance(op, str) or op not in _CHANGE_OPS:

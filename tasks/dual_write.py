@@ -10,8 +10,8 @@ projection module and are written to Scylla with a small deadline, so the next r
 The Scylla step never fails a call: Postgres is the source of truth and has committed; on any
 error or timeout the result says ``read_model_updated=False``, a warning names the keys, and CDC
 converges the read models later. That is safe in any order because every cell carries
-``USING TIMESTAMP`` = the source row's version (DESIGN.md, "the one rule"): the CDC event for
-the same change projects to the same cells with the same timestamps, a no-op.
+``USING TIMESTAMP`` = the source row's version (docs/architecture.md, "The one rule"): the CDC
+event for the same change projects to the same cells with the same timestamps, a no-op.
 
 Writes are idempotent by id: retrying a call with the same ids after an unknown outcome
 (connection lost during COMMIT) finds the committed rows and returns them (``replayed``).

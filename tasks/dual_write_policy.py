@@ -57,13 +57,15 @@ class DualWritePolicy(BaseSettings):
     max_in_flight: int = Field(default=16, gt=0, le=1024)
 
     # Limits checked before anything is written. Content is measured in UTF-8 bytes (what
-    # Postgres, Debezium's 8 MiB event cap and Scylla's cells pay for), not in characters.
-    max_content_bytes: int = Field(default=64 * 1024, gt=0, le=4 * 1024 * 1024)
+    # Postgres, Kafka's record cap and Scylla's cells pay for), not in characters. The upper
+    # bounds are the write model's own caps (migration 0009), which keep every change event
+    # within Kafka's and the consumer's 16 MiB.
+    max_content_bytes: int = Field(default=64 * 1024, gt=0, le=1024 * 1024)
     max_title_chars: int = Field(default=500, gt=0, le=10_000)
     max_model_chars: int = Field(default=200, gt=0, le=10_000)
     max_kind_chars: int = Field(default=100, gt=0, le=10_000)
     max_steps: int = Field(default=256, ge=0, le=10_000)
-    max_step_payload_bytes: int = Field(default=256 * 1024, gt=0, le=4 * 1024 * 1024)
+    max_step_payload_bytes: int = Field(default=256 * 1024, gt=0, le=1024 * 1024)
 
     def dual_writes(self, operation: Operation | str) -> bool:
         """True when ``operation`` updates the read models right after its commit."""

@@ -77,9 +77,10 @@ class ScyllaHandle:
 
     def __init__(self, writer: ScyllaWriter | None = None, *, connect: bool = True,
                  retry_interval_s: float = 5.0, max_in_flight: int = 16,
-                 batch_max_statements: int = 16, batch_max_bytes: int = 4096) -> None:
+                 batch_max_statements: int = 16, batch_max_bytes: int | None = None) -> None:
         self._batch_max_statements = batch_max_statements
-        self._batch_max_bytes = batch_max_bytes
+        # The writer's own bound (CQRS_SCYLLA_BATCH_MAX_BYTES, under the server's warning).
+        self._batch_max_bytes = batch_max_bytes or get_settings().scylla.batch_max_bytes
         self._executor = ThreadPoolExecutor(max_workers=max_in_flight,
                                             thread_name_prefix="dual-write-scylla")
         self._slots = threading.BoundedSemaphore(max_in_flight)
@@ -110,7 +111,8 @@ class ScyllaHandle:
         return w
 
     def write(self, mutations: Sequence[Mutation], deadline_s: float) -> None:
-        """Apply ``mutations`` within ``deadline_s`` of wall time, or raise."""
+        """Apply ``mutations`` within ``deadline_s`` of wall time, or raise what the writer
+        raises (``ScyllaWriter``: TransientError, RejectedData, TerminalError)."""
         writer = self.writer()
         if writer is None:
             raise ServiceUnavailable("Scylla", "not connected (a background thread retries)")
@@ -119,7 +121,8 @@ class ScyllaHandle:
                                      "flight past their deadline: the cluster is slow")
         try:
             # A turn's few small mutations go as one unlogged batch (one round trip); long
-            # content goes as separate concurrent writes, under the store's batch-size limits.
+            # content goes as separate concurrent writes, each a plain statement, under the
+            # store's batch-size limits (a 1 MiB message is one plain INSERT).
             small = (len(mutations) <= self._batch_max_statements
                      and scylla.batch_bytes(mutations) <= self._batch_max_bytes)
             future = self._executor.submit(writer.write_batch if small else writer.write,

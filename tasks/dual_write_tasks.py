@@ -19,19 +19,10 @@ from prefect.cache_policies import NONE
 
 from tasks import dual_write
 from tasks.dual_write_policy import StepInput
-from tasks.errors import is_transient
-
-
-def _transient(_task: object, _run: object, state: Any) -> bool:
-    try:
-        state.result()
-    except Exception as exc:  # we only classify it
-        return is_transient(exc)
-    return False
-
+from tasks.errors import retry_if_transient
 
 _RETRY: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [0.5, 2, 5],
-                          "retry_condition_fn": _transient, "cache_policy": NONE}
+                          "retry_condition_fn": retry_if_transient, "cache_policy": NONE}
 
 
 @task(name="dual-write: create session", **_RETRY)

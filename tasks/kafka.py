@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from tasks.errors import ServiceUnavailable
+from tasks.errors import ServiceUnavailable, TransientError, classify
 from tasks.projection import SOURCE_TABLES
 from tasks.settings import KafkaSettings, get_settings
 
@@ -32,7 +32,10 @@ def ensure_topics(settings: KafkaSettings | None = None, partitions: int = 3,
     try:
         existing = set(client.list_topics(timeout=10).topics)
     except KafkaException as exc:
-        raise ServiceUnavailable("Kafka", f"{cfg.bootstrap_servers}: {exc}") from exc
+        error = classify(exc, f"listing topics on {cfg.bootstrap_servers}")
+        if isinstance(error, TransientError):
+            raise ServiceUnavailable("Kafka", f"{cfg.bootstrap_servers}: {exc}") from exc
+        raise error from exc
     wanted = [*change_topics(cfg), cfg.dead_letter_topic]
     new = [NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
            for t in wanted if t not in existing]
@@ -42,8 +45,9 @@ def ensure_topics(settings: KafkaSettings | None = None, partitions: int = 3,
             fut.result()
             created.append(topic)
         except KafkaException as exc:
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise
+            err = exc.args[0] if exc.args else None
+            if not (isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS):
+                raise classify(exc, f"creating topic {topic}") from exc
     return created
 
 

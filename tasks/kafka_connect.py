@@ -36,6 +36,9 @@ def connector_config(settings: Settings | None = None) -> dict[str, str]:
         # Streaming only: the first load is the backfill flow's job, taken after the slot
         # exists so nothing falls between the two (DESIGN: hand-off without a gap).
         "snapshot.mode": "no_data",
+        # Truncates are published (Debezium skips them by default) so that the consumer
+        # refuses them loudly instead of never hearing of them (docs/operations.md).
+        "skipped.operations": "none",
         # Heartbeats keep the slot advancing when the captured tables are idle (PITFALLS #1).
         "heartbeat.interval.ms": "5000",
         "heartbeat.action.query": "UPDATE cqrs_heartbeat SET beat_at = now() WHERE id = 1",

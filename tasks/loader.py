@@ -49,9 +49,15 @@ from pyrate_limiter import (
 )
 
 from tasks import scylla
-from tasks.errors import ConfigurationError, InvalidInput, TerminalError, TransientError
+from tasks.errors import (
+    ConfigurationError,
+    InvalidInput,
+    TerminalError,
+    TransientError,
+    classify,
+)
 from tasks.projection import READ_MODELS, project_arrow
-from tasks.scylla import TRANSIENT_DRIVER_ERRORS, ScyllaWriter
+from tasks.scylla import ScyllaWriter
 from tasks.settings import get_settings
 from tasks.snapshot import FEEDS, ChunkFile, Manifest, tables_for
 
@@ -163,7 +169,9 @@ class BatchingWriter:
         """Send ``rows`` (bind parameters of the statement ``cql``) without waiting for them:
         at most ``concurrency`` requests stay in flight, the oldest is awaited beyond that.
         So the next rows are projected while the store applies these; ``flush`` waits for
-        the rest. Any failure raises TransientError (here or in ``flush``)."""
+        the rest. A failure raises what ``classify`` makes of it (here or in ``flush``):
+        TransientError for an outage, TerminalError for a schema problem, RejectedData for
+        a row that cannot be written."""
         if not rows:
             return 0
         try:
@@ -174,9 +182,9 @@ class BatchingWriter:
                 while len(self._inflight) >= self.writer.concurrency:
                     self._await(self._inflight.popleft())
                 self._inflight.append(self.writer.session.execute_async(request))
-        except TRANSIENT_DRIVER_ERRORS as exc:
+        except Exception as exc:
             self._inflight.clear()
-            raise TransientError(f"Scylla write failed: {type(exc).__name__}: {exc}") from exc
+            raise classify(exc, f"Scylla write of {len(rows)} rows") from exc
         return len(rows)
 
     def discard(self) -> None:
@@ -191,9 +199,9 @@ class BatchingWriter:
     def _await(self, future: ResponseFuture) -> None:
         try:
             future.result()
-        except TRANSIENT_DRIVER_ERRORS as exc:
+        except Exception as exc:
             self._inflight.clear()  # their outcome no longer matters: the chunk is redone
-            raise TransientError(f"Scylla write failed: {type(exc).__name__}: {exc}") from exc
+            raise classify(exc, "Scylla write") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,6 +216,12 @@ class Checkpoints:
         self.session = session
         self.keyspace = _keyspace(keyspace)
         t = f"{self.keyspace}.{CHECKPOINT_TABLE}"
+        try:
+            self._prepare(session, t)
+        except Exception as exc:
+            raise classify(exc, f"setting up the checkpoints in {t}") from exc
+
+    def _prepare(self, session: Session, t: str) -> None:
         session.execute(f"CREATE TABLE IF NOT EXISTS {t} (read_model text, snapshot_id text, "
                         f"chunk_id text, rows_read bigint, rows_written bigint, seconds double, "
                         f"loaded_at timestamp, PRIMARY KEY ((read_model), snapshot_id, chunk_id))",
@@ -218,6 +232,10 @@ class Checkpoints:
         self._select = session.prepare(
             f"SELECT chunk_id, loaded_at FROM {t} WHERE read_model = ? AND snapshot_id = ?")
         self._forget = session.prepare(f"DELETE FROM {t} WHERE read_model = ?")
+        write_consistency = get_settings().scylla.write_consistency_level
+        for stmt in (self._insert, self._forget):
+            # Re-marking a chunk or forgetting twice is harmless: the driver may retry these.
+            stmt.consistency_level, stmt.is_idempotent = write_consistency, True
 
     def loaded(self, snapshot_id: str, read_models: Collection[str]
                ) -> dict[str, dict[str, datetime]]:
@@ -248,9 +266,12 @@ def truncate_read_models(session: Session, read_models: Collection[str],
     ks = _keyspace(keyspace)
     if unknown := set(read_models) - set(READ_MODELS):
         raise InvalidInput(f"unknown read model(s) {sorted(unknown)}")
-    Checkpoints(session, ks).forget(read_models)
-    for rm in read_models:
-        session.execute(f"TRUNCATE {ks}.{rm}", timeout=300)
+    try:
+        Checkpoints(session, ks).forget(read_models)
+        for rm in read_models:
+            session.execute(f"TRUNCATE {ks}.{rm}", timeout=300)
+    except Exception as exc:
+        raise classify(exc, f"truncating {sorted(read_models)} in {ks}") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,8 +387,8 @@ def load_and_checkpoint(directory: Path, chunk: ChunkFile, read_models: Sequence
     seconds = time.monotonic() - t0
     try:
         checkpoints.mark(snapshot_id, chunk.id, written, read, seconds)
-    except TRANSIENT_DRIVER_ERRORS as exc:
-        raise TransientError(f"checkpoint of {chunk.id} failed: {exc}") from exc
+    except Exception as exc:
+        raise classify(exc, f"checkpoint of {chunk.id}") from exc
     return ChunkDone(chunk.id, chunk.table, tuple(read_models), read, written, seconds)
 
 
@@ -475,8 +496,8 @@ def load_snapshot(directory: Path | str, session: Session, *,
     try:
         checkpoints = Checkpoints(session, ks)
         done = checkpoints.loaded(manifest.snapshot_id, models) if resume else {}
-    except TRANSIENT_DRIVER_ERRORS as exc:
-        raise TransientError(f"cannot read backfill checkpoints: {exc}") from exc
+    except Exception as exc:
+        raise classify(exc, "reading the backfill checkpoints") from exc
     result = LoadResult(manifest.snapshot_id, ks, models)
     pairs = {(t, rm): PairStats(t, rm) for t in tables for rm in sorted(FEEDS[t] & set(models))}
     result.pairs = list(pairs.values())

@@ -25,6 +25,8 @@ class MetricsReport:
     dead_lettered_total: int
     events_total: int
     lag: dict[str, int] = field(default_factory=dict)
+    # "waiting for Scylla since 10:02:03 UTC (45 s): ..." while a service is down.
+    waiting_for: str | None = None
 
     @property
     def total_lag(self) -> int:
@@ -35,7 +37,8 @@ class MetricsReport:
         p99 = "-" if self.latency_p99_ms is None else f"{self.latency_p99_ms:.0f}"
         return (f"{self.events_per_s:,.0f} events/s, latency p50 {p50} ms p99 {p99} ms, "
                 f"lag {self.total_lag}, DLQ {self.dead_lettered_total}, "
-                f"total {self.events_total}")
+                f"total {self.events_total}"
+                + (f"; {self.waiting_for}" if self.waiting_for else ""))
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -62,7 +65,8 @@ class CdcMetrics:
         self.events_total += messages
         self.dead_lettered_total += dead
 
-    def report(self, consumer: Consumer | None = None) -> MetricsReport:
+    def report(self, consumer: Consumer | None = None,
+               waiting_for: str | None = None) -> MetricsReport:
         now = time.monotonic()
         interval = max(now - self._since, 1e-9)
         lat = sorted(self._latencies_ms)
@@ -76,6 +80,7 @@ class CdcMetrics:
             dead_lettered_total=self.dead_lettered_total,
             events_total=self.events_total,
             lag=consumer_lag(consumer) if consumer is not None else {},
+            waiting_for=waiting_for,
         )
         self._latencies_ms.clear()
         self._events = 0

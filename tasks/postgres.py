@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from tasks.errors import ConfigurationError, ServiceUnavailable
+from tasks.errors import ConfigurationError, ServiceUnavailable, TransientError, classify
 from tasks.settings import PostgresSettings, get_settings
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas" / "postgres"
@@ -22,10 +22,14 @@ def connect(role: str = "app", settings: PostgresSettings | None = None,
     cfg = settings or get_settings().postgres
     try:
         return psycopg.connect(cfg.conninfo(role), autocommit=autocommit, connect_timeout=5)
-    except psycopg.OperationalError as exc:
+    except psycopg.Error as exc:
         # The message names host and port but never the password.
-        raise ServiceUnavailable("PostgreSQL", f"{cfg.host}:{cfg.port} as {role}: "
-                                 f"{str(exc).splitlines()[0]}") from exc
+        what = f"connecting to PostgreSQL at {cfg.host}:{cfg.port} as {role}"
+        error = classify(exc, what)
+        if isinstance(error, TransientError):
+            raise ServiceUnavailable("PostgreSQL", f"{cfg.host}:{cfg.port} as {role}: "
+                                     f"{(str(exc).splitlines() or [''])[0]}") from exc
+        raise error from exc  # bad password, unknown role or database: no retry helps
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,13 @@ def migrate(settings: PostgresSettings | None = None) -> list[str]:
     """Apply the write-model migrations not applied yet, each in its own transaction, and
     record them; set the roles' passwords from the settings. Returns the versions applied."""
     cfg = settings or get_settings().postgres
+    try:
+        return _migrate(cfg)
+    except psycopg.Error as exc:
+        raise classify(exc, "PostgreSQL migration") from exc
+
+
+def _migrate(cfg: PostgresSettings) -> list[str]:
     applied_now: list[str] = []
     with connect("admin", cfg) as conn:
         conn.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -115,12 +126,16 @@ def slot_gap(slot: SlotStatus, debezium_lsn: int | None) -> str | None:
 
 def slot_status(settings: PostgresSettings | None = None) -> SlotStatus:
     cfg = settings or get_settings().postgres
-    with connect("reader", cfg, autocommit=True) as conn:
-        current = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-        row = conn.execute(
-            """SELECT active, plugin, wal_status, confirmed_flush_lsn::text,
-                      pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
-                 FROM pg_replication_slots WHERE slot_name = %s""", (cfg.slot_name,)).fetchone()
+    try:
+        with connect("reader", cfg, autocommit=True) as conn:
+            current = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+            row = conn.execute(
+                """SELECT active, plugin, wal_status, confirmed_flush_lsn::text,
+                          pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+                     FROM pg_replication_slots WHERE slot_name = %s""",
+                (cfg.slot_name,)).fetchone()
+    except psycopg.Error as exc:
+        raise classify(exc, f"reading replication slot {cfg.slot_name!r}") from exc
     if row is None:
         return SlotStatus(cfg.slot_name, exists=False, current_lsn=current[0] if current else None)
     active, plugin, wal_status, flush, retained = row

@@ -1,7 +1,7 @@
 """The projection: one source change in, read-model mutations out. Pure: no I/O.
 
 CDC, backfill, dual-write and audit all go through this module, so one source row version
-always becomes the same cells with the same write timestamp (DESIGN.md, "the one rule"):
+always becomes the same cells with the same write timestamp (docs/architecture.md, "The one rule"):
 
 - an Upsert/Delete carries ``timestamp_us`` = the source row's version (``updated_at`` in µs),
   or, for a delete, that version + 1 µs (``tombstone_version``); Scylla's last-write-wins
@@ -343,6 +343,13 @@ def _cell(v: Any) -> Any:
     if isinstance(v, _CanonicalJson):
         return str(v)
     return v
+
+
+def read_models_of(table: str) -> tuple[str, ...]:
+    """The read models a source table feeds."""
+    if table not in _SPECS:
+        raise DecodeError(f"unknown source table {table!r}")
+    return tuple(s.read_model for s in _SPECS[table])
 
 
 def _specs(table: str, read_models: Collection[str] | None) -> tuple[_Spec, ...]:

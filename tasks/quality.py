@@ -393,7 +393,7 @@ def read_model_frame(session: Session, read_model: str, partition_keys: Iterable
     schema holds now) and timestamps as tz-aware UTC."""
     from cassandra.concurrent import execute_concurrent_with_args
 
-    from tasks.scylla import TRANSIENT_DRIVER_ERRORS
+    from tasks.errors import classify
     from tasks.settings import get_settings
 
     _check_read_model(read_model)
@@ -431,9 +431,8 @@ def read_model_frame(session: Session, read_model: str, partition_keys: Iterable
                         break
                 if len(rows) >= limit:
                     break
-        except TRANSIENT_DRIVER_ERRORS as exc:
-            raise TransientError(f"reading {len(keys)} partitions of {read_model} failed: "
-                                 f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            raise classify(exc, f"reading {len(keys)} partitions of {read_model}") from exc
     frame = pd.DataFrame.from_records(rows, columns=columns)
     for name, col in table.columns.items():
         if col.cql_type == "timestamp":

@@ -11,7 +11,8 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from cassandra import ConsistencyLevel
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -68,10 +69,38 @@ class ScyllaSettings(BaseSettings):
     # Writes in flight at once from one process (execute_concurrent's window).
     concurrency: int = 64
     # Rows per UNLOGGED batch of writes that share their replicas (CDC and backfill); 1 sends
-    # one request per row. Batches stay under batch_max_bytes of values (Cassandra warns
-    # above 5 KiB per batch, fails above 50 KiB).
+    # one request per row. Batches stay under batch_max_bytes of mutation data as the server
+    # counts it (Cassandra warns above 5 KiB per batch, fails above 50 KiB); a row larger
+    # than that is sent alone, as a plain statement.
     batch_rows: int = Field(default=20, ge=1, le=500)
     batch_max_bytes: int = Field(default=4000, ge=100, le=40_000)
+    # Consistency levels (names of cassandra.ConsistencyLevel). QUORUM in the local DC for
+    # both: a write acknowledged by a majority of the replicas is seen by any later
+    # majority read, so a user reads their own dual-written message whichever replica
+    # answers (at replication factor 3, ONE could read a replica the write has not reached).
+    write_consistency: str = "LOCAL_QUORUM"
+    read_consistency: str = "LOCAL_QUORUM"
+
+    @field_validator("write_consistency", "read_consistency")
+    @classmethod
+    def _consistency_name(cls, value: str, info: ValidationInfo) -> str:
+        name = value.strip().upper()
+        # SERIAL levels are for lightweight transactions only; ANY accepts a write no
+        # replica holds yet (a hint) and cannot serve a read.
+        invalid = {"SERIAL", "LOCAL_SERIAL"} | ({"ANY"} if info.field_name ==
+                                                "read_consistency" else set())
+        if name not in ConsistencyLevel.name_to_value or name in invalid:
+            allowed = sorted(set(ConsistencyLevel.name_to_value) - invalid)
+            raise ValueError(f"{value!r} is not a consistency level for this; one of {allowed}")
+        return name
+
+    @property
+    def write_consistency_level(self) -> int:
+        return int(ConsistencyLevel.name_to_value[self.write_consistency])
+
+    @property
+    def read_consistency_level(self) -> int:
+        return int(ConsistencyLevel.name_to_value[self.read_consistency])
 
 
 def _local_stack_jars() -> str:

@@ -6,7 +6,7 @@ REPEATABLE READ transaction and exports its snapshot (``pg_export_snapshot()``);
 connection imports it (``SET TRANSACTION SNAPSHOT``) before its first query, so all chunks of
 all tables see exactly the same committed rows, however long the reading takes. The same
 transaction records the WAL position and the CDC slot's ``confirmed_flush_lsn`` (the gap rule,
-DESIGN.md: the slot must exist before the snapshot so CDC covers every later commit).
+docs/architecture.md: the slot must exist before the snapshot so CDC covers every later commit).
 
 Chunks are primary-key (uuid) ranges whose bounds come from the data itself (every
 ``chunk_size``-th key in key order), so chunks are even whatever the key distribution (random
@@ -232,12 +232,29 @@ class Manifest:
             raise ConfigurationError(f"{directory} is not a complete snapshot (no {MANIFEST}); "
                                      f"a snapshot interrupted before its manifest cannot be "
                                      f"resumed: take a new one")
-        d = json.loads(path.read_text())
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigurationError(f"{path} is not a readable snapshot manifest ({exc}): "
+                                     f"take a new snapshot") from None
+        if not isinstance(d, dict):
+            raise ConfigurationError(f"{path} is not a snapshot manifest: a JSON object was "
+                                     f"expected, got {type(d).__name__}")
         if d.get("format") != FORMAT_VERSION:
             raise ConfigurationError(f"{path}: snapshot format {d.get('format')} is not "
                                      f"{FORMAT_VERSION}")
-        d["chunks"] = [ChunkFile(**c) for c in d["chunks"]]
-        return cls(**d)
+        try:
+            d["chunks"] = [ChunkFile(**c) for c in d["chunks"]]
+            manifest = cls(**d)
+            datetime.fromisoformat(manifest.snapshot_time)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigurationError(f"{path} is not a complete snapshot manifest (missing or "
+                                     f"malformed field: {exc!r}): take a new snapshot") from None
+        return manifest
+
+    @property
+    def taken_at(self) -> datetime:
+        return datetime.fromisoformat(self.snapshot_time)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +262,8 @@ class Manifest:
 
 
 def check_cdc_slot(slot: Mapping[str, Any], slot_name: str) -> None:
-    """Refuse a snapshot the CDC slot would not continue from (DESIGN.md, the gap rule)."""
+    """Refuse a snapshot the CDC slot would not continue from (docs/architecture.md, "The gap
+    rule")."""
     if not slot.get("exists"):
         raise ConfigurationError(
             f"the CDC replication slot {slot_name!r} does not exist: changes committed after "
@@ -257,6 +275,26 @@ def check_cdc_slot(slot: Mapping[str, Any], slot_name: str) -> None:
             f"the CDC replication slot {slot_name!r} exists but no connector is streaming from "
             f"it: changes after the snapshot are retained but not applied, and the read models "
             f"will stay stale until CDC runs. Start the Debezium connector, or pass no_cdc=True.")
+
+
+def check_snapshot_age(taken_at: datetime, gc_grace_s: Mapping[str, int], *,
+                       now: datetime | None = None, allow: bool = False) -> None:
+    """Refuse to load a snapshot older than the target tables' ``gc_grace_seconds``.
+
+    A row deleted after the snapshot is kept out of the read model only by its tombstone,
+    whose timestamp beats the snapshot row's. Compaction may purge a tombstone once it is
+    gc_grace_seconds old, and then loading the snapshot brings the deleted row back.
+    """
+    if allow or not gc_grace_s:
+        return
+    age = ((now or datetime.now(UTC)) - taken_at).total_seconds()
+    table, grace = min(gc_grace_s.items(), key=lambda kv: kv[1])
+    if age > grace:
+        raise ConfigurationError(
+            f"the snapshot taken at {taken_at.isoformat()} is {age:,.0f} s old, older than "
+            f"gc_grace_seconds of {table} ({grace:,} s): tombstones of rows deleted since may "
+            f"have been purged, and loading it would bring those rows back. Take a new "
+            f"snapshot, or pass allow_old_snapshot=True if no row was deleted since.")
 
 
 # --------------------------------------------------------------------------------------------

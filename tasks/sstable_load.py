@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from cassandra.cluster import Session
 
-from tasks.errors import ConfigurationError, TerminalError, TransientError
+from tasks.errors import ConfigurationError, TerminalError, TransientError, classify
 from tasks.projection import project_arrow_columns
 from tasks.settings import SSTableSettings, get_settings
 
@@ -127,7 +127,10 @@ def _table_cql(session: Session, keyspace: str, table: str) -> str:
     """The live table definition, on one line (the protocol's fields are one line each)."""
     meta = session.cluster.metadata.keyspaces.get(keyspace)
     if meta is None or table not in meta.tables:
-        session.cluster.refresh_schema_metadata()
+        try:
+            session.cluster.refresh_schema_metadata()
+        except Exception as exc:
+            raise classify(exc, f"reading the schema of {keyspace}.{table}") from exc
         meta = session.cluster.metadata.keyspaces.get(keyspace)
     if meta is None or table not in meta.tables:
         raise ConfigurationError(f"{keyspace}.{table} does not exist: run the migrations")
@@ -194,6 +197,13 @@ class Target:
 def check_target(session: Session) -> Target:
     """The cluster must be Apache Cassandra 4.0 or later: ScyllaDB neither speaks Cassandra's
     streaming protocol nor reads its current SSTable format."""
+    try:
+        return _check_target(session)
+    except Exception as exc:
+        raise classify(exc, "checking the cluster for the sstable load method") from exc
+
+
+def _check_target(session: Session) -> Target:
     if "scylla_local" in session.cluster.metadata.keyspaces["system"].tables:
         raise ConfigurationError(
             "the sstable load method streams Cassandra SSTables, which ScyllaDB does not "

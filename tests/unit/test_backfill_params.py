@@ -81,12 +81,12 @@ def test_every_bad_parameter_is_reported_at_once() -> None:
 def test_snapshot_dir_must_be_a_complete_snapshot(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"has no manifest\.json"):
         validate({"snapshot_dir": str(tmp_path)})
-    (tmp_path / "manifest.json").write_text("{}")
-    assert validate({"snapshot_dir": str(tmp_path)}).snapshot_dir == tmp_path
+    snap = _snapshot(tmp_path)
+    assert validate({"snapshot_dir": str(snap)}).snapshot_dir == snap
     with pytest.raises(ConfigurationError, match="rebuild with snapshot_dir"):
-        validate({"snapshot_dir": str(tmp_path), "rebuild": True})
+        validate({"snapshot_dir": str(snap), "rebuild": True})
     # Knowingly without CDC there are no CDC changes to lose.
-    assert validate({"snapshot_dir": str(tmp_path), "rebuild": True, "no_cdc": True}).rebuild
+    assert validate({"snapshot_dir": str(snap), "rebuild": True, "no_cdc": True}).rebuild
 
 
 def test_strings_from_the_command_line_are_parsed() -> None:
@@ -293,3 +293,75 @@ def test_batching_writer_drops_only_the_replica_batch_warning(
         driver_log.warning("Server warning: %s", "Batch for [ks.t] is of size 6.1KiB")
     assert [r.getMessage() for r in caplog.records] == [
         "Server warning: Batch for [ks.t] is of size 6.1KiB"]
+
+
+# --------------------------------------------------------------------------------------------
+# Values that used to pass: each now stops the run with a message naming it
+
+
+@pytest.mark.parametrize(("params", "named"), [
+    ({"rate_limit_rows_per_s": float("inf")}, "rate_limit_rows_per_s: .*finite"),
+    ({"rate_limit_rows_per_s": "inf"}, "rate_limit_rows_per_s: .*finite"),
+    ({"rate_limit_rows_per_s": float("nan")}, "rate_limit_rows_per_s: .*finite"),
+    ({"readers": 10_000}, "readers: Input should be less than or equal to"),
+    ({"concurrency": 10**9}, "concurrency: Input should be less than or equal to"),
+    ({"chunk_size": 10**12}, "chunk_size: Input should be less than or equal to"),
+    ({"write_batch_rows": 10**6}, "write_batch_rows: Input should be less than or equal to"),
+    ({"chunk_size": True}, "chunk_size: Input should be a valid integer"),
+    ({"readers": False}, "readers: Input should be a valid integer"),
+])
+def test_unbounded_or_non_numeric_values_are_refused(params: dict[str, object],
+                                                     named: str) -> None:
+    with pytest.raises(ConfigurationError, match=named):
+        validate(params)
+
+
+def _snapshot(tmp_path: Path, filt: SnapshotFilter | None = None) -> Path:
+    d = tmp_path / "snap"
+    d.mkdir()
+    (d / "manifest.json").write_text(json.dumps({
+        "snapshot_id": "s", "snapshot_time": datetime.now(UTC).isoformat(), "wal_lsn": "0/1",
+        "slot": {"exists": True}, "filter": (filt or SnapshotFilter()).to_json(),
+        "read_models": list(READ_MODELS), "chunk_size": 10, "tables": {}, "chunks": [],
+        "seconds": 0.0, "format": 1}))
+    return d
+
+
+def test_snapshot_dir_with_other_filters_is_refused(tmp_path: Path) -> None:
+    u = uuid.uuid4()
+    d = _snapshot(tmp_path, SnapshotFilter((u,)))
+    # The snapshot's own filter, given again, is fine: that is what gets loaded.
+    assert validate({"snapshot_dir": str(d), "user_ids": [str(u)]}).user_ids == (u,)
+    with pytest.raises(ConfigurationError, match=r"snapshot_dir .* filter"):
+        validate({"snapshot_dir": str(d), "user_ids": [str(uuid.uuid4())]})
+    with pytest.raises(ConfigurationError, match=r"snapshot_dir .* filter"):
+        validate({"snapshot_dir": str(d), "created_from": "2026-01-01T00:00:00Z"})
+    unfiltered = tmp_path / "other"
+    unfiltered.mkdir()
+    (unfiltered / "manifest.json").write_text((d / "manifest.json").read_text().replace(
+        f'"{u}"', '"00000000-0000-0000-0000-000000000001"'))
+    with pytest.raises(ConfigurationError, match=r"snapshot_dir .* filter"):
+        validate({"snapshot_dir": str(unfiltered), "user_ids": [str(u)]})
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"format": 1}', ""])
+def test_a_corrupt_manifest_names_the_file(tmp_path: Path, text: str) -> None:
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ConfigurationError, match=r"manifest\.json"):
+        validate({"snapshot_dir": str(tmp_path)})
+    from tasks.snapshot import Manifest
+
+    with pytest.raises(ConfigurationError, match=r"manifest\.json"):
+        Manifest.read(tmp_path)
+
+
+def test_snapshot_age_against_gc_grace_seconds() -> None:
+    from tasks.snapshot import check_snapshot_age
+
+    taken = datetime(2026, 1, 1, tzinfo=UTC)
+    grace = {"conversation_timeline": 864_000, "sessions_by_id": 3_600}
+    check_snapshot_age(taken, grace, now=taken + timedelta(seconds=3_599))
+    with pytest.raises(ConfigurationError,
+                       match=r"older than .*gc_grace_seconds.*sessions_by_id.*allow_old_snapshot"):
+        check_snapshot_age(taken, grace, now=taken + timedelta(seconds=3_601))
+    check_snapshot_age(taken, grace, now=taken + timedelta(days=30), allow=True)

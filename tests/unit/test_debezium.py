@@ -95,8 +95,14 @@ def test_tombstone_and_heartbeat() -> None:
     assert decode_message("__debezium-heartbeat.cqrs", None, b"junk").kind == "heartbeat"
 
 
-def test_truncate_and_message_are_skipped() -> None:
-    assert decode(envelope("t", None, None)).kind == "skip"
+def test_truncate_names_its_table_and_a_message_is_skipped() -> None:
+    # A truncate is decoded (the consumer refuses it loudly), not skipped.
+    assert decode(envelope("t", None, None)) == DecodedEvent(
+        "truncate", None, COMMIT_US, 24023928, "agent_turns")
+    other = envelope("t", None, None)
+    other["source"]["table"] = "pg_something"
+    with pytest.raises(DecodeError, match="not a source table"):
+        decode(other)
     msg = {"op": "m", "ts_ms": 1, "source": {"ts_us": COMMIT_US, "lsn": 5},
            "message": {"prefix": "p", "content": "eA=="}}
     assert decode(msg) == DecodedEvent("skip", None, COMMIT_US, 5)

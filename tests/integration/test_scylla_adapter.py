@@ -1,0 +1,266 @@
+"""The Scylla adapter against the real store: what a schema mistake and an unencodable value
+raise, and that batches stay under the server's batch-size warning while a row of any size
+(1 MiB included) is still written by the CDC, backfill and dual-write paths."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from cassandra.cluster import Session
+from cassandra.query import BatchStatement
+
+from tasks import scylla
+from tasks.dual_write_scylla import ScyllaHandle
+from tasks.errors import RejectedData, TerminalError, TransientError, is_transient
+from tasks.loader import BatchingWriter
+from tasks.projection import Delete, Mutation, Upsert, project_row, to_cql
+from tasks.scylla import ScyllaWriter, _bound_bytes
+from tests.integration.conftest import own_keyspace
+
+BATCH_WARNING = "exceeding specified threshold"
+
+
+@pytest.fixture(scope="module")
+def ks() -> Iterator[str]:
+    with own_keyspace("adapter") as name:
+        yield name
+
+
+@pytest.fixture(scope="module")
+def session() -> Iterator[Session]:
+    s = scylla.connect()
+    yield s
+    scylla.close(s)
+
+
+class ServerWarnings(logging.Handler):
+    """The server's warnings as the driver logs them (one line per warning of a response)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture()
+def server_warnings() -> Iterator[list[str]]:
+    handler = ServerWarnings()
+    logger = logging.getLogger("cassandra.protocol")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+_T0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def _turn(content: str, session_id: uuid.UUID | None = None, n: int = 0) -> Upsert:
+    return Upsert("conversation_timeline",
+                  (("session_id", session_id or uuid.uuid4()),
+                   ("created_at", _T0 + timedelta(milliseconds=n)), ("created_at_micros", n),
+                   ("turn_id", uuid.uuid4())),
+                  (("role", "agent"), ("content", content), ("model", "m-" * (n % 7))),
+                  1_700_000_000_000_000 + n)
+
+
+def _contents(rng: random.Random, n: int) -> list[str]:
+    """Sizes from empty to over the 5 KiB warning, with non-ASCII text (several bytes a
+    character in UTF-8) among them."""
+    sizes = [0, 1, 10, 100, 400, 1000, 2000, 3000, 3900, 4100, 5000, 5200, 9000]
+    out = []
+    for i in range(n):
+        size = rng.choice(sizes) if i % 3 else rng.randint(0, 1500)
+        out.append(("é€😀x"[i % 4]) * size)
+    return out
+
+
+def _mixed(rng: random.Random, n: int) -> list[Mutation]:
+    """What CDC and backfill write, for every read model: the projection of sessions, turns
+    and steps with text from empty to 9 KB, nulls, and deletes of some of those rows."""
+    out: list[Mutation] = []
+    sizes = [0, 0, 1, 20, 300, 1000, 3000, 4900, 5200, 9000]
+    user = uuid.uuid4()
+    for i in range(n):
+        u, t = uuid.uuid4(), _T0 + timedelta(seconds=i)
+        text = "é" * (rng.choice(sizes) // 2)
+        base = {"id": u, "session_id": u, "created_at": t, "updated_at": t + timedelta(1)}
+        table, row = rng.choice([
+            ("sessions", {**base, "user_id": user, "title": text[:200],
+                          "last_message": text,
+                          "last_message_at": None if i % 2 else t, "turn_count": i}),
+            ("human_turns", {**base, "content": text}),
+            ("agent_turns", {**base, "content": text, "model": "m" * (i % 30)}),
+            ("steps", {**base, "agent_turn_id": user, "kind": "tool",
+                        "payload": json.dumps({"text": text})}),
+        ])
+        for m in project_row(table, row):
+            out.append(m)
+            if i % 5 == 0:
+                out.append(Delete(m.read_model, m.key, m.timestamp_us + 1))
+    return out
+
+
+def _headers(rng: random.Random, n: int) -> list[Upsert]:
+    """Session headers as a chat's turns update them (both session read models): small rows,
+    mostly fixed-size values, the mix whose batches the old estimate let past 5 KiB."""
+    out: list[Upsert] = []
+    for i in range(n):
+        u, t = uuid.uuid4(), _T0 + timedelta(seconds=i)
+        out.extend(project_row("sessions", {
+            "id": u, "user_id": uuid.uuid4(), "created_at": t, "updated_at": t,
+            "title": "t" * rng.randint(0, 40), "last_message": "m" * rng.randint(0, 150),
+            "last_message_at": t, "turn_count": i}))
+    return out
+
+
+def _stored(session: Session, ks: str, m: Upsert) -> str | None:
+    key = dict(m.key)
+    row = session.execute(
+        f"SELECT content FROM {ks}.conversation_timeline WHERE session_id = %s AND "
+        f"created_at = %s AND created_at_micros = %s AND turn_id = %s",
+        (key["session_id"], key["created_at"], key["created_at_micros"], key["turn_id"])).one()
+    return None if row is None else str(row.content)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_write_to_an_unconfigured_table_is_terminal_and_names_it(session: Session) -> None:
+    bare = f"adapter_bare_{uuid.uuid4().hex[:8]}"  # a keyspace whose migrations never ran
+    session.execute(f"CREATE KEYSPACE {bare} WITH replication = "
+                    "{'class': 'SimpleStrategy', 'replication_factor': 1}")
+    try:
+        for call in ("write", "write_batch"):
+            writer = ScyllaWriter(session, bare)
+            with pytest.raises(TerminalError, match="conversation_timeline") as info:
+                getattr(writer, call)([_turn("a"), _turn("b")])
+            assert not is_transient(info.value), info.value
+            assert not isinstance(info.value, (TransientError, RejectedData))
+            # Cassandra 5 says "table ... does not exist", older ones and Scylla
+            # "unconfigured table ...".
+            assert re.search(r"unconfigured table|does not exist", str(info.value))
+    finally:
+        session.execute(f"DROP KEYSPACE IF EXISTS {bare}", timeout=120)
+
+
+@pytest.mark.parametrize("call", ["write", "write_batch", "write_with_timeout"])
+def test_a_lone_surrogate_is_rejected_data_and_nothing_is_sent(session: Session, ks: str,
+                                                               call: str) -> None:
+    writer = ScyllaWriter(session, ks)
+    good, bad = _turn("fine"), _turn("half a pair: \ud800")
+    method = writer.write if call == "write_with_timeout" else getattr(writer, call)
+    args: tuple[Any, ...] = (5.0,) if call == "write_with_timeout" else ()
+    with pytest.raises(RejectedData, match="content") as info:
+        method([good, bad], *args)
+    assert info.value.index == 1
+    assert _stored(session, ks, good) is None  # bound first, so nothing was sent
+    assert writer.write([good]) == 1  # the others can be written
+    assert _stored(session, ks, good) == "fine"
+
+
+# --------------------------------------------------------------------------------------------
+# Batch sizes
+
+
+def test_the_estimate_bounds_what_the_server_counts(session: Session, ks: str) -> None:
+    """Over-full batches on purpose: every size the server reports in its warning is at most
+    what ``_bound_bytes`` counted for that batch."""
+    writer = ScyllaWriter(session, ks, batch_rows=40, batch_max_bytes=40_000)
+    rng = random.Random(7)
+    checked = 0
+    for _ in range(6):
+        mutations = [_turn(c, n=i) for i, c in enumerate(_contents(rng, 30))]
+        for request in writer.requests(writer.bound(mutations)):
+            if not isinstance(request, BatchStatement):
+                continue
+            estimate = sum(_bound_bytes(values) for _, _, values in
+                           request._statements_and_parameters)
+            future = session.execute_async(request)
+            future.result()
+            for warning in future.warnings or []:
+                if BATCH_WARNING in warning:
+                    server = int(warning.split(" is of size ")[1].split(",")[0])
+                    assert server <= estimate, (server, estimate, warning)
+                    # And not absurdly above it: the estimate is meant to be tight.
+                    assert estimate < server * 1.3 + 500, (server, estimate)
+                    checked += 1
+    assert checked >= 3  # the server did warn about these, and they were compared
+
+
+# The default, and the largest a backfill may ask for (CQRS_SCYLLA_BATCH_ROWS allows 500).
+@pytest.mark.parametrize("batch_rows", [20, 500])
+def test_cdc_writes_raise_no_batch_size_warning(session: Session, ks: str, batch_rows: int,
+                                                server_warnings: list[str]) -> None:
+    writer = ScyllaWriter(session, ks, batch_rows=batch_rows)  # as the CDC consumer's
+    rng = random.Random(11)
+    for _ in range(3):
+        sid = uuid.uuid4()
+        # Several rows of one partition and many partitions, of many sizes.
+        turns = [_turn(c, sid if i % 4 == 0 else None, i)
+                 for i, c in enumerate(_contents(rng, 60))]
+        mutations = turns + _mixed(rng, 150) + _headers(rng, 100)
+        assert writer.write(mutations) == len(mutations)
+        assert _stored(session, ks, turns[-1]) == dict(turns[-1].values)["content"]
+        # A burst of header updates, one read model after the other.
+        headers = sorted(_headers(rng, 100), key=lambda m: m.read_model)
+        assert writer.write(headers) == len(headers)
+    assert not [w for w in server_warnings if BATCH_WARNING in w], server_warnings
+
+
+@pytest.mark.parametrize("batch_rows", [20, 500])
+def test_backfill_writes_raise_no_batch_size_warning(session: Session, ks: str, batch_rows: int,
+                                                     server_warnings: list[str]) -> None:
+    batching = BatchingWriter(ScyllaWriter(session, ks, batch_rows=batch_rows))
+    rng = random.Random(13)
+    turns = [_turn(c, n=i) for i, c in enumerate(_contents(rng, 300))]
+    # The backfill writes current rows only: upserts, one statement text at a time.
+    mutations = turns + [m for m in _mixed(rng, 400) if isinstance(m, Upsert)] + \
+        _headers(rng, 200)
+    by_cql: dict[str, list[Sequence[Any]]] = {}
+    for m in mutations:
+        cql, params = to_cql(m, ks)
+        by_cql.setdefault(cql, []).append(params)
+    for cql, rows in by_cql.items():
+        batching.submit_rows(cql, rows)
+    batching.flush()
+    assert _stored(session, ks, turns[0]) == dict(turns[0].values)["content"]
+    assert not [w for w in server_warnings if BATCH_WARNING in w], server_warnings
+
+
+def test_a_1_mib_turn_is_written_by_cdc_backfill_and_dual_write(session: Session, ks: str,
+                                                                server_warnings: list[str]
+                                                                ) -> None:
+    big = "t" * (1 << 20)
+    writer = ScyllaWriter(session, ks)
+    # CDC: among small rows of the same replicas.
+    cdc = [_turn("small", n=1), _turn(big, n=2), _turn("small", n=3)]
+    writer.write(cdc)
+    # Backfill.
+    backfill = _turn(big, n=4)
+    batching = BatchingWriter(writer)
+    cql, params = to_cql(backfill, ks)
+    batching.submit_rows(cql, [params, to_cql(_turn("x", n=5), ks)[1]])
+    batching.flush()
+    # Dual-write: the handle sends it as separate writes within its deadline.
+    dual = _turn(big, n=6)
+    handle = ScyllaHandle(writer)
+    try:
+        handle.write([dual, _turn("y", n=7)], deadline_s=10.0)
+    finally:
+        handle.close()
+    for m in (cdc[1], backfill, dual):
+        assert _stored(session, ks, m) == big
+    assert not [w for w in server_warnings if BATCH_WARNING in w], server_warnings
