@@ -34,7 +34,11 @@ from prefect.runtime import task_run
 
 from flows.backfill_params import BackfillParams, validate
 from tasks import postgres, scylla, sstable_load
-from tasks.errors import ConfigurationError, ServiceUnavailable, retry_if_transient
+from tasks.errors import (
+    ConfigurationError,
+    CqrsSyncError,
+    retry_if_transient,
+)
 from tasks.kafka_connect import KafkaConnectClient
 from tasks.loader import Checkpoints, LoadProgress, LoadResult, load_snapshot, truncate_read_models
 from tasks.settings import get_settings
@@ -119,7 +123,7 @@ def _debezium_lsn(log: Any) -> int | None:
     settings = get_settings().kafka
     try:
         return KafkaConnectClient(settings.connect_url).source_lsn(settings.connector_name)
-    except ServiceUnavailable as exc:
+    except CqrsSyncError as exc:
         log.warning("cannot read Debezium's offset: %s", exc)
         return None
 
@@ -138,6 +142,11 @@ def check_gap(p: BackfillParams, manifest: Manifest | None) -> dict[str, Any]:
     check_cdc_slot(state, slot.name)
     gap = postgres.slot_gap(slot, _debezium_lsn(log))
     if manifest is None:
+        if slot.wal_status == "lost":
+            # CDC cannot stream from this slot at all: nothing would carry later changes.
+            raise ConfigurationError(
+                f"{gap}: CDC cannot continue from it. Recreate the slot (drop it, then run "
+                f"python -m flows.setup), then run this backfill; it covers what was missed.")
         if gap:  # a new snapshot holds every change up to now: it is what covers such a gap
             log.warning("%s; the new snapshot covers the changes missed so far", gap)
     else:
@@ -347,9 +356,10 @@ def backfill_flow(
         #   change newer than the snapshot (its version, the write timestamp, beats the
         #   snapshot row's) or an old change the snapshot already holds (same or older
         #   version: the snapshot row wins or ties with the same cells). A CDC delete leaves a
-        #   tombstone stamped with the delete's commit time, newer than any snapshot version,
-        #   so the load cannot resurrect the row. TRUNCATE itself is not a timestamped
-        #   deletion: later writes with older timestamps are kept, which is what we need.
+        #   tombstone stamped with the deleted row's version + 1 µs, newer than any version
+        #   of that row a snapshot can hold, so the load cannot resurrect the row. TRUNCATE
+        #   itself is not a timestamped deletion: later writes with older timestamps are
+        #   kept, which is what we need.
         # - a CDC write applied BEFORE the truncate is wiped by it; that is only safe because
         #   the snapshot is taken after the truncate, so it holds every change committed up
         #   to then. Truncating and then loading an OLDER snapshot would lose the changes CDC

@@ -19,21 +19,29 @@ Plain code, usable without Prefect; ``flows/cdc.py`` wraps it as a long-lived fl
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from tasks import kafka
-from tasks.cdc_offsets import OffsetGap, start_positions
+from tasks.cdc_offsets import Gap, OffsetGap, start_positions
 from tasks.cdc_options import CdcOptions
 from tasks.debezium import decode_message
 from tasks.dlq import DeadLetters, dead_letter_headers
-from tasks.errors import RejectedData, TerminalError, TransientError, classify
+from tasks.errors import (
+    ConfigurationError,
+    CqrsSyncError,
+    RejectedData,
+    TerminalError,
+    TransientError,
+    classify,
+)
 from tasks.metrics import CdcMetrics, MetricsReport
 from tasks.projection import Mutation, compact, project, read_models_of
 from tasks.scylla import ScyllaWriter
@@ -89,6 +97,20 @@ class _Waiting:
 
 Event = Callable[[str, dict[str, Any]], None]
 
+# Errors about the store rather than about one change: every change would fail the same way.
+_SYSTEMIC: Final = re.compile(r"unconfigured table|does not exist|keyspace|unauthorized|"
+                              r"permission|not authorized|authenticat", re.IGNORECASE)
+
+
+def stops_the_run(error: CqrsSyncError) -> bool:
+    """A terminal error about the store (schema, permissions, configuration) stops the run
+    with its cause; any other non-transient error concerns the change it came from."""
+    if isinstance(error, TransientError | RejectedData) or not isinstance(error, TerminalError):
+        return False
+    cause = error.__cause__ or error
+    return isinstance(error, ConfigurationError) or bool(
+        _SYSTEMIC.search(f"{type(cause).__name__} {error}"))
+
 
 class CdcConsumer:
     """One member of the CDC consumer group. Several processes (flow runs) with the same group
@@ -113,7 +135,7 @@ class CdcConsumer:
         # Offsets of applied batches whose commit a rebalance interrupted: retried on the
         # next loop turn, or committed in on_revoke before the partition is given up.
         self._uncommitted: dict[tuple[str, int], int] = {}
-        self._fatal: TerminalError | None = None
+        self._fatal: CqrsSyncError | None = None
         self._waiting: _Waiting | None = None
         self._kafka_down: _Waiting | None = None
         self._report: Callable[[MetricsReport], None] | None = None
@@ -179,9 +201,10 @@ class CdcConsumer:
                 self.metrics.record_batch(len(msgs), batch.changes, len(batch.dead),
                                           batch.commit_ts_us)
         finally:
-            if report:
-                report(self._metrics_report())
-            self.close()
+            try:
+                self._publish()
+            finally:
+                self.close()
         return result
 
     def close(self) -> None:
@@ -213,9 +236,24 @@ class CdcConsumer:
                 log.info("Kafka is reachable again after %.0f s",
                          time.time() - self._kafka_down.since)
                 self._kafka_down = None
-        if self._report:
+        self._publish()
+        if self._should_stop is None:
+            return False
+        try:
+            return self._should_stop()
+        except Exception as exc:  # cannot tell (the Prefect API is down): keep consuming
+            log.warning("cancellation check failed: %s: %s", type(exc).__name__, exc)
+            return False
+
+    def _publish(self) -> None:
+        """Hand a report to the callback; its failure (Postgres or the Prefect API down)
+        is logged, never allowed to stop the consumer."""
+        if self._report is None:
+            return
+        try:
             self._report(self._metrics_report())
-        return bool(self._should_stop and self._should_stop())
+        except Exception as exc:
+            log.warning("metrics report failed: %s: %s", type(exc).__name__, exc)
 
     def _on_kafka_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -277,12 +315,13 @@ class CdcConsumer:
             return
         if err.code() == KafkaError._AUTO_OFFSET_RESET:
             # The position left the log while consuming (retention overtook the consumer).
-            raise TerminalError(
-                f"{msg.topic()}[{msg.partition()}]: the position is outside the log "
-                f"({err.str()}): changes were deleted by retention before this group "
-                f"applied them. Run a backfill, then restart CDC with a new consumer group.")
+            tp = TopicPartition(msg.topic() or "", msg.partition() or 0)
+            (position,) = self.consumer.position([tp])
+            low, high = self.consumer.get_watermark_offsets(tp, timeout=10)
+            raise OffsetGap(self.settings.consumer_group, [
+                Gap(tp.topic, tp.partition, position.offset, low, high)])
         if err.fatal():
-            raise KafkaException(err)
+            raise classify(KafkaException(err), "Kafka consumer")
         log.warning("Kafka consumer error (librdkafka retries): %s", err.str())
 
     def _truncate(self, table: str | None, commit_ts_us: int | None) -> TruncateNotApplied:
@@ -333,11 +372,13 @@ class CdcConsumer:
     def _set_aside_rejected(self, batch: _Batch, exc: Exception) -> None:
         """The batch's write failed with a non-transient error. A systemic one (schema,
         permissions) stops the run; otherwise each change is written alone, and those whose
-        own write fails that way go to the dead-letter topic with the error."""
+        own write fails for good go to the dead-letter topic with the error. A transient
+        error meanwhile leaves the batch as it was, to be retried whole."""
         error = classify(exc, f"Scylla write of a batch of {batch.changes} changes")
-        if isinstance(error, TerminalError) and not isinstance(error, RejectedData):
+        if stops_the_run(error):
             raise error from exc
         kept: list[tuple[Message, list[Mutation]]] = []
+        dead: list[tuple[Message, BaseException]] = []
         for msg, mutations in batch.applied:
             try:
                 self.writer.write(mutations)
@@ -346,13 +387,14 @@ class CdcConsumer:
             except Exception as one:
                 err = classify(one, f"Scylla write of {msg.topic()}[{msg.partition()}]"
                                     f"@{msg.offset()}")
-                if isinstance(err, TerminalError) and not isinstance(err, RejectedData):
+                if stops_the_run(err):
                     raise err from one
-                batch.dead.append((msg, err))
+                dead.append((msg, err))
                 continue
             kept.append((msg, mutations))
-        batch.applied = kept
-        batch.changes = len(kept)
+        batch.applied, batch.changes = kept, len(kept)
+        batch.dead.extend(dead)
+        batch.mutations = compact(m for _, ms in kept for m in ms)
 
     def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
         self._uncommitted.update(offsets)
@@ -374,8 +416,12 @@ class CdcConsumer:
                     # the last commit, and re-applying is idempotent.
                     log.info("commit deferred by a rebalance: %s", exc)
                     return
+                error = classify(exc, "offset commit")
+                if not isinstance(error, TransientError):
+                    raise error from exc  # e.g. the group is not authorized: say so, stop
                 log.warning("offset commit failed, retrying in %.1fs: %s", delay, exc)
-                time.sleep(delay)
+                if self.stop_event.wait(delay):
+                    break
                 delay = min(delay * 2, self.options.retry_max_s)
         # Not committing loses nothing: the batch is re-delivered and re-applied.
         log.error("offset commit kept failing; the batch will be re-delivered after a restart")
@@ -392,9 +438,9 @@ class CdcConsumer:
             marks = {(tp.topic, tp.partition): consumer.get_watermark_offsets(tp, timeout=30)
                      for tp in partitions}
         except KafkaException as exc:
-            self._fatal = TerminalError(f"cannot read the committed offsets of "
-                                        f"{len(partitions)} assigned partitions: {exc}")
-            consumer.incremental_assign(partitions)
+            # Without the committed offsets no start is safe: stop (a supervisor restarts).
+            self._fatal = classify(exc, f"reading the committed offsets of {len(partitions)} "
+                                        f"assigned partitions")
             return
         positions, gaps = start_positions(committed, marks)
         if gaps:

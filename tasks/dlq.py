@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from tasks import kafka
-from tasks.errors import TransientError
+from tasks.errors import TransientError, classify
 from tasks.settings import KafkaSettings
 
 log = logging.getLogger("cqrs_sync.dlq")
@@ -41,29 +41,40 @@ class DeadLetters:
         self.topic = settings.dead_letter_topic
         self.producer = Producer(kafka.producer_config(
             settings, **{"message.max.bytes": MAX_RECORD_BYTES + _HEADER_ALLOWANCE}))
-        self._errors: list[str] = []
+        self._errors: list[KafkaError] = []
 
     def send(self, dead: list[tuple[Message, BaseException]]) -> None:
         """Raise TransientError unless the topic took all of them (the caller retries)."""
         if not dead:
             return
         self._errors.clear()
+        what = f"dead-lettering to {self.topic}"
         for msg, exc in dead:
             # Ids and positions only: an error text may quote content, which may be private.
             log.warning("dead-lettering %s[%d]@%d: %s", msg.topic(), msg.partition(),
                         msg.offset(), type(exc).__name__)
-            self.producer.produce(self.topic, key=msg.key(), value=msg.value(),
-                                  headers=dead_letter_headers(msg, exc),
-                                  on_delivery=self._delivered)
+            while True:
+                try:
+                    self.producer.produce(self.topic, key=msg.key(), value=msg.value(),
+                                          headers=dead_letter_headers(msg, exc),
+                                          on_delivery=self._delivered)
+                    break
+                except BufferError:  # the local queue is full: let deliveries drain it
+                    self.producer.poll(0.5)
+                except KafkaException as refused:
+                    raise classify(refused, what) from refused
         remaining = self.producer.flush(30)
+        for err in self._errors:  # a missing topic or a refused write is not worth a retry
+            classified = classify(KafkaException(err), what)
+            if not isinstance(classified, TransientError):
+                raise classified
         if remaining or self._errors:
-            raise TransientError(f"dead-letter topic {self.topic} did not take "
-                                 f"{remaining or len(self._errors)} message(s): "
-                                 f"{self._errors[:1]}")
+            raise TransientError(f"{what}: {remaining or len(self._errors)} message(s) not "
+                                 f"acknowledged: {[e.str() for e in self._errors[:1]]}")
 
     def _delivered(self, err: KafkaError | None, _msg: Message) -> None:
         if err is not None:
-            self._errors.append(str(err))
+            self._errors.append(err)
 
     def close(self) -> None:
         self.producer.flush(10)

@@ -34,12 +34,13 @@ def connector_config(settings: Settings | None = None) -> dict[str, str]:
         # The publication is created by a migration (FOR TABLE needs ownership).
         "publication.autocreate.mode": "disabled",
         # Streaming only: the first load is the backfill flow's job, taken after the slot
-        # exists so nothing falls between the two (DESIGN: hand-off without a gap).
+        # exists so nothing falls between the two (docs/architecture.md, "The gap rule").
         "snapshot.mode": "no_data",
         # Truncates are published (Debezium skips them by default) so that the consumer
         # refuses them loudly instead of never hearing of them (docs/operations.md).
         "skipped.operations": "none",
-        # Heartbeats keep the slot advancing when the captured tables are idle (PITFALLS #1).
+        # Heartbeats keep the slot advancing when the captured tables are idle
+        # (docs/pitfalls.md #1).
         "heartbeat.interval.ms": "5000",
         "heartbeat.action.query": "UPDATE cqrs_heartbeat SET beat_at = now() WHERE id = 1",
         # poll.interval.ms bounds end-to-end latency (default 500 ms).

@@ -109,7 +109,7 @@ def lsn_to_int(lsn: str) -> int:
 def slot_gap(slot: SlotStatus, debezium_lsn: int | None) -> str | None:
     """Why changes may have been missed, or None. Debezium confirms an LSN to the slot only
     after recording it in its offsets, so a healthy slot never starts past Debezium's offset.
-    A slot that does was dropped and recreated while changes were written (PITFALLS #3):
+    A slot that does was dropped and recreated while changes were written (docs/pitfalls.md #3):
     the changes between the two positions never reached Kafka."""
     if not slot.exists:
         return f"replication slot {slot.name!r} does not exist: changes are not captured"

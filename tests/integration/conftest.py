@@ -3,7 +3,6 @@ up fails these tests loudly; they are never skipped."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,17 +15,20 @@ from tasks import postgres, scylla
 from tasks.cdc import CdcOptions
 from tasks.cdc_probe import LocalCdc
 from tasks.settings import get_settings
+from tests.integration import readmodels
 
 
 @pytest.fixture(scope="session", autouse=True)
-def stack_ready() -> None:
-    os.environ.setdefault("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+def stack_ready() -> Iterator[None]:
+    # The Prefect API URL is set by tests/conftest.py, before anything imported Prefect.
     unhealthy = [s.name for s in stack.SERVICES if not s.healthy()]
     assert not unhealthy, f"the local stack is not healthy ({unhealthy}): run `make up`"
     from flows.setup import setup_flow
 
-    result = setup_flow()
+    result = setup_flow()  # applies the migrations, the oracle's views included
     assert result["connector"] == "RUNNING", result
+    yield
+    readmodels.close_reader()
 
 
 @contextmanager

@@ -35,11 +35,11 @@ from infra import stack
 from tasks import postgres, scylla
 from tasks.errors import ConfigurationError
 from tasks.loader import Checkpoints
-from tasks.projection import KEY_COLUMNS, READ_MODELS, expected_rows
 from tasks.settings import get_settings
 from tasks.snapshot import Manifest
+from tests.integration import readmodels
 from tests.integration.conftest import own_keyspace
-from tests.integration.readmodels import _utc, postgres_rows, scylla_rows, wait_for
+from tests.integration.readmodels import READ_MODELS, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -134,33 +134,12 @@ def pg_counts(conn: psycopg.Connection, d: Dataset) -> dict[str, int]:
 # Comparing read models with Postgres
 
 
-def _steps_rows(cql: Session, turn_ids: list[uuid.UUID]) -> dict[Any, dict[str, Any]]:
-    out = {}
-    for t in turn_ids:
-        for r in cql.execute("SELECT * FROM steps_by_turn WHERE agent_turn_id = %s", (t,)):
-            d = {k: _utc(v) for k, v in r._asdict().items()}
-            key = tuple((c, d.pop(c)) for c in KEY_COLUMNS["steps_by_turn"])
-            out[key] = d
-    return out
-
-
-def differences(cql: Session, conn: psycopg.Connection, d: Dataset,
-                read_models: tuple[str, ...] = READ_MODELS) -> list[str]:
-    """Read models vs projecting Postgres, on this dataset's ids only; [] when equal."""
-    rows_pg = postgres_rows(conn, d.session_ids)
-    problems = []
-    for rm in read_models:
-        want = expected_rows(rows_pg, rm)
-        got = (_steps_rows(cql, d.agent_turn_ids) if rm == "steps_by_turn"
-               else scylla_rows(cql, rm, rows_pg, d.session_ids, d.user_ids))
-        if got != want:
-            missing = [k for k in want if k not in got]
-            extra = [k for k in got if k not in want]
-            wrong = [k for k in want if k in got and got[k] != want[k]]
-            sample = [(k, got.get(k), want.get(k)) for k in (missing + extra + wrong)[:2]]
-            problems.append(f"{rm}: {len(missing)} missing, {len(extra)} extra (resurrected?), "
-                            f"{len(wrong)} differ; e.g. {sample}")
-    return problems
+def differences(cql: Session, d: Dataset, read_models: tuple[str, ...] = READ_MODELS
+                ) -> list[str]:
+    """Read models vs the SQL oracle (schemas/postgres/0008) on this dataset's users, sessions
+    and agent turns (deleted ones too: a resurrected row shows as an extra); [] when equal."""
+    return readmodels.differences(cql, d.user_ids, d.session_ids, d.agent_turn_ids,
+                                  read_models)
 
 
 def sstable_versions(keyspace: str) -> set[str]:
@@ -221,7 +200,7 @@ def test_backfill_reproduces_the_projection_of_postgres_exactly(
     assert manifest.slot["exists"] and manifest.slot["confirmed_flush_lsn"]
     assert all((Path(result["snapshot_dir"]) / c.file).is_file() for c in manifest.chunks)
 
-    assert differences(bf_cql, pg_app, d) == []
+    assert differences(bf_cql, d) == []
     if method == "sstable":
         # Streamed files are in the SSTable version the node writes itself: a Cassandra 5 node
         # in its default 4.x compatibility refuses to restart with 5.0 ("oa") files.
@@ -395,8 +374,8 @@ def test_backfill_while_postgres_changes_and_cdc_runs_converges(
     kinds_after = {k for t, k in m.done if t > snapshot_at}
     assert {"del_turn", "del_agent", "title", "content"} <= kinds_after, m.done
     assert any(t < snapshot_at for t, _ in m.done)
-    assert wait_for(lambda: differences(cql, pg_app, d) == [], timeout=180, interval=1), \
-        differences(cql, pg_app, d)
+    assert wait_for(lambda: differences(cql, d) == [], timeout=180, interval=1), \
+        differences(cql, d)
 
 
 @pytest.mark.parametrize("method", ["cql", "sstable"])
@@ -415,12 +394,12 @@ def test_loading_an_old_snapshot_never_undoes_newer_changes(
     pg_app.execute("UPDATE agent_turns SET content = 'edited after the snapshot' "
                    "WHERE session_id = ANY(%s)", (d.session_ids,))
     pg_app.commit()
-    assert wait_for(lambda: differences(cql, pg_app, d) == [], timeout=180, interval=1), \
-        differences(cql, pg_app, d)
+    assert wait_for(lambda: differences(cql, d) == [], timeout=180, interval=1), \
+        differences(cql, d)
     # Replaying the older snapshot writes every row again, older versions all: they lose.
     again = backfill_flow(user_ids=d.users, snapshot_dir=first["snapshot_dir"], method=method)
     assert again["rows_written"] > 0 and again["snapshot_id"] == first["snapshot_id"]
-    assert differences(cql, pg_app, d) == []
+    assert differences(cql, d) == []
 
 
 @pytest.mark.parametrize("method", ["cql", "sstable"])
@@ -458,8 +437,8 @@ def test_rebuild_truncates_then_reloads_while_cdc_keeps_writing(
         _run_with_mutator(d, rng.randrange(1 << 30), lambda: backfill_flow(
             user_ids=d.users, rebuild=True, chunk_size=40, rate_limit_rows_per_s=2000,
             method=method, snapshot_root=str(tmp_path), keyspace=bf_keyspace))
-        assert wait_for(lambda: differences(bf_cql, pg_app, d) == [], timeout=240, interval=1), \
-            differences(bf_cql, pg_app, d)
+        assert wait_for(lambda: differences(bf_cql, d) == [], timeout=240, interval=1), \
+            differences(bf_cql, d)
     finally:
         consumer.stop()
         thread.join(30)
@@ -550,7 +529,7 @@ def test_killed_backfill_resumes_without_reloading_finished_chunks(
     after = checkpoints.loaded(manifest.snapshot_id, READ_MODELS)
     assert set(after) == set(rows_in)
     assert all(after[c] == before[c] for c in before)  # not loaded a second time
-    assert differences(bf_cql, pg_app, d) == []
+    assert differences(bf_cql, d) == []
 
 
 def test_sstable_writer_killed_mid_load_is_retried_and_resumed(
@@ -597,7 +576,7 @@ def test_sstable_writer_killed_mid_load_is_retried_and_resumed(
     assert result["chunks_skipped"] and result["chunks_loaded"]
     assert set(result["chunks_skipped"]) | set(result["chunks_loaded"]) == \
         {c.id for c in manifest.chunks}
-    assert differences(bf_cql, pg_app, d) == []
+    assert differences(bf_cql, d) == []
     assert not writer_jvms()  # the retry's JVM ended with its load
 
 

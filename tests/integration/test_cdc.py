@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import signal
@@ -12,42 +13,29 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
 from tasks import kafka, postgres, scylla
 from tasks.cdc import CdcConsumer, CdcOptions
 from tasks.cdc_probe import position_group_at_end
-from tasks.projection import READ_MODELS
 from tasks.settings import get_settings
-from tests.integration.readmodels import postgres_rows, scylla_rows, wait_for
+from tests.integration.readmodels import agree, differences, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def converged(pg: psycopg.Connection, cql: Any, session_ids: list[uuid.UUID],
-              user_ids: list[uuid.UUID]) -> bool:
-    from tasks.projection import expected_rows
-
-    rows = postgres_rows(pg, session_ids)
-    return all(scylla_rows(cql, rm, rows, session_ids, user_ids) == expected_rows(rows, rm)
-               for rm in READ_MODELS)
-
-
-def assert_converged(pg: psycopg.Connection, cql: Any, session_ids: list[uuid.UUID],
-                     user_ids: list[uuid.UUID], timeout: float = 60) -> None:
-    from tasks.projection import expected_rows
-
-    if wait_for(lambda: converged(pg, cql, session_ids, user_ids), timeout):
+def assert_converged(cql: Any, session_ids: list[uuid.UUID], user_ids: list[uuid.UUID],
+                     timeout: float = 60, agent_turns: tuple[uuid.UUID, ...] = ()) -> None:
+    """The read models of these sessions and users (and of these agent turns' steps) equal
+    the SQL oracle, within timeout."""
+    if wait_for(lambda: agree(cql, user_ids, session_ids, agent_turns), timeout):
         return
-    rows = postgres_rows(pg, session_ids)
-    for rm in READ_MODELS:
-        got, want = scylla_rows(cql, rm, rows, session_ids, user_ids), expected_rows(rows, rm)
-        assert got == want, f"{rm} differs from Postgres after {timeout}s"
+    assert differences(cql, user_ids, session_ids, agent_turns) == [], f"after {timeout}s"
 
 
 def test_every_table_insert_update_delete_reaches_read_models(cdc_consumer, pg_app, cql) -> None:
@@ -84,7 +72,7 @@ def test_every_table_insert_update_delete_reaches_read_models(cdc_consumer, pg_a
     pg_app.execute("DELETE FROM human_turns WHERE id = %s", (h1,))
     pg_app.execute("DELETE FROM steps WHERE id = %s", (st2,))
     pg_app.commit()
-    assert_converged(pg_app, cql, [s1, s2], [user, other_user])
+    assert_converged(cql, [s1, s2], [user, other_user], agent_turns=(a1,))
 
     timeline = {r.turn_id: r for r in cql.execute(
         "SELECT * FROM conversation_timeline WHERE session_id = %s", (s1,))}
@@ -101,7 +89,7 @@ def test_every_table_insert_update_delete_reaches_read_models(cdc_consumer, pg_a
 
     pg_app.execute("DELETE FROM sessions WHERE id = %s", (s1,))
     pg_app.commit()
-    assert_converged(pg_app, cql, [s1, s2], [user, other_user])
+    assert_converged(cql, [s1, s2], [user, other_user], agent_turns=(a1,))
     assert cql.execute("SELECT * FROM sessions_by_id WHERE session_id = %s", (s1,)).one() is None
     assert not list(cql.execute("SELECT * FROM conversation_timeline WHERE session_id = %s",
                                 (s1,)))
@@ -150,9 +138,11 @@ def test_poison_messages_go_to_dead_letter_topic_and_consumption_goes_on(cql) ->
         b"{not json",
         json.dumps(wrong_type).encode(),
         json.dumps(unknown_op).encode(),
-        b'{"after": {"id": "' + b"a" * (9 * 1024 * 1024) + b'"}}',
+        # Over the consumer's 16 MiB cap (which no change within the write model's caps
+        # reaches), within the broker's 17 MiB.
+        b'{"after": {"id": "' + b"a" * (16 * 1024 * 1024 + 1024) + b'"}}',
     ]
-    p = Producer(kafka.producer_config(**{"message.max.bytes": 16 * 1024 * 1024}))
+    p = Producer(kafka.producer_config(**{"message.max.bytes": 17 * 1024 * 1024}))
     for v in poison:
         p.produce(topic, key=key, value=v)
     p.produce(topic, key=key, value=json.dumps(real).encode())
@@ -329,7 +319,7 @@ def test_sigkill_mid_stream_then_restart_converges(pg_app, cql, tmp_path) -> Non
         assert wait_for(lambda: group_lag(group) > 0 and _committed_any(group), 120, 0.5), \
             f"consumer made no progress; log:\n{log.read_text()[-3000:]}"
         proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        assert proc.wait(30) == -signal.SIGKILL
         lag_at_kill = group_lag(group)
         proc = spawn_cdc(group, log)
         writer.join(300)
@@ -340,9 +330,11 @@ def test_sigkill_mid_stream_then_restart_converges(pg_app, cql, tmp_path) -> Non
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         writer.join(300)
+    # The restarted consumer, stopped by SIGTERM, ends cleanly.
+    assert proc.returncode == 0, f"exit status {proc.returncode}; log:\n{log.read_text()[-3000:]}"
     assert lag_at_kill > 0
     assert independent_mismatches(pg_app, cql, written) == []
-    assert_converged(pg_app, cql, written, users, timeout=10)
+    assert_converged(cql, written, users, timeout=10)
 
 
 def _committed_any(group: str) -> bool:
@@ -376,7 +368,8 @@ def test_sigterm_commits_what_was_applied_and_ends_cancelled(pg_app, tmp_path) -
     write_changes(500, users)
     assert wait_for(lambda: group_lag(group) == 0, 120, 0.5), log.read_text()[-3000:]
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) is not None
+    # A stop asked for is a clean end: exit status 0, not merely "it ended".
+    assert proc.wait(60) == 0, f"exit status {proc.returncode}; log:\n{log.read_text()[-3000:]}"
     text = log.read_text()
     assert "received SIGTERM" in text, text[-3000:]
     assert "Cancelled" in text, text[-3000:]
@@ -423,3 +416,209 @@ def test_two_consumers_in_one_group_share_partitions_and_converge(pg_app, cql, m
         for s in sessions:
             scylla.close(s)
     assert independent_mismatches(pg_app, cql, written) == []
+
+
+# ------------------------------------------------------------------------ rebalances in flight
+
+
+class _MemberLog(logging.Handler):
+    """The CDC consumers' log lines, with the thread (the group member) that logged them: the
+    rebalance callbacks run inside poll/consume/close, on the member's own thread."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.threadName or "", record.getMessage()))
+
+    def of(self, member: str, text: str) -> list[str]:
+        return [m for t, m in list(self.lines) if t == member and text in m]
+
+
+class _StallingWriter(scylla.ScyllaWriter):
+    """Holds one batch, once armed, for longer than the group waits between two polls of a
+    member: the group moves the member's partitions away while the batch is in flight."""
+
+    stall_s = 12.0
+
+    def __init__(self, session: Any, keyspace: str | None = None) -> None:
+        super().__init__(session, keyspace)
+        self.armed = threading.Event()
+        self.stalled = threading.Event()
+        self.batches = 0
+
+    def write(self, mutations: Any, timeout: float | None = None) -> int:
+        if mutations:
+            self.batches += 1
+            if self.armed.is_set():
+                self.armed.clear()
+                self.stalled.set()
+                time.sleep(self.stall_s)
+        return super().write(mutations, timeout)
+
+
+class _RefusingCommits:
+    """A member's consumer whose offset commits the group refuses, while ``refuse`` is set, as
+    it does during a rebalance (REBALANCE_IN_PROGRESS): the member must keep the offsets and
+    commit them later, at the latest when the partitions are revoked. Everything else goes to
+    the real consumer."""
+
+    def __init__(self, inner: Consumer) -> None:
+        self._inner = inner
+        self.refuse = threading.Event()
+        self.refused = 0
+
+    def commit(self, *args: Any, **kwargs: Any) -> Any:
+        if self.refuse.is_set():
+            self.refused += 1
+            raise KafkaException(KafkaError(KafkaError.REBALANCE_IN_PROGRESS))
+        return self._inner.commit(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _committed_total(group: str) -> int:
+    c = Consumer(kafka.consumer_config(**{"group.id": group}))
+    try:
+        total = 0
+        for topic in kafka.change_topics():
+            parts = [TopicPartition(topic, p) for p in
+                     c.list_topics(topic, timeout=10).topics[topic].partitions]
+            total += sum(max(tp.offset, 0) for tp in c.committed(parts, timeout=10))
+        return total
+    finally:
+        c.close()
+
+
+def test_rebalances_with_changes_in_flight_converge(pg_app, cql) -> None:
+    """Two members of one group while changes stream in: B joins mid-stream (A gives up
+    partitions: on_revoke), B's batch outlasts max.poll.interval.ms so the group takes its
+    partitions while it writes (its commit is refused and deferred; on_lost), B rejoins and
+    finally leaves mid-stream (on_revoke on close). The group ends with lag 0 and the read
+    models equal to the SQL oracle."""
+    group = f"t-rebal-{uuid.uuid4().hex[:8]}"
+    start_group_at_end(group)
+    settings = get_settings()
+    ks = settings.kafka.model_copy(update={"consumer_group": group})
+    lines = _MemberLog()
+    cdc_log = logging.getLogger("cqrs_sync.cdc")
+    level = cdc_log.level
+    cdc_log.addHandler(lines)
+    cdc_log.setLevel(logging.INFO)
+    errors: list[BaseException] = []
+    sessions: list[Any] = []
+
+    def member(writer: scylla.ScyllaWriter, overrides: dict[str, Any] | None = None
+               ) -> CdcConsumer:
+        return CdcConsumer(writer, CdcOptions(batch_size=200, report_interval_s=1), ks,
+                           consumer_overrides=overrides)
+
+    def start(name: str, consumer: CdcConsumer) -> threading.Thread:
+        def run() -> None:
+            try:
+                consumer.run()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def session() -> Any:
+        s = scylla.connect(keyspace=settings.scylla.keyspace)
+        sessions.append(s)
+        return s
+
+    users = [uuid.uuid4() for _ in range(10)]
+    written: list[uuid.UUID] = []
+    stop_writing = threading.Event()
+
+    def write_until_stopped() -> None:
+        try:
+            while not stop_writing.is_set():
+                written.extend(write_changes(500, users))
+        except BaseException as exc:
+            errors.append(exc)
+
+    writer = threading.Thread(target=write_until_stopped, daemon=True)
+    a = member(scylla.ScyllaWriter(session()))
+    # A's commits are refused from just before B joins until A gives partitions up: the
+    # offsets A applied meanwhile are pending when the revoke comes, and must be committed
+    # there, before the partitions move (the new owner then starts after them).
+    refusing = _RefusingCommits(a.consumer)
+    a.consumer = cast(Consumer, refusing)
+    pending_at_revoke: list[dict[tuple[str, int], int]] = []
+    on_revoke = a._on_revoke
+
+    def observed_revoke(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked = {(p.topic, p.partition) for p in partitions}
+        pending_at_revoke.append({k: o for k, o in a._uncommitted.items() if k in revoked})
+        refusing.refuse.clear()
+        on_revoke(consumer, partitions)
+
+    a._on_revoke = observed_revoke  # type: ignore[method-assign]  # before run() subscribes
+    a_thread = start("member-a", a)
+    b_writer = _StallingWriter(session())
+    b: CdcConsumer | None = None
+    b_thread: threading.Thread | None = None
+    try:
+        writer.start()
+        assert wait_for(lambda: _committed_total(group) > 0, 90, 0.5), "A applied nothing"
+        base = _committed_total(group)
+
+        # B joins while changes are in flight: A gives some partitions up.
+        refusing.refuse.set()
+        assert wait_for(lambda: refusing.refused > 0, 60, 0.1), "A committed nothing more"
+        b = member(b_writer, {"session.timeout.ms": 6000, "max.poll.interval.ms": 7000})
+        b_thread = start("member-b", b)
+        assert wait_for(lambda: bool(lines.of("member-a", "partitions revoked")), 90, 0.2), \
+            lines.lines[-20:]
+        assert wait_for(lambda: b_writer.batches > 0, 90, 0.2), "B never applied a batch"
+
+        # B's next batch outlasts max.poll.interval.ms: the group takes its partitions while
+        # the batch is written, the commit after it is refused, and B's partitions are lost.
+        b_writer.armed.set()
+        assert wait_for(b_writer.stalled.is_set, 60, 0.2), "B got no batch to stall"
+        assert wait_for(lambda: bool(lines.of("member-b", "partitions lost")), 90, 0.5), \
+            lines.lines[-20:]
+        # B rejoins, takes partitions again and works, then leaves mid-stream.
+        b_batches = b_writer.batches
+        assert wait_for(lambda: b_writer.batches > b_batches, 90, 0.2), \
+            f"B did not work again after it rejoined: {lines.lines[-20:]}"
+        b.stop()
+        b_thread.join(60)
+        assert not b_thread.is_alive()
+        assert _committed_total(group) > base  # all of this happened with changes in flight
+        stop_writing.set()
+        writer.join(120)
+        assert wait_for(lambda: group_lag(group) == 0, 180, 1), \
+            f"the group did not catch up: {lines.lines[-20:]}"
+    finally:
+        stop_writing.set()
+        writer.join(120)
+        a.stop()
+        if b is not None:
+            b.stop()
+        for t in (a_thread, b_thread):
+            if t is not None:
+                t.join(60)
+        for s in sessions:
+            scylla.close(s)
+        cdc_log.removeHandler(lines)
+        cdc_log.setLevel(level)
+    assert errors == []
+    # Every rebalance path ran: incremental revokes on A, the lost assignment and the revoke
+    # on close on B, and the commit the rebalance refused was deferred, not retried blindly.
+    assert lines.of("member-a", "partitions revoked")
+    assert lines.of("member-a", "commit deferred by a rebalance")
+    assert any(pending_at_revoke), f"no revoke of A found pending offsets: {pending_at_revoke}"
+    assert not [m for _, m in lines.lines if "could not commit revoked partitions" in m]
+    assert lines.of("member-b", "partitions lost")
+    assert lines.of("member-b", "commit deferred by a rebalance"), \
+        [m for _, m in lines.lines if "commit" in m]
+    assert lines.of("member-b", "partitions revoked")
+    assert not [m for _, m in lines.lines if "commit kept failing" in m]
+    assert written and independent_mismatches(pg_app, cql, written) == []
+    assert_converged(cql, written, users, timeout=30)

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import psycopg
 import pytest
 from cassandra.cluster import Session
 
@@ -24,8 +23,9 @@ from tasks.cdc_probe import ChangeTap, LocalCdc, TappedEvent
 from tasks.dual_write_policy import DualWritePolicy, StepInput
 from tasks.dual_write_scylla import ScyllaHandle
 from tasks.errors import InvalidInput
-from tasks.projection import Mutation, Upsert, change_from_row, expected_rows, project, version_of
-from tests.integration.readmodels import postgres_rows, scylla_rows, wait_for
+from tasks.projection import Mutation, Upsert, change_from_row, project, version_of
+from tests.integration import readmodels
+from tests.integration.readmodels import postgres_rows, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Generous on purpose: these tests are about what the dual-write path does, on a stack other
@@ -33,10 +33,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # test, the timeout test and the benchmark.
 TEST_DEADLINE_MS = 2000.0
 HEADER_MODELS = ("recent_conversations", "conversation_timeline", "sessions_by_id")
-# Slack for wall-clock bounds: on this 2-CPU box, shared with the stack's JVMs and other test
-# runs (load average ~5), a thread is sometimes not scheduled for ~200 ms. What the bounds
-# guard against is seconds: the driver's 2 s connection borrow, its 10 s request timeout.
-SCHEDULING_SLACK_MS = 250.0
+# Slack for wall-clock bounds. What the bounds guard against is seconds: the driver's 2 s
+# connection borrow, its 10 s request timeout. On this 2-CPU box, shared with the stack's JVMs
+# and other test runs, a thread is sometimes not scheduled for several hundred ms, so the
+# slack stays well below the first and well above a scheduling hiccup.
+SCHEDULING_SLACK_MS = 1000.0
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +59,10 @@ def with_flags(deps: dw.DualWriteDeps, **flags: bool) -> dw.DualWriteDeps:
     return deps.with_policy(deps.policy.model_copy(update=flags))
 
 
-def agree(cql: Session, conn: psycopg.Connection, sids: list[uuid.UUID],
-          uids: list[uuid.UUID], models: tuple[str, ...] = HEADER_MODELS) -> bool:
-    pg = postgres_rows(conn, sids)
-    return all(scylla_rows(cql, rm, pg, sids, uids) == expected_rows(pg, rm) for rm in models)
+def agree(cql: Session, sids: list[uuid.UUID], uids: list[uuid.UUID],
+          models: tuple[str, ...] = HEADER_MODELS) -> bool:
+    """The read models of these sessions equal the SQL oracle (schemas/postgres/0008)."""
+    return readmodels.agree(cql, uids, sids, read_models=models)
 
 
 def timeline_row(cql: Session, sid: uuid.UUID, turn_id: uuid.UUID) -> Any:
@@ -163,7 +164,7 @@ def test_dual_written_message_is_in_the_read_models_when_the_call_returns(conten
     assert (header.title, header.last_message, header.turn_count) == (
         "Trip to Porto", turn.rows["sessions"][0]["last_message"], 1)
     assert content.startswith(header.last_message)
-    assert agree(cql, pg_app, [sid], [uid])  # every cell as Postgres has it, at once
+    assert agree(cql, [sid], [uid])  # every cell as Postgres has it, at once
 
     # The cells carry the source rows' versions (updated_at in µs), as CDC's will.
     versions = {version_of(r) for rs in turn.rows.values() for r in rs}
@@ -174,16 +175,17 @@ def test_dual_written_message_is_in_the_read_models_when_the_call_returns(conten
 
 @pytest.mark.parametrize("path", ["policy off", "direct SQL", "agent turn (default policy)"])
 def test_write_that_skips_dual_write_is_visible_only_through_cdc(path, deps, cql, pg_app,
-                                                                 cdc_consumer, local_cdc):
-    # cdc_consumer replays the topics from their start; local_cdc starts at their end, so
-    # the staleness measured is CDC's latency, not a replay's catch-up.
+                                                                 local_cdc):
+    # No wall-clock race: whether the row is absent "right after the commit" depends on how
+    # fast CDC is that instant. What is asserted instead: the call sent nothing to Scylla,
+    # the turn's change event went through Kafka, and the row is there once CDC applied it.
     uid = uuid.uuid4()
     sid = dw.create_session(uid, "cdc only", deps=deps).session_id
     turn_id = uuid.uuid4()
+    tap = ChangeTap()
     if path == "policy off":
         r = dw.record_human_turn(sid, "via CDC", turn_id=turn_id,
                                  deps=with_flags(deps, record_human_turn=False))
-        assert r.dual_write == "skipped" and not r.read_model_updated
     elif path == "direct SQL":
         pg_app.execute("INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, %s)",
                        (turn_id, sid, "via CDC"))
@@ -191,17 +193,21 @@ def test_write_that_skips_dual_write_is_visible_only_through_cdc(path, deps, cql
     else:
         r = dw.record_agent_turn(sid, "via CDC", model="m", turn_id=turn_id,
                                  steps=[StepInput("tool_call", {"q": 1})], deps=deps)
-        assert r.dual_write == "skipped"
     returned = time.monotonic()
-    # Right after the commit the read model does not have it: CDC has several hops to go.
-    assert timeline_row(cql, sid, turn_id) is None
-    assert wait_for(lambda: timeline_row(cql, sid, turn_id) is not None, timeout=60,
-                    interval=0.005)
-    staleness_ms = (time.monotonic() - returned) * 1000
-    print(f"{path}: visible through CDC after {staleness_ms:.0f} ms")
-    assert staleness_ms > 0
+    if path != "direct SQL":
+        # Skipped: no mutation was projected, no Scylla request made.
+        assert r.dual_write == "skipped" and not r.read_model_updated, r
+        assert r.mutations == () and r.scylla_ms is None, r
+    events = tap.collect(lambda e: e.change is not None
+                         and (e.change.after or {}).get("id") == turn_id, 1, 60)
+    tap.close()
+    assert len(events) == 1, "the turn's change event never reached Kafka"
+    assert wait_for(lambda: local_cdc.applied(events), timeout=60), "CDC did not apply it"
+    row = timeline_row(cql, sid, turn_id)
+    assert row is not None and row.content == "via CDC"
+    print(f"{path}: applied by CDC within {(time.monotonic() - returned) * 1000:.0f} ms")
     models = (*HEADER_MODELS, "steps_by_turn")
-    assert wait_for(lambda: agree(cql, pg_app, [sid], [uid], models), timeout=60)
+    assert wait_for(lambda: agree(cql, [sid], [uid], models), timeout=60)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +301,7 @@ def test_scylla_timeout_or_absence_never_fails_the_call(deps, cql, pg_app, cdc_c
     pg = postgres_rows(pg_app, [sid])
     assert pg["sessions"][0]["title"] == "renamed offline"
     assert pg["human_turns"][0]["content"] == secret
-    assert wait_for(lambda: agree(cql, pg_app, [sid], [uid]), timeout=60)
+    assert wait_for(lambda: agree(cql, [sid], [uid]), timeout=60)
 
 
 # Stops and restarts the stack's Cassandra: `make test` owns its stack, so this always runs.
@@ -308,7 +314,10 @@ def test_cassandra_stopped_calls_succeed_and_cdc_converges(cql, pg_app, cdc_cons
     assert d.scylla.wait_ready(30)
     uid = uuid.uuid4()
     sid = dw.create_session(uid, "before the outage", deps=d).session_id
-    assert dw.record_human_turn(sid, "one", deps=d).read_model_updated
+    dw.record_human_turn(sid, "one", deps=d)
+    # The state before the outage is in the read models, by the dual-write within its 50 ms or
+    # by CDC when a busy machine made it miss them: which one is not what this test is about.
+    assert wait_for(lambda: agree(cql, [sid], [uid]), timeout=60)
     stack = [sys.executable, "-m", "infra.stack"]
     subprocess.run([*stack, "down", "cassandra"], cwd=ROOT, check=True, timeout=180)
     try:
@@ -325,7 +334,7 @@ def test_cassandra_stopped_calls_succeed_and_cdc_converges(cql, pg_app, cdc_cons
                   f"scylla {r.scylla_ms}) {r.error}")
         report = [(r.dual_write, round(ms, 1), round(r.postgres_ms, 1), r.scylla_ms, r.error)
                   for r, ms in results]
-        assert all(not r.read_model_updated for r, _ in results), report
+        assert all(r.dual_write == "failed" and r.error for r, _ in results), report
         # The Scylla step gives up within its deadline; the whole call costs Postgres's time
         # plus at most the deadline and a small margin.
         assert all(r.scylla_ms is not None
@@ -340,7 +349,7 @@ def test_cassandra_stopped_calls_succeed_and_cdc_converges(cql, pg_app, cdc_cons
 
     def converged() -> bool:
         try:
-            return agree(cql, pg_app, [sid], [uid])
+            return agree(cql, [sid], [uid])
         except Exception:  # the driver reconnects on its own schedule
             return False
     assert wait_for(converged, timeout=400, interval=1), "CDC did not converge after restart"
@@ -396,11 +405,11 @@ def test_two_writers_racing_on_one_session_converge_to_postgres(deps, cql, pg_ap
     assert pg["sessions"][0]["last_message"] == latest["content"]
     if all(r.read_model_updated for r in results):
         # Dual-writes landed in any order; the versions settle it before any CDC.
-        assert agree(cql, pg_app, [sid], [uid])
+        assert agree(cql, [sid], [uid])
     # And after CDC has applied every event of the race, still Postgres's state.
     events = collect_all(tap, results)
     assert wait_for(lambda: local_cdc.applied(events), timeout=60)
-    assert wait_for(lambda: agree(cql, pg_app, [sid], [uid]), timeout=30)
+    assert wait_for(lambda: agree(cql, [sid], [uid]), timeout=30)
 
 
 def test_delete_racing_with_writes_leaves_nothing_behind(deps, cql, pg_app, local_cdc):
@@ -411,15 +420,24 @@ def test_delete_racing_with_writes_leaves_nothing_behind(deps, cql, pg_app, loca
     deleted: list[dw.WriteResult] = []
     rejected: list[InvalidInput] = []
 
+    # Ordering, not timing: the delete goes in once some writes went through, and the chatter
+    # goes on until it has seen writes refused because the session is gone.
+    some_written = threading.Event()
+
     def chatter() -> None:
-        for i in range(40):
+        i = 0
+        while len(rejected) < 5 and i < 2000:
             try:
                 written.append(dw.record_human_turn(sid, f"msg {i}", deps=deps))
+                if len(written) >= 5:
+                    some_written.set()
             except InvalidInput as exc:
                 rejected.append(exc)
+            i += 1
+        some_written.set()
 
     def deleter() -> None:
-        time.sleep(0.05)
+        assert some_written.wait(60), "the chatter wrote nothing"
         deleted.append(dw.delete_session(sid, deps=deps))
 
     assert _race([chatter, deleter]) == []
@@ -477,7 +495,7 @@ def test_bad_input_is_rejected_before_anything_is_written(deps, cql, pg_app):
                                  deps=with_flags(deps, record_agent_turn=True))
     # If its Scylla step missed the deadline (a busy machine), CDC writes the same cells
     # later: wait until the read models agree with Postgres, after which nothing moves them.
-    assert first.read_model_updated or wait_for(lambda: agree(cql, pg_app, [sid], [uid]),
+    assert first.read_model_updated or wait_for(lambda: agree(cql, [sid], [uid]),
                                                 timeout=60)
     pg_before = postgres_rows(pg_app, [sid])
     cells_before = cells(cql, sid, uid)
@@ -508,7 +526,7 @@ def test_retry_with_the_same_ids_is_idempotent(deps, cql, pg_app):
         dw.record_human_turn(sid, "different content", turn_id=tid, deps=deps)
     with pytest.raises(InvalidInput, match="already taken"):
         dw.create_session(uuid.uuid4(), session_id=sid, deps=deps)
-    assert agree(cql, pg_app, [sid], [uid])
+    assert agree(cql, [sid], [uid])
 
 
 # --------------------------------------------------------------------------------------------

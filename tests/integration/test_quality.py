@@ -14,9 +14,9 @@ import pytest
 from cassandra.cluster import Session
 
 from tasks import postgres
-from tasks.projection import KEY_COLUMNS, READ_MODELS, expected_rows
+from tasks.projection import KEY_COLUMNS, READ_MODELS
 from tasks.quality import read_model_frame, validate_frame
-from tests.integration.readmodels import postgres_rows, scylla_rows, wait_for
+from tests.integration.readmodels import agree, wait_for
 
 LONG_ANSWER = "Lisbon, then Porto. " * 40  # 800 characters: the preview keeps 500
 
@@ -39,12 +39,9 @@ def conversation(cdc_consumer: Any, cql: Session) -> dict[str, uuid.UUID]:
                     ids["st2"], ids["a1"], ids["session"]))
         pg.commit()
 
-        def converged() -> bool:
-            rows = postgres_rows(pg, [ids["session"]])
-            return all(scylla_rows(cql, rm, rows, [ids["session"]], [ids["user"]])
-                       == expected_rows(rows, rm) for rm in READ_MODELS)
-
-        assert wait_for(converged, timeout=90), "the conversation did not reach Cassandra"
+    # Every read model equal to the SQL oracle (schemas/postgres/0008).
+    assert wait_for(lambda: agree(cql, [ids["user"]], [ids["session"]]), timeout=90), \
+        "the conversation did not reach Cassandra"
     return ids
 
 

@@ -2,7 +2,8 @@
 dual-write, for every source table, whether the re-insert runs in the deleting transaction or
 races it from another one (docs/decisions.md, "Versions over a key's whole life").
 
-Oracles are plain SQL and plain CQL on the rows at hand; nothing here calls the projection."""
+Oracles are plain SQL and plain CQL on the rows at hand. The projection is used once, to turn
+the real Debezium delete events into tombstones as the consumer would, for the backfill case."""
 
 from __future__ import annotations
 
@@ -169,7 +170,7 @@ def _change(e: TappedEvent) -> Any:
 
 def test_dual_write_create_racing_delete_session_is_visible(cdc_consumer: LocalCdc,
                                                             cql: Any) -> None:
-    """create_session(S) issued while delete_session(S) is deleting S's many turns."""
+    """create_session(S) issued while delete_session(S) holds S deleted, uncommitted."""
     deps = dual_write.connect_deps()
     tap = ChangeTap()
     user, sid = uuid.uuid4(), uuid.uuid4()
@@ -177,26 +178,28 @@ def test_dual_write_create_racing_delete_session_is_visible(cdc_consumer: LocalC
         dual_write.create_session(user, "first", session_id=sid, deps=deps)
         with postgres.connect("admin") as admin:
             admin.autocommit = True
-            # Enough turns that the cascade keeps the delete open for a while (seeded without
-            # the header triggers: 10,000 header updates would only slow CDC down).
-            admin.execute("SET session_replication_role = replica")
-            admin.execute("INSERT INTO human_turns (id, session_id, content) "
-                          "SELECT gen_random_uuid(), %s, 'x' FROM generate_series(1, 10000)",
-                          (sid,))
-            admin.execute("SET session_replication_role = DEFAULT")
-            results: dict[str, dual_write.WriteResult] = {}
-            d = threading.Thread(target=lambda: results.__setitem__(
-                "delete", dual_write.delete_session(sid, deps=deps)))
-            d.start()
-            # Start the create once the DELETE statement runs (the session row is gone in
-            # the deleting transaction and the cascade is still at work).
-            active = ("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-                      "AND query LIKE 'DELETE FROM sessions WHERE id%%'")
-            assert wait_until(lambda: admin.execute(active).fetchone() != (0,), 20, 0.005), \
-                "the delete never started"
-            results["create"] = dual_write.create_session(user, "again", session_id=sid,
-                                                          deps=deps)
-            d.join(60)
+            # A test-only trigger holds this one delete open for 1.5 s after the session row
+            # is deleted (uncommitted): the create below then races it, every time.
+            trigger = f"cqrs_test_slow_delete_{sid.hex}"
+            admin.execute("CREATE OR REPLACE FUNCTION cqrs_test_slow_delete() RETURNS trigger "
+                          "LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; "
+                          "END $$")
+            admin.execute(f"CREATE TRIGGER {trigger} AFTER DELETE ON sessions FOR EACH ROW "
+                          f"WHEN (OLD.id = '{sid}') EXECUTE FUNCTION cqrs_test_slow_delete()")
+            try:
+                results: dict[str, dual_write.WriteResult] = {}
+                d = threading.Thread(target=lambda: results.__setitem__(
+                    "delete", dual_write.delete_session(sid, deps=deps)))
+                d.start()
+                sleeping = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
+                            "AND query LIKE 'DELETE FROM sessions WHERE id%%'")
+                assert wait_until(lambda: admin.execute(sleeping).fetchone() != (0,), 20, 0.01), \
+                    "the delete never started"
+                results["create"] = dual_write.create_session(user, "again", session_id=sid,
+                                                              deps=deps)
+                d.join(60)
+            finally:
+                admin.execute(f"DROP TRIGGER IF EXISTS {trigger} ON sessions")
         assert not results["create"].replayed
         assert results["delete"].mutations and results["create"].mutations
         w = World.__new__(World)

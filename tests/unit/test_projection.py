@@ -499,8 +499,9 @@ def test_any_order_with_duplicates_converges_to_the_source(data: st.DataObject) 
         if action == "insert":
             version = tick()
             if (table, id_) in graveyard:
-                # The clock at the re-insert may even lag the deleted version (updates within
-                # one µs push updated_at ahead of it); the trigger's floor lifts it.
+                # In the deleting transaction the clock may even lag the deleted version
+                # (updates within one µs push updated_at ahead of it): the trigger's floor
+                # lifts it. From a later transaction the clock is past the delete's commit.
                 deleted = graveyard[table, id_]
                 version = max(deleted + data.draw(st.integers(-50, 3000)), deleted + 2)
             new = draw_row(data, table, id_, version)
