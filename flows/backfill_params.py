@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.errors import ConfigurationError
+from tasks.errors import ConfigurationError, describe_invalid
 from tasks.projection import READ_MODELS
 from tasks.snapshot import MANIFEST, Manifest, SnapshotFilter
 
@@ -180,15 +180,6 @@ class BackfillParams(BaseModel):
         return SnapshotFilter(self.user_ids, self.created_from, self.created_to)
 
 
-def _describe(err: Mapping[str, Any]) -> str:
-    loc = ".".join(str(x) for x in err.get("loc", ()))
-    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-    if not loc:  # a rule across parameters: the message names them
-        return msg
-    value = err.get("input")
-    return f"{loc}: {msg}" + ("" if isinstance(value, Mapping) else f" (got {value!r:.80})")
-
-
 def validate(params: Mapping[str, Any]) -> BackfillParams:
     """Parameters as given to the flow or the CLI → BackfillParams, or a ConfigurationError
     listing every bad one. None means 'use the default'."""
@@ -196,5 +187,4 @@ def validate(params: Mapping[str, Any]) -> BackfillParams:
     try:
         return BackfillParams.model_validate(given)
     except ValidationError as exc:
-        problems = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
-        raise ConfigurationError(f"invalid backfill parameters:\n{problems}") from None
+        raise ConfigurationError(describe_invalid(exc, "invalid backfill parameters")) from None

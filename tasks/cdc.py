@@ -33,7 +33,7 @@ from tasks import kafka
 from tasks.cdc_offsets import Gap, OffsetGap, start_positions
 from tasks.cdc_options import CdcOptions
 from tasks.debezium import decode_message
-from tasks.dlq import DeadLetters, dead_letter_headers
+from tasks.dlq import DeadLetters
 from tasks.errors import (
     ConfigurationError,
     CqrsSyncError,
@@ -47,8 +47,7 @@ from tasks.projection import Mutation, compact, project, read_models_of
 from tasks.scylla import ScyllaWriter
 from tasks.settings import KafkaSettings, get_settings
 
-__all__ = ["CdcConsumer", "CdcOptions", "RunResult", "TruncateNotApplied",
-           "dead_letter_headers"]
+__all__ = ["CdcConsumer", "CdcOptions", "RunResult", "TruncateNotApplied"]
 
 log = logging.getLogger("cqrs_sync.cdc")
 

@@ -8,12 +8,12 @@ same values. Pure: no I/O.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.errors import ConfigurationError
+from tasks.errors import ConfigurationError, describe_invalid
 from tasks.projection import READ_MODELS
 
 # Upper bounds: far above any sensible value, low enough that a typo (an extra few zeros)
@@ -71,7 +71,7 @@ class CdcOptions(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigurationError(describe(exc, "invalid CDC options")) from None
+            raise ConfigurationError(describe_invalid(exc, "invalid CDC options")) from None
 
     @field_validator("read_models", mode="before")
     @classmethod
@@ -102,21 +102,6 @@ class CdcOptions(BaseModel):
     @property
     def is_subset(self) -> bool:
         return set(self.read_models) != set(READ_MODELS)
-
-
-def describe(exc: ValidationError, title: str) -> str:
-    """A pydantic error → one line per bad parameter, each naming it and the value given."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()))
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        value = err.get("input")
-        if not loc:  # a rule across parameters: the message names them
-            lines.append(f"  - {msg}")
-        else:
-            shown = "" if isinstance(value, Mapping) else f" (got {value!r:.80})"
-            lines.append(f"  - {loc}: {msg}{shown}")
-    return f"{title}:\n" + "\n".join(lines)
 
 
 def consumer_group_for(shared_group: str, read_models: Sequence[str],

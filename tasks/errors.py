@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Mapping
 from typing import Any, Final
+
+from pydantic import ValidationError
 
 
 class CqrsSyncError(Exception):
@@ -249,3 +252,18 @@ def _builtin_kind(exc: BaseException) -> Kind | None:
     if isinstance(exc, OSError):  # ConnectionError, TimeoutError, socket errors, ENOSPC...
         return TransientError
     return None
+
+
+def describe_invalid(exc: ValidationError, title: str) -> str:
+    """A pydantic error → one line per bad parameter, each naming it and the value given."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        value = err.get("input")
+        if not loc:  # a rule across parameters: the message names them
+            lines.append(f"  - {msg}")
+        else:
+            shown = "" if isinstance(value, Mapping) else f" (got {value!r:.80})"
+            lines.append(f"  - {loc}: {msg}{shown}")
+    return f"{title}:\n" + "\n".join(lines)

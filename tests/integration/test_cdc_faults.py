@@ -31,6 +31,7 @@ from tasks.cdc_probe import ChangeTap, LocalCdc, end_offsets
 from tasks.errors import TerminalError
 from tasks.metrics import MetricsReport
 from tasks.settings import KafkaSettings, get_settings
+from tests.integration.readmodels import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -204,7 +205,7 @@ def test_truncate_is_refused_loudly_and_a_rebuild_repairs(
                       "VALUES (gen_random_uuid(), %s, %s, 'tool')", (turn, session))
         inserts = tap.collect(lambda e: e.change is not None and e.change.table == "steps", 1)
         tap.close()
-        assert inserts and wait(lambda: cdc_consumer.applied(inserts))
+        assert inserts and wait_for(lambda: cdc_consumer.applied(inserts))
         admin.execute("TRUNCATE steps")
     (dead,) = dlq_messages(dlq_end, lambda m: headers_of(m).get("dlq.error.class")
                            == "TruncateNotApplied", 1, timeout_s=60)
@@ -218,15 +219,6 @@ def test_truncate_is_refused_loudly_and_a_rebuild_repairs(
 
     backfill_flow(read_models=["steps_by_turn"], rebuild=True)
     assert cql.execute("SELECT count(*) FROM steps_by_turn").one()[0] == 0
-
-
-def wait(check: Callable[[], bool], timeout_s: float = 60, interval_s: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(interval_s)
-    return check()
 
 
 def test_an_agent_turn_at_the_size_cap_reaches_the_read_model(
@@ -245,7 +237,7 @@ def test_an_agent_turn_at_the_size_cap_reaches_the_read_model(
                          and str((e.change.after or {}).get("id")) == str(turn), 2, 60)
     tap.close()
     assert [e.event.change.op for e in events if e.event.change] == ["c", "u"]
-    assert wait(lambda: cdc_consumer.applied(events), 120)
+    assert wait_for(lambda: cdc_consumer.applied(events), 120)
     assert timeline_contents(cql, session) == {turn: second}
     # One byte over the cap is refused by Postgres, naming the constraint.
     with pytest.raises(psycopg.errors.CheckViolation, match="agent_turns_content_size"):
@@ -274,6 +266,13 @@ def reporting_consumer() -> Iterator[tuple[CdcConsumer, list[MetricsReport]]]:
     scylla.close(s)
 
 
+def _session(pg: psycopg.Connection) -> uuid.UUID:
+    pg.autocommit = True
+    session = uuid.uuid4()
+    pg.execute("INSERT INTO sessions (id, user_id) VALUES (%s, %s)", (session, uuid.uuid4()))
+    return session
+
+
 def _turn(pg: psycopg.Connection, session: uuid.UUID, content: str) -> uuid.UUID:
     turn = uuid.uuid4()
     pg.execute("INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, %s)",
@@ -286,22 +285,20 @@ def test_a_hung_scylla_is_reported_while_waiting_and_nothing_is_lost(
         caplog: pytest.LogCaptureFixture) -> None:
     _consumer, reports = reporting_consumer
     caplog.set_level(logging.WARNING, logger="cqrs_sync.cdc")
-    pg_app.autocommit = True
-    session = uuid.uuid4()
-    pg_app.execute("INSERT INTO sessions (id, user_id) VALUES (%s, %s)", (session, uuid.uuid4()))
+    session = _session(pg_app)
     pid = stack.alive_pid("cassandra")
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)  # a hung node: requests time out instead of being refused
     try:
         during = _turn(pg_app, session, "written while Scylla hangs")
-        assert wait(lambda: sum(1 for r in reports if r.waiting_for
+        assert wait_for(lambda: sum(1 for r in reports if r.waiting_for
                                 and "Scylla" in r.waiting_for) >= 2, 90), \
             [r.waiting_for for r in reports[-5:]]
     finally:
         os.kill(pid, signal.SIGCONT)
     assert any("waiting for Scylla since" in r.getMessage() for r in caplog.records)
-    assert wait(lambda: timeline_contents(cql, session).get(during) is not None, 120)
-    assert wait(lambda: reports[-1].waiting_for is None, 30)
+    assert wait_for(lambda: timeline_contents(cql, session).get(during) is not None, 120)
+    assert wait_for(lambda: reports[-1].waiting_for is None, 30)
 
 
 def test_kafka_down_is_reported_while_waiting_and_consumption_resumes(
@@ -309,18 +306,16 @@ def test_kafka_down_is_reported_while_waiting_and_consumption_resumes(
         caplog: pytest.LogCaptureFixture) -> None:
     _consumer, reports = reporting_consumer
     caplog.set_level(logging.INFO, logger="cqrs_sync.cdc")
-    pg_app.autocommit = True
-    session = uuid.uuid4()
-    pg_app.execute("INSERT INTO sessions (id, user_id) VALUES (%s, %s)", (session, uuid.uuid4()))
+    session = _session(pg_app)
     cli = [sys.executable, "-m", "infra.stack"]
     subprocess.run([*cli, "down", "kafka"], cwd=ROOT, check=True, timeout=180)
     try:
-        assert wait(lambda: any(r.waiting_for and "Kafka" in r.waiting_for for r in reports),
+        assert wait_for(lambda: any(r.waiting_for and "Kafka" in r.waiting_for for r in reports),
                     60), [r.waiting_for for r in reports[-5:]]
         assert any("waiting for Kafka since" in r.getMessage() for r in caplog.records)
     finally:
         subprocess.run([*cli, "up", "kafka"], cwd=ROOT, check=True, timeout=300)
-    assert wait(lambda: any("Kafka is reachable again" in r.getMessage()
+    assert wait_for(lambda: any("Kafka is reachable again" in r.getMessage()
                             for r in caplog.records), 60)
     after = _turn(pg_app, session, "written after Kafka came back")
-    assert wait(lambda: timeline_contents(cql, session).get(after) is not None, 180)
+    assert wait_for(lambda: timeline_contents(cql, session).get(after) is not None, 180)

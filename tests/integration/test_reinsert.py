@@ -8,7 +8,6 @@ the real Debezium delete events into tombstones as the consumer would, for the b
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +19,7 @@ from tasks import dual_write, postgres, scylla
 from tasks.cdc_probe import ChangeTap, LocalCdc, TappedEvent
 from tasks.projection import project
 from tests.integration.conftest import own_keyspace
+from tests.integration.readmodels import wait_for
 
 TABLES = ("sessions", "human_turns", "agent_turns", "steps")
 
@@ -110,16 +110,6 @@ FORMS: dict[str, Callable[[psycopg.Connection, World, str], None]] = {
 }
 
 
-def wait_until(check: Callable[[], bool], timeout_s: float = 60.0,
-               poll_s: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(poll_s)
-    return check()
-
-
 @pytest.mark.parametrize("form", FORMS)
 def test_reinserted_rows_are_visible_after_cdc_and_after_a_backfill(
         form: str, cdc_consumer: LocalCdc, cql: Any) -> None:
@@ -144,7 +134,7 @@ def test_reinserted_rows_are_visible_after_cdc_and_after_a_backfill(
         tap.close()
 
     # CDC: the consumer applies the delete and the insert (and any order of them converges).
-    assert wait_until(lambda: all(visible_text(cql, w, t) == "again" for t in TABLES)), \
+    assert wait_for(lambda: all(visible_text(cql, w, t) == "again" for t in TABLES)), \
         {t: visible_text(cql, w, t) for t in TABLES}
 
     # Backfill: a keyspace that holds CDC's tombstones of the deletes (the real events,
@@ -193,7 +183,7 @@ def test_dual_write_create_racing_delete_session_is_visible(cdc_consumer: LocalC
                 d.start()
                 sleeping = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
                             "AND query LIKE 'DELETE FROM sessions WHERE id%%'")
-                assert wait_until(lambda: admin.execute(sleeping).fetchone() != (0,), 20, 0.01), \
+                assert wait_for(lambda: admin.execute(sleeping).fetchone() != (0,), 20, 0.01), \
                     "the delete never started"
                 results["create"] = dual_write.create_session(user, "again", session_id=sid,
                                                               deps=deps)
@@ -222,7 +212,7 @@ def test_dual_write_create_racing_delete_session_is_visible(cdc_consumer: LocalC
                              and str((e.change.after or e.change.before or {}).get("id"))
                              == str(sid), 3)
         assert len(events) == 3, events
-        assert wait_until(lambda: cdc_consumer.applied(events))
+        assert wait_for(lambda: cdc_consumer.applied(events))
         assert visible_text(cql, w, "sessions") == "again"
     finally:
         tap.close()
