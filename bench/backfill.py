@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from psycopg import sql
 
 from bench.proc import proc_stat
-from tasks import postgres, scylla
+from tasks.adapters import postgres, scylla
 from tasks.settings import get_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -128,7 +128,7 @@ def _peak_rss_mib() -> float:
 
 
 def stage_snapshot(cfg: dict[str, Any]) -> dict[str, Any]:
-    from tasks.snapshot import take_snapshot
+    from tasks.backfill.snapshot import take_snapshot
 
     manifest, directory = take_snapshot(cfg["root"], chunk_size=cfg["chunk_size"],
                                         readers=cfg["readers"])
@@ -140,7 +140,7 @@ def stage_snapshot(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_load(cfg: dict[str, Any]) -> dict[str, Any]:
-    from tasks.loader import load_snapshot
+    from tasks.backfill.load import load_snapshot
 
     session = scylla.connect()
     try:

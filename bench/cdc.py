@@ -27,11 +27,12 @@ from cassandra.concurrent import execute_concurrent
 from confluent_kafka import Consumer, TopicPartition
 
 from bench.proc import proc_stat
-from tasks import cdc_probe, kafka, postgres, scylla
-from tasks.cdc import CdcConsumer, CdcOptions
-from tasks.debezium import decode_message
-from tasks.metrics import MetricsReport, percentile
-from tasks.projection import project
+from support import cdc_probe
+from tasks.adapters import kafka, postgres, scylla
+from tasks.cdc.consumer import CdcConsumer, CdcOptions
+from tasks.core.debezium import decode_message
+from tasks.core.metrics import MetricsReport, percentile
+from tasks.core.projection import project
 from tasks.settings import get_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -34,11 +34,11 @@ from typing import Any
 from cassandra.cluster import Session
 from cassandra.query import PreparedStatement
 
-from tasks import dual_write as dw
-from tasks import scylla
-from tasks.cdc_probe import LocalCdc
-from tasks.dual_write_policy import DualWritePolicy, Operation
-from tasks.metrics import percentile
+from support.cdc_probe import LocalCdc
+from tasks.adapters import scylla
+from tasks.core.metrics import percentile
+from tasks.core.write_policy import DualWritePolicy, Operation
+from tasks.dual_write import service as dw
 from tasks.settings import get_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -32,17 +32,18 @@ from prefect.artifacts import (
 from prefect.cache_policies import NONE
 from prefect.runtime import task_run
 
-from flows.backfill_params import BackfillParams, validate
-from tasks import postgres, scylla, sstable_load
-from tasks.errors import (
-    ConfigurationError,
-    CqrsSyncError,
-    retry_if_transient,
+from tasks.adapters import postgres, scylla
+from tasks.adapters import sstable as sstable_load
+from tasks.adapters.kafka_connect import KafkaConnectClient
+from tasks.backfill.load import (
+    Checkpoints,
+    LoadProgress,
+    LoadResult,
+    load_snapshot,
+    truncate_read_models,
 )
-from tasks.kafka_connect import KafkaConnectClient
-from tasks.loader import Checkpoints, LoadProgress, LoadResult, load_snapshot, truncate_read_models
-from tasks.settings import get_settings
-from tasks.snapshot import (
+from tasks.backfill.params import BackfillParams, validate
+from tasks.backfill.snapshot import (
     Manifest,
     SnapshotProgress,
     check_cdc_slot,
@@ -50,6 +51,12 @@ from tasks.snapshot import (
     tables_for,
     take_snapshot,
 )
+from tasks.core.errors import (
+    ConfigurationError,
+    CqrsSyncError,
+    retry_if_transient,
+)
+from tasks.settings import get_settings
 
 # --------------------------------------------------------------------------------------------
 # Progress in the Prefect UI
@@ -116,7 +123,7 @@ def summary_rows(manifest: Manifest, result: LoadResult | None) -> list[dict[str
 
 
 # --------------------------------------------------------------------------------------------
-# Tasks: thin wrappers over tasks.snapshot / tasks.loader
+# Tasks: thin wrappers over tasks.backfill.snapshot / tasks.backfill.load
 
 
 def _debezium_lsn(log: Any) -> int | None:

@@ -35,13 +35,13 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 
-from tasks import postgres, scylla
-from tasks.cdc import CdcConsumer
-from tasks.cdc_options import CdcOptions, consumer_group_for
-from tasks.errors import ConfigurationError, ServiceUnavailable
-from tasks.kafka_connect import KafkaConnectClient
-from tasks.metrics import MetricsReport
-from tasks.projection import READ_MODELS
+from tasks.adapters import postgres, scylla
+from tasks.adapters.kafka_connect import KafkaConnectClient
+from tasks.cdc.consumer import CdcConsumer
+from tasks.cdc.options import CdcOptions, consumer_group_for
+from tasks.core.errors import ConfigurationError, ServiceUnavailable
+from tasks.core.metrics import MetricsReport
+from tasks.core.projection import READ_MODELS
 from tasks.settings import get_settings
 
 # Retained WAL above which the slot is reported as a risk to the database's disk.

@@ -21,10 +21,10 @@ from cassandra.cluster import Session
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from tasks import dual_write as dw
-from tasks import scylla
-from tasks.cdc_probe import LocalCdc
-from tasks.dual_write_policy import StepInput
+from support.cdc_probe import LocalCdc
+from tasks.adapters import scylla
+from tasks.core.write_policy import StepInput
+from tasks.dual_write import service as dw
 from tasks.settings import get_settings
 
 SCRIPT = [

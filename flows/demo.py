@@ -18,8 +18,8 @@ from confluent_kafka import Consumer
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from tasks import kafka, postgres, scylla
-from tasks.cdc_probe import LocalCdc, end_offsets
+from support.cdc_probe import LocalCdc, end_offsets
+from tasks.adapters import kafka, postgres, scylla
 from tasks.settings import get_settings
 
 

@@ -10,9 +10,9 @@ import argparse
 
 from prefect import flow, get_run_logger, task
 
-from tasks import kafka, postgres, scylla
-from tasks.errors import retry_if_transient
-from tasks.kafka_connect import ConnectorState, register_connector
+from tasks.adapters import kafka, postgres, scylla
+from tasks.adapters.kafka_connect import ConnectorState, register_connector
+from tasks.core.errors import retry_if_transient
 from tasks.settings import get_settings
 
 

@@ -11,9 +11,9 @@ import pytest
 from cassandra.cluster import Session
 
 from infra import stack
-from tasks import postgres, scylla
-from tasks.cdc import CdcOptions
-from tasks.cdc_probe import LocalCdc
+from support.cdc_probe import LocalCdc
+from tasks.adapters import postgres, scylla
+from tasks.cdc.consumer import CdcOptions
 from tasks.settings import get_settings
 from tests.integration import readmodels
 

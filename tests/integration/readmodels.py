@@ -17,7 +17,7 @@ from cassandra.cluster import Session
 from psycopg.rows import dict_row
 from psycopg.types.string import TextLoader
 
-from tasks import postgres
+from tasks.adapters import postgres
 
 # The oracle's own list (not the projection module's): every read model has a view.
 READ_MODELS: Final = ("recent_conversations", "conversation_timeline", "sessions_by_id",

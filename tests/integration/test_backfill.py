@@ -32,11 +32,11 @@ from psycopg.types.json import Jsonb
 from bench.proc import proc_stat
 from flows.backfill import backfill_flow
 from infra import stack
-from tasks import postgres, scylla
-from tasks.errors import ConfigurationError
-from tasks.loader import Checkpoints
+from tasks.adapters import postgres, scylla
+from tasks.backfill.load import Checkpoints
+from tasks.backfill.snapshot import Manifest
+from tasks.core.errors import ConfigurationError
 from tasks.settings import get_settings
-from tasks.snapshot import Manifest
 from tests.integration import readmodels
 from tests.integration.conftest import own_keyspace
 from tests.integration.readmodels import READ_MODELS, wait_for
@@ -408,7 +408,7 @@ def test_rebuild_truncates_then_reloads_while_cdc_keeps_writing(
         tmp_path: Path, rng: random.Random) -> None:
     """A CDC consumer of this test's own applies changes to the test keyspace throughout the
     truncate, the snapshot and the load."""
-    from tasks.cdc import CdcConsumer, CdcOptions
+    from tasks.cdc.consumer import CdcConsumer, CdcOptions
 
     d = generate(pg_app, rng, users=10)
     stale_user, stale_session = d.user_ids[0], uuid.uuid4()  # in no Postgres table

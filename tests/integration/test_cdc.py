@@ -20,9 +20,9 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
-from tasks import kafka, postgres, scylla
-from tasks.cdc import CdcConsumer, CdcOptions
-from tasks.cdc_probe import position_group_at_end
+from support.cdc_probe import position_group_at_end
+from tasks.adapters import kafka, postgres, scylla
+from tasks.cdc.consumer import CdcConsumer, CdcOptions
 from tasks.settings import get_settings
 from tests.integration.readmodels import agree, differences, wait_for
 

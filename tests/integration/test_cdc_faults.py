@@ -24,12 +24,12 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
 from infra import stack
-from tasks import kafka, postgres, scylla
-from tasks.cdc import CdcConsumer, CdcOptions
-from tasks.cdc_offsets import OffsetGap
-from tasks.cdc_probe import ChangeTap, LocalCdc, end_offsets
-from tasks.errors import TerminalError
-from tasks.metrics import MetricsReport
+from support.cdc_probe import ChangeTap, LocalCdc, end_offsets
+from tasks.adapters import kafka, postgres, scylla
+from tasks.cdc.consumer import CdcConsumer, CdcOptions
+from tasks.cdc.offsets import OffsetGap
+from tasks.core.errors import TerminalError
+from tasks.core.metrics import MetricsReport
 from tasks.settings import KafkaSettings, get_settings
 from tests.integration.readmodels import wait_for
 
@@ -252,7 +252,7 @@ def test_an_agent_turn_at_the_size_cap_reaches_the_read_model(
 def reporting_consumer() -> Iterator[tuple[CdcConsumer, list[MetricsReport]]]:
     """The real consumer from the topics' end, reporting every second."""
     settings = group_settings()
-    from tasks.cdc_probe import position_group_at_end
+    from support.cdc_probe import position_group_at_end
 
     position_group_at_end(settings)
     s = scylla.connect(keyspace=get_settings().scylla.keyspace)

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from cassandra.cluster import Session
 
-from tasks import dual_write as dw
-from tasks.cdc_probe import ChangeTap, LocalCdc, TappedEvent
-from tasks.dual_write_policy import DualWritePolicy, StepInput
-from tasks.dual_write_scylla import ScyllaHandle
-from tasks.errors import InvalidInput
-from tasks.projection import Mutation, Upsert, change_from_row, project, version_of
+from support.cdc_probe import ChangeTap, LocalCdc, TappedEvent
+from tasks.core.errors import InvalidInput
+from tasks.core.projection import Mutation, Upsert, change_from_row, project, version_of
+from tasks.core.write_policy import DualWritePolicy, StepInput
+from tasks.dual_write import service as dw
+from tasks.dual_write.read_model import ScyllaHandle
 from tests.integration import readmodels
 from tests.integration.readmodels import postgres_rows, wait_for
 
@@ -536,7 +536,7 @@ def test_retry_with_the_same_ids_is_idempotent(deps, cql, pg_app):
 def test_prefect_tasks_write_through_the_same_path(cql, pg_app, monkeypatch):
     from prefect import flow
 
-    from tasks import dual_write_tasks as t
+    from tasks.dual_write import tasks as t
 
     # The wrappers use the process-wide deps, whose policy comes from the environment.
     monkeypatch.setenv("CQRS_DUAL_WRITE_DEADLINE_MS", str(TEST_DEADLINE_MS))

@@ -23,9 +23,9 @@ from confluent_kafka import ConsumerGroupTopicPartitions
 
 from flows.backfill import backfill_flow
 from flows.cdc import cdc_flow
-from tasks import kafka, postgres, scylla
-from tasks.errors import ConfigurationError
-from tasks.kafka_connect import KafkaConnectClient
+from tasks.adapters import kafka, postgres, scylla
+from tasks.adapters.kafka_connect import KafkaConnectClient
+from tasks.core.errors import ConfigurationError
 from tasks.settings import get_settings
 from tests.integration.conftest import own_keyspace
 

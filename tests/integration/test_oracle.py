@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 
-from tasks import postgres, projection, scylla
-from tasks.projection import (
+from tasks.adapters import postgres, scylla
+from tasks.core import projection
+from tasks.core.projection import (
     KEY_COLUMNS,
     canonical_json,
     expected_rows,
@@ -213,7 +214,7 @@ def oracle_keyspace() -> Iterator[Session]:
 
 
 def load_with_projection(session: Session, conn: psycopg.Connection[Any], d: Data) -> None:
-    """Project the data set's current rows with tasks.projection (whatever it is patched to)
+    """Project the data set's current rows with tasks.core.projection (whatever it is patched to)
     and write them into the keyspace, as the backfill does."""
     rows = postgres_rows(conn, d.sessions, jsonb_as_text=True)
     mutations = [m for table, rs in rows.items() for r in rs for m in project_row(table, r)]

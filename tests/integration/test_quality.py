@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from cassandra.cluster import Session
 
-from tasks import postgres
-from tasks.projection import KEY_COLUMNS, READ_MODELS
-from tasks.quality import read_model_frame, validate_frame
+from tasks.adapters import postgres
+from tasks.audit.quality import read_model_frame, validate_frame
+from tasks.core.projection import KEY_COLUMNS, READ_MODELS
 from tests.integration.readmodels import agree, wait_for
 
 LONG_ANSWER = "Lisbon, then Porto. " * 40  # 800 characters: the preview keeps 500

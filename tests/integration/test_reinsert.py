@@ -15,9 +15,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from tasks import dual_write, postgres, scylla
-from tasks.cdc_probe import ChangeTap, LocalCdc, TappedEvent
-from tasks.projection import project
+from support.cdc_probe import ChangeTap, LocalCdc, TappedEvent
+from tasks.adapters import postgres, scylla
+from tasks.core.projection import project
+from tasks.dual_write import service as dual_write
 from tests.integration.conftest import own_keyspace
 from tests.integration.readmodels import wait_for
 

@@ -17,12 +17,12 @@ import pytest
 from cassandra.cluster import Session
 from cassandra.query import BatchStatement
 
-from tasks import scylla
-from tasks.dual_write_scylla import ScyllaHandle
-from tasks.errors import RejectedData, TerminalError, TransientError, is_transient
-from tasks.loader import BatchingWriter
-from tasks.projection import Delete, Mutation, Upsert, project_row, to_cql
-from tasks.scylla import ScyllaWriter, _bound_bytes
+from tasks.adapters import scylla
+from tasks.adapters.scylla import ScyllaWriter, _bound_bytes
+from tasks.backfill.load import BatchingWriter
+from tasks.core.errors import RejectedData, TerminalError, TransientError, is_transient
+from tasks.core.projection import Delete, Mutation, Upsert, project_row, to_cql
+from tasks.dual_write.read_model import ScyllaHandle
 from tests.integration.conftest import own_keyspace
 
 BATCH_WARNING = "exceeding specified threshold"

@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from cassandra.cluster import Session
 
-from tasks import scylla
-from tasks.errors import TransientError
-from tasks.projection import project_arrow
-from tasks.snapshot import arrow_schema
-from tasks.sstable_load import SSTableWriterProcess, _table_cql
+from tasks.adapters import scylla
+from tasks.adapters.sstable import SSTableWriterProcess, _table_cql
+from tasks.backfill.snapshot import arrow_schema
+from tasks.core.errors import TransientError
+from tasks.core.projection import project_arrow
 from tests.integration.conftest import own_keyspace
 
 

@@ -14,8 +14,8 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 
 from infra import stack
-from tasks import kafka, postgres
-from tasks.cdc_probe import end_offsets
+from support.cdc_probe import end_offsets
+from tasks.adapters import kafka, postgres
 from tasks.settings import get_settings
 
 

@@ -1,0 +1,75 @@
+"""Kafka adapter: topic creation and client configs (confluent-kafka)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from tasks.core.errors import ServiceUnavailable, TransientError, classify
+from tasks.core.projection import SOURCE_TABLES
+from tasks.settings import KafkaSettings, get_settings
+
+
+def admin(settings: KafkaSettings | None = None) -> AdminClient:
+    cfg = settings or get_settings().kafka
+    return AdminClient({"bootstrap.servers": cfg.bootstrap_servers})
+
+
+def change_topics(settings: KafkaSettings | None = None) -> list[str]:
+    cfg = settings or get_settings().kafka
+    return [cfg.topic(t) for t in SOURCE_TABLES]
+
+
+def ensure_topics(settings: KafkaSettings | None = None, partitions: int = 3,
+                  replication_factor: int = 1) -> list[str]:
+    """Create the change topics and the dead-letter topic if missing; returns those created.
+    Partitions are the unit of scale for the CDC consumer group; records are keyed by primary
+    key, so every change of one row stays in order within one partition."""
+    cfg = settings or get_settings().kafka
+    client = admin(cfg)
+    try:
+        existing = set(client.list_topics(timeout=10).topics)
+    except KafkaException as exc:
+        error = classify(exc, f"listing topics on {cfg.bootstrap_servers}")
+        if isinstance(error, TransientError):
+            raise ServiceUnavailable("Kafka", f"{cfg.bootstrap_servers}: {exc}") from exc
+        raise error from exc
+    wanted = [*change_topics(cfg), cfg.dead_letter_topic]
+    new = [NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
+           for t in wanted if t not in existing]
+    created = []
+    for topic, fut in (client.create_topics(new).items() if new else []):
+        try:
+            fut.result()
+            created.append(topic)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if not (isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS):
+                raise classify(exc, f"creating topic {topic}") from exc
+    return created
+
+
+def consumer_config(settings: KafkaSettings | None = None, /, **overrides: Any) -> dict[str, Any]:
+    cfg = settings or get_settings().kafka
+    return {
+        "bootstrap.servers": cfg.bootstrap_servers,
+        "group.id": cfg.consumer_group,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        # Rebalances move partitions one at a time instead of stopping the whole group.
+        "partition.assignment.strategy": "cooperative-sticky",
+        "fetch.wait.max.ms": 10,
+        # Bound the prefetch queue (librdkafka's default is 64 MiB): memory stays flat
+        # however far behind the consumer is.
+        "queued.max.messages.kbytes": 8192,
+        "max.poll.interval.ms": 300000,
+        **overrides,
+    }
+
+
+def producer_config(settings: KafkaSettings | None = None, /, **overrides: Any) -> dict[str, Any]:
+    cfg = settings or get_settings().kafka
+    return {"bootstrap.servers": cfg.bootstrap_servers, "enable.idempotence": True,
+            "linger.ms": 5, **overrides}

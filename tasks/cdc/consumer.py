@@ -1,0 +1,475 @@
+"""The CDC consumer: Kafka (Debezium change events) → projection → Scylla read models.
+
+Effectively once = at-least-once delivery + idempotent writes: a batch is decoded, projected
+and written (every cell with ``USING TIMESTAMP`` = source version), changes that cannot be
+applied go to the dead-letter topic, and only then are the batch's offsets committed. A crash
+anywhere before the commit re-delivers the batch, and re-applying it is a no-op.
+
+What stops it and what does not (docs/architecture.md, "Error classes"):
+- a service down (TransientError): the batch is retried with capped backoff, never skipped,
+  while metrics and a "waiting for X since T" line keep being reported;
+- one change that cannot be decoded, projected or written (any other error about that
+  change): the change goes to the dead-letter topic with the error, the rest goes on;
+- a systemic problem (TerminalError: schema, permissions, an offset gap): the run stops
+  with an error that names the cause, committing nothing it did not apply.
+
+Plain code, usable without Prefect; ``flows/cdc.py`` wraps it as a long-lived flow.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from tasks.adapters import kafka
+from tasks.adapters.scylla import ScyllaWriter
+from tasks.cdc.dead_letters import DeadLetters
+from tasks.cdc.offsets import Gap, OffsetGap, start_positions
+from tasks.cdc.options import CdcOptions
+from tasks.core.debezium import decode_message
+from tasks.core.errors import (
+    ConfigurationError,
+    CqrsSyncError,
+    RejectedData,
+    TerminalError,
+    TransientError,
+    classify,
+)
+from tasks.core.metrics import CdcMetrics, MetricsReport
+from tasks.core.projection import Mutation, compact, project, read_models_of
+from tasks.settings import KafkaSettings, get_settings
+
+__all__ = ["CdcConsumer", "CdcOptions", "RunResult", "TruncateNotApplied"]
+
+log = logging.getLogger("cqrs_sync.cdc")
+
+
+@dataclass
+class RunResult:
+    messages: int = 0
+    changes: int = 0
+    mutations: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    stopped_by: str = "limit"
+    committed: dict[str, int] = field(default_factory=dict)
+
+
+class TruncateNotApplied(RejectedData):
+    """A TRUNCATE of a source table reached CDC. It is not applied: the read models keep the
+    rows until a rebuild (docs/operations.md, "A TRUNCATE of a source table")."""
+
+
+@dataclass
+class _Batch:
+    mutations: list[Mutation] = field(default_factory=list)  # compacted
+    # Each applied message with its own mutations: to find the one a write rejects.
+    applied: list[tuple[Message, list[Mutation]]] = field(default_factory=list)
+    dead: list[tuple[Message, BaseException]] = field(default_factory=list)
+    commit_ts_us: list[int] = field(default_factory=list)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    changes: int = 0
+
+
+@dataclass
+class _Waiting:
+    """A service the consumer is waiting for, since when (for the operator's log line)."""
+
+    service: str
+    since: float = field(default_factory=time.time)
+    error: str = ""
+    last_line: float = 0.0
+
+    def line(self) -> str:
+        at = datetime.fromtimestamp(self.since, UTC).strftime("%H:%M:%S UTC")
+        return (f"waiting for {self.service} since {at} ({time.time() - self.since:.0f} s): "
+                f"{self.error}")
+
+
+Event = Callable[[str, dict[str, Any]], None]
+
+# Errors about the store rather than about one change: every change would fail the same way.
+_SYSTEMIC: Final = re.compile(r"unconfigured table|does not exist|keyspace|unauthorized|"
+                              r"permission|not authorized|authenticat", re.IGNORECASE)
+
+
+def stops_the_run(error: CqrsSyncError) -> bool:
+    """A terminal error about the store (schema, permissions, configuration) stops the run
+    with its cause; any other non-transient error concerns the change it came from."""
+    if isinstance(error, TransientError | RejectedData) or not isinstance(error, TerminalError):
+        return False
+    cause = error.__cause__ or error
+    return isinstance(error, ConfigurationError) or bool(
+        _SYSTEMIC.search(f"{type(cause).__name__} {error}"))
+
+
+class CdcConsumer:
+    """One member of the CDC consumer group. Several processes (flow runs) with the same group
+    share the partitions; a rebalance only moves partitions whose batches are committed."""
+
+    def __init__(self, writer: ScyllaWriter, options: CdcOptions | None = None,
+                 settings: KafkaSettings | None = None,
+                 consumer_overrides: dict[str, Any] | None = None,
+                 emit: Event | None = None) -> None:
+        self.options = options or CdcOptions()
+        self.settings = settings or get_settings().kafka
+        self.writer = writer
+        self.metrics = CdcMetrics()
+        self.stop_event = threading.Event()
+        # Every failure to reach Kafka is reported by librdkafka here, not by poll().
+        self.consumer = Consumer(kafka.consumer_config(self.settings, **{
+            "statistics.interval.ms": 0, "auto.offset.reset": "error",
+            "error_cb": self._on_kafka_error, **(consumer_overrides or {})}))
+        self.dead_letters = DeadLetters(self.settings)
+        # Named events for what a person must act on (a Prefect event in the flow).
+        self.emit: Event = emit or (lambda _name, _payload: None)
+        # Offsets of applied batches whose commit a rebalance interrupted: retried on the
+        # next loop turn, or committed in on_revoke before the partition is given up.
+        self._uncommitted: dict[tuple[str, int], int] = {}
+        self._fatal: CqrsSyncError | None = None
+        self._waiting: _Waiting | None = None
+        self._kafka_down: _Waiting | None = None
+        self._report: Callable[[MetricsReport], None] | None = None
+        self._should_stop: Callable[[], bool] | None = None
+        self._last_report = time.monotonic()
+
+    # -- lifecycle
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the batch in flight (safe from a signal handler)."""
+        self.stop_event.set()
+
+    def run(self, topics: Sequence[str] | None = None,
+            report: Callable[[MetricsReport], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> RunResult:
+        o, result = self.options, RunResult()
+        self._report, self._should_stop = report, should_stop
+        self.consumer.subscribe(list(topics or kafka.change_topics(self.settings)),
+                                on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
+        started = last_message = self._last_report = time.monotonic()
+        try:
+            while True:
+                if self._fatal is not None:
+                    raise self._fatal
+                if self.stop_event.is_set():
+                    result.stopped_by = "signal"
+                    break
+                now = time.monotonic()
+                if o.max_seconds is not None and now - started >= o.max_seconds:
+                    result.stopped_by = "max_seconds"
+                    break
+                if o.max_messages is not None and result.messages >= o.max_messages:
+                    result.stopped_by = "max_messages"
+                    break
+                if o.idle_exit_s is not None and now - last_message >= o.idle_exit_s:
+                    result.stopped_by = "idle"
+                    break
+                if self._report_due():
+                    result.stopped_by = "cancelled"
+                    break
+                want = o.batch_size
+                if o.max_messages is not None:
+                    want = min(want, o.max_messages - result.messages)
+                msgs = self._next_batch(want)
+                if not msgs:
+                    if self._uncommitted:
+                        self._commit({})
+                    continue
+                last_message = time.monotonic()
+                batch = self._prepare(msgs)
+                if not self._apply(batch):
+                    result.stopped_by = "signal"  # abandoned in flight: nothing committed
+                    break
+                self._commit(batch.offsets)
+                result.messages += len(msgs)
+                result.changes += batch.changes
+                result.mutations += len(batch.mutations)
+                result.dead_lettered += len(batch.dead)
+                result.batches += 1
+                for (topic, part), off in batch.offsets.items():
+                    result.committed[f"{topic}[{part}]"] = off
+                self.metrics.record_batch(len(msgs), batch.changes, len(batch.dead),
+                                          batch.commit_ts_us)
+        finally:
+            try:
+                self._publish()
+            finally:
+                self.close()
+        return result
+
+    def close(self) -> None:
+        try:
+            self.dead_letters.close()
+        finally:
+            self.consumer.close()  # leaves the group: its partitions move to the others now
+
+    # -- reporting, also while waiting for a service
+
+    def _metrics_report(self) -> MetricsReport:
+        waiting = self._waiting or self._kafka_down
+        # Lag needs the brokers; while they are down asking would block the loop.
+        return self.metrics.report(None if self._kafka_down else self.consumer,
+                                   waiting_for=waiting.line() if waiting else None)
+
+    def _report_due(self) -> bool:
+        """Report if the interval has passed; True if the run should stop (cancelled)."""
+        now = time.monotonic()
+        if now - self._last_report < self.options.report_interval_s:
+            return False
+        self._last_report = now
+        if self._kafka_down is not None:
+            try:
+                self.consumer.list_topics(timeout=2)
+            except KafkaException:
+                log.warning("%s", self._kafka_down.line())
+            else:
+                log.info("Kafka is reachable again after %.0f s",
+                         time.time() - self._kafka_down.since)
+                self._kafka_down = None
+        self._publish()
+        if self._should_stop is None:
+            return False
+        try:
+            return self._should_stop()
+        except Exception as exc:  # cannot tell (the Prefect API is down): keep consuming
+            log.warning("cancellation check failed: %s: %s", type(exc).__name__, exc)
+            return False
+
+    def _publish(self) -> None:
+        """Hand a report to the callback; its failure (Postgres or the Prefect API down)
+        is logged, never allowed to stop the consumer."""
+        if self._report is None:
+            return
+        try:
+            self._report(self._metrics_report())
+        except Exception as exc:
+            log.warning("metrics report failed: %s: %s", type(exc).__name__, exc)
+
+    def _on_kafka_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = TerminalError(f"Kafka client error, fatal: {err.str()}")
+            return
+        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT,
+                          KafkaError._RESOLVE, KafkaError._TIMED_OUT):
+            if self._kafka_down is None:
+                self._kafka_down = _Waiting("Kafka", error=err.str())
+                log.warning("%s", self._kafka_down.line())
+            else:
+                self._kafka_down.error = err.str()
+        else:
+            log.warning("Kafka client error (librdkafka retries): %s", err.str())
+
+    # -- one batch
+
+    def _next_batch(self, want: int) -> list[Message]:
+        """Wait for the first message only, then take whatever else is already fetched:
+        consume(n, timeout) would hold a half-full batch for the whole timeout, and that
+        wait would be added to every event's latency at low rates."""
+        first = self.consumer.poll(self.options.batch_timeout_s)
+        if first is None:
+            return []
+        return [first, *self.consumer.consume(num_messages=want - 1, timeout=0)] \
+            if want > 1 else [first]
+
+    def _prepare(self, msgs: list[Message]) -> _Batch:
+        batch = _Batch()
+        read_models = self.options.read_models
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                self._consumer_error(msg, err)
+                continue
+            topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
+            batch.offsets[(topic, partition)] = offset + 1
+            try:
+                event = decode_message(topic, msg.key(), msg.value())
+                if event.kind == "truncate":
+                    batch.dead.append((msg, self._truncate(event.table, event.commit_ts_us)))
+                    continue
+                if event.kind != "change" or event.change is None:
+                    continue
+                mutations = project(event.change, read_models)
+            except Exception as exc:  # any error about this one change: dead-lettered
+                batch.dead.append((msg, exc))
+                continue
+            batch.applied.append((msg, mutations))
+            batch.mutations.extend(mutations)
+            batch.changes += 1
+            if event.commit_ts_us is not None:
+                batch.commit_ts_us.append(event.commit_ts_us)
+        batch.mutations = compact(batch.mutations)
+        return batch
+
+    def _consumer_error(self, msg: Message, err: KafkaError) -> None:
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        if err.code() == KafkaError._AUTO_OFFSET_RESET:
+            # The position left the log while consuming (retention overtook the consumer).
+            tp = TopicPartition(msg.topic() or "", msg.partition() or 0)
+            (position,) = self.consumer.position([tp])
+            low, high = self.consumer.get_watermark_offsets(tp, timeout=10)
+            raise OffsetGap(self.settings.consumer_group, [
+                Gap(tp.topic, tp.partition, position.offset, low, high)])
+        if err.fatal():
+            raise classify(KafkaException(err), "Kafka consumer")
+        log.warning("Kafka consumer error (librdkafka retries): %s", err.str())
+
+    def _truncate(self, table: str | None, commit_ts_us: int | None) -> TruncateNotApplied:
+        models = read_models_of(table) if table else ()
+        error = TruncateNotApplied(
+            f"TRUNCATE of public.{table} is not applied: the read models {list(models)} "
+            f"still hold its rows. Rebuild them: python -m flows.backfill --rebuild "
+            f"--read-models {' '.join(models)}")
+        log.error("%s", error)
+        self.emit("cqrs.cdc.truncate", {"table": table, "read_models": list(models),
+                                        "commit_ts_us": commit_ts_us})
+        return error
+
+    def _apply(self, batch: _Batch) -> bool:
+        """Write the batch's mutations and dead letters, retrying transient failures with
+        capped backoff until they succeed. False if a stop was asked while retrying (the
+        batch is abandoned uncommitted and will be re-delivered)."""
+        delay = self.options.retry_initial_s
+        while True:
+            service = "Scylla"
+            try:
+                try:
+                    self.writer.write(batch.mutations)
+                except TransientError:
+                    raise
+                except Exception as exc:
+                    self._set_aside_rejected(batch, exc)
+                service = "the dead-letter topic"
+                self.dead_letters.send(batch.dead)
+                if self._waiting is not None:
+                    log.info("%s is back after %.0f s", self._waiting.service,
+                             time.time() - self._waiting.since)
+                    self._waiting = None
+                return True
+            except TransientError as exc:
+                if self._waiting is None or self._waiting.service != service:
+                    self._waiting = _Waiting(service)
+                self._waiting.error = str(exc)
+                now = time.monotonic()
+                if now - self._waiting.last_line >= min(10.0, self.options.report_interval_s):
+                    self._waiting.last_line = now
+                    log.warning("%s; batch of %d changes not applied, retrying every <= %.1f s",
+                                self._waiting.line(), batch.changes, self.options.retry_max_s)
+            if self.stop_event.wait(delay) or self._report_due():
+                return False
+            delay = min(delay * 2, self.options.retry_max_s)
+
+    def _set_aside_rejected(self, batch: _Batch, exc: Exception) -> None:
+        """The batch's write failed with a non-transient error. A systemic one (schema,
+        permissions) stops the run; otherwise each change is written alone, and those whose
+        own write fails for good go to the dead-letter topic with the error. A transient
+        error meanwhile leaves the batch as it was, to be retried whole."""
+        error = classify(exc, f"Scylla write of a batch of {batch.changes} changes")
+        if stops_the_run(error):
+            raise error from exc
+        kept: list[tuple[Message, list[Mutation]]] = []
+        dead: list[tuple[Message, BaseException]] = []
+        for msg, mutations in batch.applied:
+            try:
+                self.writer.write(mutations)
+            except TransientError:
+                raise
+            except Exception as one:
+                err = classify(one, f"Scylla write of {msg.topic()}[{msg.partition()}]"
+                                    f"@{msg.offset()}")
+                if stops_the_run(err):
+                    raise err from one
+                dead.append((msg, err))
+                continue
+            kept.append((msg, mutations))
+        batch.applied, batch.changes = kept, len(kept)
+        batch.dead.extend(dead)
+        batch.mutations = compact(m for _, ms in kept for m in ms)
+
+    def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        self._uncommitted.update(offsets)
+        if not self._uncommitted:
+            return
+        tps = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items()]
+        delay = self.options.retry_initial_s
+        for _attempt in range(8):
+            try:
+                self.consumer.commit(offsets=tps, asynchronous=False)
+                self._uncommitted.clear()
+                return
+            except KafkaException as exc:
+                code = exc.args[0].code() if exc.args else None
+                if code in (KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
+                            KafkaError.UNKNOWN_MEMBER_ID, KafkaError._NO_OFFSET):
+                    # Kept in _uncommitted: retried on the next loop turn, or committed in
+                    # on_revoke. A partition that moved on is re-read by its new owner from
+                    # the last commit, and re-applying is idempotent.
+                    log.info("commit deferred by a rebalance: %s", exc)
+                    return
+                error = classify(exc, "offset commit")
+                if not isinstance(error, TransientError):
+                    raise error from exc  # e.g. the group is not authorized: say so, stop
+                log.warning("offset commit failed, retrying in %.1fs: %s", delay, exc)
+                if self.stop_event.wait(delay):
+                    break
+                delay = min(delay * 2, self.options.retry_max_s)
+        # Not committing loses nothing: the batch is re-delivered and re-applied.
+        log.error("offset commit kept failing; the batch will be re-delivered after a restart")
+
+    # -- rebalances
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Positions are chosen here, not by auto.offset.reset (which would skip a gap).
+        if not partitions:
+            consumer.incremental_assign(partitions)
+            return
+        try:
+            committed = consumer.committed(partitions, timeout=30)
+            marks = {(tp.topic, tp.partition): consumer.get_watermark_offsets(tp, timeout=30)
+                     for tp in partitions}
+        except KafkaException as exc:
+            # Without the committed offsets no start is safe: stop (a supervisor restarts).
+            self._fatal = classify(exc, f"reading the committed offsets of {len(partitions)} "
+                                        f"assigned partitions")
+            return
+        positions, gaps = start_positions(committed, marks)
+        if gaps:
+            # Not fetched at all: the run stops at the next loop turn with the gap named.
+            gapped = {(g.topic, g.partition) for g in gaps}
+            positions = [tp for tp in positions if (tp.topic, tp.partition) not in gapped]
+            self._fatal = OffsetGap(self.settings.consumer_group, gaps)
+            log.error("%s", self._fatal)
+            self.emit("cqrs.cdc.offset-gap", {"group": self.settings.consumer_group,
+                                             "gaps": [g.describe() for g in gaps]})
+        consumer.incremental_assign(positions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Revocation is served inside poll/consume, between batches: what is applied but not
+        # committed yet (a commit a rebalance interrupted) is committed before giving it up.
+        log.info("partitions revoked: %s", [f"{p.topic}[{p.partition}]" for p in partitions])
+        revoked = {(p.topic, p.partition) for p in partitions}
+        pending = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items()
+                   if (t, p) in revoked]
+        if pending:
+            try:
+                consumer.commit(offsets=pending, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("could not commit revoked partitions (re-applied by their next "
+                            "owner, idempotently): %s", exc)
+        for key in revoked:
+            self._uncommitted.pop(key, None)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.warning("partitions lost: %s", [f"{p.topic}[{p.partition}]" for p in partitions])
+        for p in partitions:
+            self._uncommitted.pop((p.topic, p.partition), None)
+

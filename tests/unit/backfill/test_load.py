@@ -1,0 +1,73 @@
+"""BatchingWriter's pipeline (pure: a fake writer and session): at most `concurrency`
+requests in flight, everything acknowledged by flush(), and a failure anywhere in the
+pipeline surfaces as one TransientError with nothing left in flight."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from cassandra import OperationTimedOut
+
+from tasks.backfill.load import BatchingWriter
+from tasks.core.errors import TransientError
+
+
+class _Future:
+    def __init__(self, session: _Session, request: Any) -> None:
+        self.session, self.request = session, request
+
+    def result(self) -> None:
+        self.session.in_flight -= 1
+        if self.request in self.session.failing:
+            raise OperationTimedOut("timed out")
+        self.session.acked.append(self.request)
+
+
+class _Session:
+    def __init__(self, failing: set[Any] = frozenset()) -> None:  # type: ignore[assignment]
+        self.failing, self.acked = set(failing), []  # type: ignore[var-annotated]
+        self.in_flight = self.peak = 0
+
+    def execute_async(self, request: Any) -> _Future:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        return _Future(self, request)
+
+
+class _Writer:
+    keyspace, concurrency = "ks", 3
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+
+    def prepare(self, cql: str) -> str:
+        if cql == "unpreparable":
+            raise OperationTimedOut("prepare timed out")
+        return cql
+
+    def requests(self, statements: list[tuple[str, Any]]) -> list[Any]:
+        return [params for _, params in statements]  # one request per row
+
+
+def test_bounded_in_flight_and_all_acknowledged_after_flush() -> None:
+    session = _Session()
+    w = BatchingWriter(_Writer(session))  # type: ignore[arg-type]
+    assert w.submit_rows("q", [(i,) for i in range(10)]) == 10
+    assert session.peak <= 3 and len(session.acked) == 7  # the oldest awaited beyond 3
+    w.flush()
+    assert session.acked == [(i,) for i in range(10)] and session.in_flight == 0
+
+
+@pytest.mark.parametrize("where", ["while submitting", "in flush"])
+def test_a_failed_request_raises_transient_and_leaves_nothing_in_flight(where: str) -> None:
+    session = _Session(failing={(1,) if where == "while submitting" else (9,)})
+    w = BatchingWriter(_Writer(session))  # type: ignore[arg-type]
+    with pytest.raises(TransientError, match="OperationTimedOut"):
+        w.submit_rows("q", [(i,) for i in range(10)])
+        w.flush()
+    acked = list(session.acked)
+    w.flush()  # nothing left to wait for: the chunk is redone as a whole
+    assert session.acked == acked
+    with pytest.raises(TransientError, match="prepare timed out"):
+        w.submit_rows("unpreparable", [(1,)])
