@@ -41,9 +41,12 @@ test: up          ## install, start the stack, run every test
 test-unit: venv   ## pure tests only, no stack
 	$(PY) -m pytest tests/unit
 
-lint: venv
-	$(PY) -m ruff check tasks flows deployments infra tests
-	$(PY) -m mypy tasks flows infra bench tests
+PYDIRS := tasks flows deployments infra support bench tests
+
+lint: venv        ## ruff (lint and format) and mypy over every Python folder
+	$(PY) -m ruff check $(PYDIRS)
+	$(PY) -m ruff format --check $(PYDIRS)
+	$(PY) -m mypy $(PYDIRS)
 
 bench: schemas    ## every benchmark, ~30 min; results in bench/results/, tables on stdout
 	$(PY) -m bench.dual_write --calls 2000

@@ -49,8 +49,10 @@ def paced_writer(rate_events: int, seconds: float, user: str, out: Any) -> None:
     with postgres.connect("app") as conn:
         with conn.transaction():
             for s in sessions:
-                conn.execute("INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, 'b')",
-                             (s, uuid.UUID(user)))
+                conn.execute(
+                    "INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, 'b')",
+                    (s, uuid.UUID(user)),
+                )
         start = time.monotonic()
         written, i = 0, 0
         while (now := time.monotonic()) - start < seconds:
@@ -59,8 +61,11 @@ def paced_writer(rate_events: int, seconds: float, user: str, out: Any) -> None:
                 with conn.cursor() as cur:
                     cur.executemany(
                         "INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, %s)",
-                        [(uuid.uuid4(), sessions[(i + k) % len(sessions)], f"m{i + k}")
-                         for k in range(due)])
+                        [
+                            (uuid.uuid4(), sessions[(i + k) % len(sessions)], f"m{i + k}")
+                            for k in range(due)
+                        ],
+                    )
                 conn.commit()
                 written += due
                 i += due
@@ -78,14 +83,18 @@ def write_backlog(turns: int) -> int:
         n_sessions = max(1, turns // 20)
         conn.execute(
             "INSERT INTO sessions (id, user_id, title) SELECT gen_random_uuid(), "
-            "gen_random_uuid(), 'backlog ' || g FROM generate_series(1, %s) g", (n_sessions,))
+            "gen_random_uuid(), 'backlog ' || g FROM generate_series(1, %s) g",
+            (n_sessions,),
+        )
         conn.execute(
             "CREATE TEMP TABLE bs AS SELECT id, row_number() OVER () AS n FROM sessions "
-            "WHERE title LIKE 'backlog %%' AND turn_count = 0")
+            "WHERE title LIKE 'backlog %%' AND turn_count = 0"
+        )
         conn.execute(
             "INSERT INTO human_turns (id, session_id, content) SELECT gen_random_uuid(), bs.id, "
             "'backlog turn ' || g FROM generate_series(1, %s) g JOIN bs ON bs.n = 1 + g %% %s",
-            (turns, n_sessions))
+            (turns, n_sessions),
+        )
         conn.commit()
     return n_sessions + 2 * turns
 
@@ -96,16 +105,17 @@ def write_backlog(turns: int) -> int:
 def end_offsets() -> dict[tuple[str, int], int]:
     c = Consumer(kafka.consumer_config(**{"group.id": f"bench-{uuid.uuid4()}"}))
     try:
-        return {(tp.topic, tp.partition): tp.offset
-                for tp in cdc_probe.end_offsets(c, kafka.change_topics())}
+        return {
+            (tp.topic, tp.partition): tp.offset
+            for tp in cdc_probe.end_offsets(c, kafka.change_topics())
+        }
     finally:
         c.close()
 
 
 def commit_offsets(group: str, offsets: dict[tuple[str, int], int]) -> None:
     c = Consumer(kafka.consumer_config(**{"group.id": group}))
-    c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-             asynchronous=False)
+    c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
     c.close()
 
 
@@ -116,9 +126,13 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def run_consumer(group: str, options: CdcOptions, reports: list[MetricsReport],
-                 rss: list[float] | None = None,
-                 samples: list[tuple[float, float]] | None = None) -> Any:
+def run_consumer(
+    group: str,
+    options: CdcOptions,
+    reports: list[MetricsReport],
+    rss: list[float] | None = None,
+    samples: list[tuple[float, float]] | None = None,
+) -> Any:
     settings = get_settings()
     session = scylla.connect(keyspace=settings.scylla.keyspace)
     ks = settings.kafka.model_copy(update={"consumer_group": group})
@@ -146,9 +160,13 @@ def run_consumer(group: str, options: CdcOptions, reports: list[MetricsReport],
 
 
 # Which process is which part of the path, by command line.
-_PARTS = (("ConnectDistributed", "kafka connect + debezium"), ("kafka.Kafka", "kafka"),
-          ("CassandraDaemon", "cassandra"), ("prefect", "prefect server"),
-          ("postgres", "postgres"))
+_PARTS = (
+    ("ConnectDistributed", "kafka connect + debezium"),
+    ("kafka.Kafka", "kafka"),
+    ("CassandraDaemon", "cassandra"),
+    ("prefect", "prefect server"),
+    ("postgres", "postgres"),
+)
 
 
 def cpu_by_part() -> dict[str, float]:
@@ -164,16 +182,21 @@ def cpu_by_part() -> dict[str, float]:
             stat = proc_stat(entry.name)
         except OSError:
             continue
-        part = ("consumer (bench process)" if stat.pid == me
-                else "load writer" if stat.ppid == me
-                else next((name for key, name in _PARTS if key in cmd), None))
+        part = (
+            "consumer (bench process)"
+            if stat.pid == me
+            else "load writer"
+            if stat.ppid == me
+            else next((name for key, name in _PARTS if key in cmd), None)
+        )
         if part:
             out[part] = out.get(part, 0.0) + stat.cpu_s
     return out
 
 
-def fixed_rate(rate: int, seconds: float, report_s: float = 1.0,
-               keep_samples: bool = True) -> dict[str, Any]:
+def fixed_rate(
+    rate: int, seconds: float, report_s: float = 1.0, keep_samples: bool = True
+) -> dict[str, Any]:
     """Write ``rate`` events/s for ``seconds`` with a consumer running. ``keep_samples``
     keeps every event's latency for whole-run percentiles; a long soak does not (a million
     samples would grow the very process whose memory it watches), and reports the
@@ -186,8 +209,9 @@ def fixed_rate(rate: int, seconds: float, report_s: float = 1.0,
     q: mp.Queue[float] = mp.Queue()
     writer = mp.Process(target=paced_writer, args=(rate, seconds, str(uuid.uuid4()), q))
     opts = CdcOptions(report_interval_s=report_s, max_seconds=seconds + 15, idle_exit_s=5)
-    t = threading.Thread(target=lambda: run_consumer(group, opts, reports, rss,
-                                                     samples if keep_samples else None))
+    t = threading.Thread(
+        target=lambda: run_consumer(group, opts, reports, rss, samples if keep_samples else None)
+    )
     t.start()
     time.sleep(2)  # joined the group, partitions assigned
     writer.start()
@@ -203,8 +227,9 @@ def fixed_rate(rate: int, seconds: float, report_s: float = 1.0,
     steady = [r for r in reports[1:] if r.events > 0]
     p50s = [r.latency_p50_ms for r in steady if r.latency_p50_ms is not None]
     p99s = [r.latency_p99_ms for r in steady if r.latency_p99_ms is not None]
-    lag_at_end_of_writes = max((r.total_lag for r in steady[: int(seconds / report_s) - 1]),
-                               default=0)
+    lag_at_end_of_writes = max(
+        (r.total_lag for r in steady[: int(seconds / report_s) - 1]), default=0
+    )
     # Whole-run percentiles of commit → applied, after a 2 s warm-up.
     steady_lat = sorted(ms for at, ms in samples if at >= started + 2)
     return {
@@ -218,11 +243,13 @@ def fixed_rate(rate: int, seconds: float, report_s: float = 1.0,
         "max_lag_events": lag_at_end_of_writes,
         "kept_up": bool(p99s) and max(p99s) < 1000 and lag_at_end_of_writes < rate,
         # Share of one core each part used while the writer ran (from /proc).
-        "cpu_share_of_a_core": {k: round((cpu1[k] - cpu0.get(k, 0.0)) / cpu_span, 2)
-                                for k in sorted(cpu1)},
+        "cpu_share_of_a_core": {
+            k: round((cpu1[k] - cpu0.get(k, 0.0)) / cpu_span, 2) for k in sorted(cpu1)
+        },
         # Process RSS (the consumer; the writer is another process) at each report.
         "rss_mib_first_last_max": [round(rss[0], 1), round(rss[-1], 1), round(max(rss), 1)]
-        if rss else None,
+        if rss
+        else None,
         # One value per report: is the lag (or the memory) growing over the run?
         "lag_per_report": [r.total_lag for r in reports],
         "rss_mib_per_report": [round(x, 1) for x in rss],
@@ -247,7 +274,8 @@ def backlog(turns: int) -> dict[str, Any]:
     reports: list[MetricsReport] = []
     t0 = time.perf_counter()
     _consumer, result = run_consumer(
-        group, CdcOptions(max_messages=total, report_interval_s=5, batch_size=5000), reports)
+        group, CdcOptions(max_messages=total, report_interval_s=5, batch_size=5000), reports
+    )
     consumer_s = time.perf_counter() - t0
 
     # 2. The same messages decoded and projected outside the clock, then written by a bare
@@ -287,20 +315,33 @@ def backlog(turns: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.cdc", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.cdc",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--rates", type=int, nargs="+", default=[200, 1000, 2000, 3000, 4000])
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--backlog", type=int, default=50_000,
-                        help="turns written as a backlog (2 change events each)")
-    parser.add_argument("--soak-seconds", type=float, default=0,
-                        help="also run at --soak-rate this long, sampling consumer memory")
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=50_000,
+        help="turns written as a backlog (2 change events each)",
+    )
+    parser.add_argument(
+        "--soak-seconds",
+        type=float,
+        default=0,
+        help="also run at --soak-rate this long, sampling consumer memory",
+    )
     parser.add_argument("--soak-rate", type=int, default=2000, help="events/s of the soak")
     parser.add_argument("--out", type=Path, default=RESULTS / "cdc.json", help="results file")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out: dict[str, Any] = {"machine": f"{platform.node()} {os.cpu_count()} cores",
-                           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out: dict[str, Any] = {
+        "machine": f"{platform.node()} {os.cpu_count()} cores",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     out["fixed_rate"] = []
     for rate in args.rates:
         res = fixed_rate(rate, args.seconds)
@@ -309,8 +350,9 @@ def main() -> None:
     out["backlog"] = backlog(args.backlog)
     print(out["backlog"], flush=True)
     if args.soak_seconds:
-        out["soak"] = fixed_rate(args.soak_rate, args.soak_seconds, report_s=10.0,
-                                 keep_samples=False)
+        out["soak"] = fixed_rate(
+            args.soak_rate, args.soak_seconds, report_s=10.0, keep_samples=False
+        )
         print(out["soak"], flush=True)
     out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -318,14 +360,18 @@ def main() -> None:
     print("\n| target events/s | achieved | p50 ms | p99 ms | worst 1 s p99 | max lag | kept up |")
     print("|---|---|---|---|---|---|---|")
     for r in out["fixed_rate"]:
-        print(f"| {r['target_events_per_s']} | {r['achieved_write_events_per_s']} | "
-              f"{r['overall_p50_ms']} | {r['overall_p99_ms']} | {r['worst_interval_p99_ms']} | "
-              f"{r['max_lag_events']} | {r['kept_up']} |")
+        print(
+            f"| {r['target_events_per_s']} | {r['achieved_write_events_per_s']} | "
+            f"{r['overall_p50_ms']} | {r['overall_p99_ms']} | {r['worst_interval_p99_ms']} | "
+            f"{r['max_lag_events']} | {r['kept_up']} |"
+        )
     b = out["backlog"]
-    print(f"\nbacklog of {b['events']} events: consumer {b['consumer_events_per_s']} events/s "
-          f"({b['consumer_mutations_per_s']} mutations/s), bare execute_concurrent "
-          f"{b['bare_loop_mutations_per_s']} mutations/s ({b['bare_loop_seconds']} s), "
-          f"consumer/bare speed ratio {b['ratio_consumer_to_bare']}")
+    print(
+        f"\nbacklog of {b['events']} events: consumer {b['consumer_events_per_s']} events/s "
+        f"({b['consumer_mutations_per_s']} mutations/s), bare execute_concurrent "
+        f"{b['bare_loop_mutations_per_s']} mutations/s ({b['bare_loop_seconds']} s), "
+        f"consumer/bare speed ratio {b['ratio_consumer_to_bare']}"
+    )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,14 @@ def stats(values: list[float]) -> dict[str, float]:
     v = sorted(values)
     if not v:
         return {}
-    return {"n": len(v), "p50": percentile(v, 0.50), "p90": percentile(v, 0.90),
-            "p99": percentile(v, 0.99), "max": v[-1], "mean": statistics.fmean(v)}
+    return {
+        "n": len(v),
+        "p50": percentile(v, 0.50),
+        "p90": percentile(v, 0.90),
+        "p99": percentile(v, 0.99),
+        "max": v[-1],
+        "mean": statistics.fmean(v),
+    }
 
 
 class Lookup:
@@ -60,22 +66,31 @@ class Lookup:
         self.cql = cql
         self.stmt: PreparedStatement = cql.prepare(
             "SELECT turn_id FROM conversation_timeline "
-            "WHERE session_id = ? AND created_at = ? AND created_at_micros = ? AND turn_id = ?")
+            "WHERE session_id = ? AND created_at = ? AND created_at_micros = ? AND turn_id = ?"
+        )
 
     def visible(self, r: dw.WriteResult) -> bool:
         turn = r.rows["human_turns"][0]
         us = turn["created_at"].microsecond
         created = turn["created_at"].replace(microsecond=us // 1000 * 1000)  # CQL: ms
-        return self.cql.execute(self.stmt, (r.session_id, created, us % 1000,
-                                            turn["id"])).one() is not None
+        return (
+            self.cql.execute(self.stmt, (r.session_id, created, us % 1000, turn["id"])).one()
+            is not None
+        )
 
 
-def latency_phase(dual: dw.DualWriteDeps, pg_only: dw.DualWriteDeps, lookup: Lookup,
-                  calls: int, warmup: int) -> dict[str, Any]:
+def latency_phase(
+    dual: dw.DualWriteDeps, pg_only: dw.DualWriteDeps, lookup: Lookup, calls: int, warmup: int
+) -> dict[str, Any]:
     user = uuid.uuid4()
     paths = {"dual-write": dual, "postgres-only": pg_only}
-    sessions = {name: [dw.create_session(user, f"bench {name}", deps=dual).session_id
-                       for _ in range(SESSIONS_PER_PATH)] for name in paths}
+    sessions = {
+        name: [
+            dw.create_session(user, f"bench {name}", deps=dual).session_id
+            for _ in range(SESSIONS_PER_PATH)
+        ]
+        for name in paths
+    }
     wall: dict[str, list[float]] = {p: [] for p in paths}
     pg_ms: dict[str, list[float]] = {p: [] for p in paths}
     scylla_ms: list[float] = []
@@ -112,8 +127,13 @@ def latency_phase(dual: dw.DualWriteDeps, pg_only: dw.DualWriteDeps, lookup: Loo
     }
 
 
-def staleness_phase(dual: dw.DualWriteDeps, pg_only: dw.DualWriteDeps, lookup: Lookup,
-                    samples: int, timeout_s: float = 30.0) -> dict[str, Any]:
+def staleness_phase(
+    dual: dw.DualWriteDeps,
+    pg_only: dw.DualWriteDeps,
+    lookup: Lookup,
+    samples: int,
+    timeout_s: float = 30.0,
+) -> dict[str, Any]:
     user = uuid.uuid4()
     sid_cdc = dw.create_session(user, "bench staleness cdc", deps=dual).session_id
     sid_dual = dw.create_session(user, "bench staleness dual", deps=dual).session_id
@@ -138,42 +158,58 @@ def staleness_phase(dual: dw.DualWriteDeps, pg_only: dw.DualWriteDeps, lookup: L
             returned = time.perf_counter()
             if d.read_model_updated:
                 # By construction: if the first read has it, the staleness is 0.
-                dual_ms.append(0.0 if lookup.visible(d)
-                               else (time.perf_counter() - returned) * 1000)
-    return {"sessions": [str(sid_cdc), str(sid_dual)], "cdc_ms": stats(cdc_ms),
-            "cdc_not_visible_within_s": {"timeout_s": timeout_s, "count": not_seen},
-            "dual_write_ms": stats(dual_ms),
-            "dual_write_nonzero": sum(1 for v in dual_ms if v > 0)}
+                dual_ms.append(
+                    0.0 if lookup.visible(d) else (time.perf_counter() - returned) * 1000
+                )
+    return {
+        "sessions": [str(sid_cdc), str(sid_dual)],
+        "cdc_ms": stats(cdc_ms),
+        "cdc_not_visible_within_s": {"timeout_s": timeout_s, "count": not_seen},
+        "dual_write_ms": stats(dual_ms),
+        "dual_write_nonzero": sum(1 for v in dual_ms if v > 0),
+    }
 
 
 def markdown(out: dict[str, Any]) -> str:
     lat, st = out["latency"], out["staleness"]
 
     def row(name: str, s: dict[str, float], extra: str = "") -> str:
-        return (f"| {name} | {s.get('p50', float('nan')):.2f} | {s.get('p99', float('nan')):.2f} "
-                f"| {s.get('max', float('nan')):.2f} | {extra} |")
+        return (
+            f"| {name} | {s.get('p50', float('nan')):.2f} | {s.get('p99', float('nan')):.2f} "
+            f"| {s.get('max', float('nan')):.2f} | {extra} |"
+        )
 
     d, p = lat["call_ms"]["dual-write"], lat["call_ms"]["postgres-only"]
-    return "\n".join([
-        f"### Dual-write, {out['config']['calls']} calls per path, deadline "
-        f"{out['config']['deadline_ms']} ms\n",
-        "| measure (ms) | p50 | p99 | max | note |", "|---|---|---|---|---|",
-        row("call, dual-write", d, f"{lat['dual_write_failures']} Scylla steps failed/timed out"),
-        row("call, Postgres only", p),
-        row("  Postgres part, dual-write", lat["postgres_ms"]["dual-write"]),
-        row("  Scylla step (projection + write), when it succeeded", lat["scylla_step_ms"]),
-        f"| cost of the Scylla step (p50 / p99 difference) | {d['p50'] - p['p50']:.2f} | "
-        f"{d['p99'] - p['p99']:.2f} | | |",
-        row("staleness, dual-write", st["dual_write_ms"],
-            f"{st['dual_write_nonzero']} non-zero; "
-            f"{lat['dual_written_but_not_visible']} dual-written turns missing right after "
-            f"the call"),
-        row("staleness, CDC path (return → visible)", st["cdc_ms"],
-            f"{st['cdc_not_visible_within_s']['count']} not visible within "
-            f"{st['cdc_not_visible_within_s']['timeout_s']:.0f} s"),
-        f"\nVisible right after the call (latency phase): "
-        f"{lat['visible_right_after_call']}",
-    ])
+    return "\n".join(
+        [
+            f"### Dual-write, {out['config']['calls']} calls per path, deadline "
+            f"{out['config']['deadline_ms']} ms\n",
+            "| measure (ms) | p50 | p99 | max | note |",
+            "|---|---|---|---|---|",
+            row(
+                "call, dual-write", d, f"{lat['dual_write_failures']} Scylla steps failed/timed out"
+            ),
+            row("call, Postgres only", p),
+            row("  Postgres part, dual-write", lat["postgres_ms"]["dual-write"]),
+            row("  Scylla step (projection + write), when it succeeded", lat["scylla_step_ms"]),
+            f"| cost of the Scylla step (p50 / p99 difference) | {d['p50'] - p['p50']:.2f} | "
+            f"{d['p99'] - p['p99']:.2f} | | |",
+            row(
+                "staleness, dual-write",
+                st["dual_write_ms"],
+                f"{st['dual_write_nonzero']} non-zero; "
+                f"{lat['dual_written_but_not_visible']} dual-written turns missing right after "
+                f"the call",
+            ),
+            row(
+                "staleness, CDC path (return → visible)",
+                st["cdc_ms"],
+                f"{st['cdc_not_visible_within_s']['count']} not visible within "
+                f"{st['cdc_not_visible_within_s']['timeout_s']:.0f} s",
+            ),
+            f"\nVisible right after the call (latency phase): {lat['visible_right_after_call']}",
+        ]
+    )
 
 
 def cleanup(deps: dw.DualWriteDeps, session_ids: list[str]) -> None:
@@ -183,8 +219,11 @@ def cleanup(deps: dw.DualWriteDeps, session_ids: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.dual_write", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.dual_write",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--calls", type=int, default=2000, help="measured calls per path")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--staleness-samples", type=int, default=200)
@@ -202,14 +241,23 @@ def main(argv: list[str] | None = None) -> int:
         latency = latency_phase(dual, pg_only, lookup, args.calls, args.warmup)
         staleness = staleness_phase(dual, pg_only, lookup, args.staleness_samples)
         out = {
-            "benchmark": "dual_write", "started_at": started,
-            "config": {"calls": args.calls, "warmup": args.warmup,
-                       "staleness_samples": args.staleness_samples,
-                       "deadline_ms": args.deadline_ms, "operation": "record_human_turn",
-                       "sessions_per_path": SESSIONS_PER_PATH},
-            "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                     "platform": platform.platform()},
-            "latency": latency, "staleness": staleness,
+            "benchmark": "dual_write",
+            "started_at": started,
+            "config": {
+                "calls": args.calls,
+                "warmup": args.warmup,
+                "staleness_samples": args.staleness_samples,
+                "deadline_ms": args.deadline_ms,
+                "operation": "record_human_turn",
+                "sessions_per_path": SESSIONS_PER_PATH,
+            },
+            "host": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "latency": latency,
+            "staleness": staleness,
         }
         if not args.keep:
             cleanup(pg_only, latency["sessions"] + staleness["sessions"])

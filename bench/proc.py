@@ -19,5 +19,9 @@ def proc_stat(pid: int | str) -> ProcStat:
     """Raises OSError when the process is gone."""
     # The command name (field 2) may hold spaces and parentheses: split after the last ")".
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return ProcStat(int(pid), fields[0], int(fields[1]),
-                    (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return ProcStat(
+        int(pid),
+        fields[0],
+        int(fields[1]),
+        (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"),
+    )

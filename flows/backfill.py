@@ -80,8 +80,12 @@ class Reporter:
         self.min_interval_s = min_interval_s
         self._last = 0.0
         # Called from sync code, Prefect's dual sync/async API returns the id itself.
-        self._artifact = cast(uuid.UUID, create_progress_artifact(
-            0.0, key=f"backfill-{stage}-progress", description=f"backfill {stage}: % of rows"))
+        self._artifact = cast(
+            uuid.UUID,
+            create_progress_artifact(
+                0.0, key=f"backfill-{stage}-progress", description=f"backfill {stage}: % of rows"
+            ),
+        )
 
     def __call__(self, p: SnapshotProgress | LoadProgress, final: bool = False) -> None:
         now = time.monotonic()
@@ -93,17 +97,27 @@ class Reporter:
         update_progress_artifact(self._artifact, pct)
         rate = p.rows_done / p.elapsed_s if p.elapsed_s > 0 else 0.0
         eta: float | None = (p.rows_total - p.rows_done) / rate if rate > 0 else None
-        lines = [f"## Backfill {self.stage}", "", "| | |", "|---|---|",
-                 f"| chunks | {p.chunks_done:,} / {p.chunks_total:,} |",
-                 f"| source rows | {p.rows_done:,} / {p.rows_total:,} ({pct:.1f} %) |"]
+        lines = [
+            f"## Backfill {self.stage}",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| chunks | {p.chunks_done:,} / {p.chunks_total:,} |",
+            f"| source rows | {p.rows_done:,} / {p.rows_total:,} ({pct:.1f} %) |",
+        ]
         if isinstance(p, LoadProgress):
             rate, eta = p.rows_per_s, p.eta_s  # rows read in this run: skipped chunks are free
             lines.append(f"| read-model rows written | {p.rows_written:,} |")
-        lines += [f"| rows/s | {rate:,.0f} |", f"| elapsed | {_duration(p.elapsed_s)} |",
-                  f"| ETA | {_duration(eta) if not final else 'done'} |"]
-        create_markdown_artifact("\n".join(lines), key="backfill-progress",
-                                 description=f"backfill {self.stage}: rows, rate, ETA")
-
+        lines += [
+            f"| rows/s | {rate:,.0f} |",
+            f"| elapsed | {_duration(p.elapsed_s)} |",
+            f"| ETA | {_duration(eta) if not final else 'done'} |",
+        ]
+        create_markdown_artifact(
+            "\n".join(lines),
+            key="backfill-progress",
+            description=f"backfill {self.stage}: rows, rate, ETA",
+        )
 
     def finish(self) -> None:
         """For a stage with no chunk at all (nothing matched the filters)."""
@@ -113,12 +127,20 @@ class Reporter:
 def summary_rows(manifest: Manifest, result: LoadResult | None) -> list[dict[str, Any]]:
     """One row per (source table, read model): the end-of-run table artifact."""
     rows = []
-    for p in (result.pairs if result else []):
-        rows.append({"table": p.table, "read_model": p.read_model,
-                     "rows_read": p.rows_read, "rows_written": p.rows_written,
-                     "duration_s": round(p.seconds, 2), "rows_per_s": round(p.rows_per_s),
-                     "chunks_loaded": p.chunks, "chunks_skipped_by_resume": p.chunks_skipped,
-                     "snapshot_rows": manifest.tables.get(p.table, {}).get("rows")})
+    for p in result.pairs if result else []:
+        rows.append(
+            {
+                "table": p.table,
+                "read_model": p.read_model,
+                "rows_read": p.rows_read,
+                "rows_written": p.rows_written,
+                "duration_s": round(p.seconds, 2),
+                "rows_per_s": round(p.rows_per_s),
+                "chunks_loaded": p.chunks,
+                "chunks_skipped_by_resume": p.chunks_skipped,
+                "snapshot_rows": manifest.tables.get(p.table, {}).get("rows"),
+            }
+        )
     return rows
 
 
@@ -140,11 +162,18 @@ def check_gap(p: BackfillParams, manifest: Manifest | None) -> dict[str, Any]:
     """CDC must cover every change after the snapshot (docs/architecture.md, "The gap rule")."""
     log = get_run_logger()
     slot = postgres.slot_status()
-    state = {"name": slot.name, "exists": slot.exists, "active": slot.active,
-             "confirmed_flush_lsn": slot.confirmed_flush_lsn}
+    state = {
+        "name": slot.name,
+        "exists": slot.exists,
+        "active": slot.active,
+        "confirmed_flush_lsn": slot.confirmed_flush_lsn,
+    }
     if p.no_cdc:
-        log.warning("no_cdc: the CDC slot is not checked (%s); changes committed after the "
-                    "snapshot reach the read models only if something else applies them", state)
+        log.warning(
+            "no_cdc: the CDC slot is not checked (%s); changes committed after the "
+            "snapshot reach the read models only if something else applies them",
+            state,
+        )
         return state
     check_cdc_slot(state, slot.name)
     gap = postgres.slot_gap(slot, _debezium_lsn(log))
@@ -153,7 +182,8 @@ def check_gap(p: BackfillParams, manifest: Manifest | None) -> dict[str, Any]:
             # CDC cannot stream from this slot at all: nothing would carry later changes.
             raise ConfigurationError(
                 f"{gap}: CDC cannot continue from it. Recreate the slot (drop it, then run "
-                f"python -m flows.setup), then run this backfill; it covers what was missed.")
+                f"python -m flows.setup), then run this backfill; it covers what was missed."
+            )
         if gap:  # a new snapshot holds every change up to now: it is what covers such a gap
             log.warning("%s; the new snapshot covers the changes missed so far", gap)
     else:
@@ -161,25 +191,33 @@ def check_gap(p: BackfillParams, manifest: Manifest | None) -> dict[str, Any]:
             raise ConfigurationError(
                 f"snapshot {manifest.snapshot_id} was taken without a CDC slot: changes "
                 f"between it and the slot's creation are in neither. Take a new snapshot, or "
-                f"pass no_cdc=True.")
+                f"pass no_cdc=True."
+            )
         if gap:
             raise ConfigurationError(
                 f"{gap}: snapshot {manifest.snapshot_id} predates that, so changes between "
                 f"it and the slot's recreation are in neither. Take a new snapshot, or pass "
-                f"no_cdc=True.")
+                f"no_cdc=True."
+            )
         recorded = manifest.slot.get("confirmed_flush_lsn")
-        if (recorded and slot.confirmed_flush_lsn
-                and postgres.lsn_to_int(slot.confirmed_flush_lsn)
-                < postgres.lsn_to_int(recorded)):
+        if (
+            recorded
+            and slot.confirmed_flush_lsn
+            and postgres.lsn_to_int(slot.confirmed_flush_lsn) < postgres.lsn_to_int(recorded)
+        ):
             # A slot's confirmed position never moves back: this is another slot (dropped and
             # recreated, or a restored database), which does not continue from the snapshot.
             raise ConfigurationError(
                 f"replication slot {slot.name!r} is at {slot.confirmed_flush_lsn}, behind the "
                 f"{recorded} it had confirmed when snapshot {manifest.snapshot_id} was taken: "
                 f"it is not the slot the snapshot was taken against, and changes since the "
-                f"snapshot may be in neither. Take a new snapshot, or pass no_cdc=True.")
-    log.info("CDC slot %s is active (confirmed flush LSN %s): no gap after the snapshot",
-             slot.name, slot.confirmed_flush_lsn)
+                f"snapshot may be in neither. Take a new snapshot, or pass no_cdc=True."
+            )
+    log.info(
+        "CDC slot %s is active (confirmed flush LSN %s): no gap after the snapshot",
+        slot.name,
+        slot.confirmed_flush_lsn,
+    )
     return state
 
 
@@ -189,13 +227,17 @@ def gc_grace_seconds(keyspace: str, read_models: Sequence[str]) -> dict[str, int
     try:
         rows = session.execute(
             "SELECT table_name, gc_grace_seconds FROM system_schema.tables "
-            "WHERE keyspace_name = %s", (keyspace,))
+            "WHERE keyspace_name = %s",
+            (keyspace,),
+        )
         found = {r.table_name: int(r.gc_grace_seconds) for r in rows}
     finally:
         scylla.close(session)
     if missing := [rm for rm in read_models if rm not in found]:
-        raise ConfigurationError(f"keyspace {keyspace!r} has no table(s) {missing}: apply the "
-                                 f"schema first (`python -m flows.setup`)")
+        raise ConfigurationError(
+            f"keyspace {keyspace!r} has no table(s) {missing}: apply the "
+            f"schema first (`python -m flows.setup`)"
+        )
     return {rm: found[rm] for rm in read_models}
 
 
@@ -205,9 +247,13 @@ def check_snapshot_fresh(p: BackfillParams, manifest: Manifest) -> None:
     keyspace = p.keyspace or get_settings().scylla.keyspace
     grace = gc_grace_seconds(keyspace, p.read_models)
     if p.allow_old_snapshot:
-        get_run_logger().warning("allow_old_snapshot: snapshot %s (taken %s) is loaded whatever "
-                                 "its age; gc_grace_seconds %s", manifest.snapshot_id,
-                                 manifest.snapshot_time, grace)
+        get_run_logger().warning(
+            "allow_old_snapshot: snapshot %s (taken %s) is loaded whatever "
+            "its age; gc_grace_seconds %s",
+            manifest.snapshot_id,
+            manifest.snapshot_time,
+            grace,
+        )
     check_snapshot_age(manifest.taken_at, grace, allow=p.allow_old_snapshot)
 
 
@@ -227,16 +273,28 @@ def check_sstable_method(p: BackfillParams) -> None:
 def snapshot_stage(p: BackfillParams, dry_run: bool = False) -> tuple[Manifest, Path | None]:
     reporter = None if dry_run else Reporter("snapshot")
     manifest, directory = take_snapshot(
-        p.snapshot_root, p.read_models, filt=p.filter, chunk_size=p.chunk_size,
-        readers=p.readers, require_slot=not p.no_cdc, dry_run=dry_run, on_progress=reporter)
+        p.snapshot_root,
+        p.read_models,
+        filt=p.filter,
+        chunk_size=p.chunk_size,
+        readers=p.readers,
+        require_slot=not p.no_cdc,
+        dry_run=dry_run,
+        on_progress=reporter,
+    )
     if reporter is not None and not manifest.chunks:
         reporter.finish()
     if directory is not None:
-        get_run_logger().info("snapshot %s: %d rows in %d chunks, %.1f s (%.0f rows/s), WAL %s, "
-                              "slot flush LSN %s", manifest.snapshot_id, manifest.rows,
-                              len(manifest.chunks), manifest.seconds,
-                              manifest.rows / max(manifest.seconds, 1e-9), manifest.wal_lsn,
-                              manifest.slot.get("confirmed_flush_lsn"))
+        get_run_logger().info(
+            "snapshot %s: %d rows in %d chunks, %.1f s (%.0f rows/s), WAL %s, slot flush LSN %s",
+            manifest.snapshot_id,
+            manifest.rows,
+            len(manifest.chunks),
+            manifest.seconds,
+            manifest.rows / max(manifest.seconds, 1e-9),
+            manifest.wal_lsn,
+            manifest.slot.get("confirmed_flush_lsn"),
+        )
     return manifest, directory
 
 
@@ -256,31 +314,52 @@ def load_stage(p: BackfillParams, directory: Path) -> LoadResult:
     reporter = Reporter("load")
     session = scylla.connect()
     try:
-        result = load_snapshot(directory, session, read_models=p.read_models,
-                               keyspace=p.keyspace, concurrency=p.concurrency,
-                               rate_limit_rows_per_s=p.rate_limit_rows_per_s, resume=resume,
-                               write_batch_rows=p.write_batch_rows, workers=p.workers,
-                               method=p.method, on_progress=reporter)
+        result = load_snapshot(
+            directory,
+            session,
+            read_models=p.read_models,
+            keyspace=p.keyspace,
+            concurrency=p.concurrency,
+            rate_limit_rows_per_s=p.rate_limit_rows_per_s,
+            resume=resume,
+            write_batch_rows=p.write_batch_rows,
+            workers=p.workers,
+            method=p.method,
+            on_progress=reporter,
+        )
     finally:
         scylla.close(session)
     if not result.chunks_loaded and not result.chunks_skipped:
         reporter.finish()
-    get_run_logger().info("loaded %d rows as %d read-model rows in %.1f s (%.0f rows/s); %d "
-                          "chunks loaded, %d skipped by resume", result.rows_read,
-                          result.rows_written, result.seconds, result.rows_per_s,
-                          len(result.chunks_loaded), len(result.chunks_skipped))
+    get_run_logger().info(
+        "loaded %d rows as %d read-model rows in %.1f s (%.0f rows/s); %d "
+        "chunks loaded, %d skipped by resume",
+        result.rows_read,
+        result.rows_written,
+        result.seconds,
+        result.rows_per_s,
+        len(result.chunks_loaded),
+        len(result.chunks_skipped),
+    )
     return result
 
 
 def _plan_markdown(p: BackfillParams, manifest: Manifest, loaded: dict[str, Any]) -> str:
-    lines = ["## Backfill plan (dry run)", "",
-             f"read models: {', '.join(p.read_models)}; keyspace: {p.keyspace or 'default'}; "
-             f"rebuild (truncate first): {p.rebuild}", "",
-             "| table | rows | chunks | already loaded (resume) |", "|---|---|---|---|"]
+    lines = [
+        "## Backfill plan (dry run)",
+        "",
+        f"read models: {', '.join(p.read_models)}; keyspace: {p.keyspace or 'default'}; "
+        f"rebuild (truncate first): {p.rebuild}",
+        "",
+        "| table | rows | chunks | already loaded (resume) |",
+        "|---|---|---|---|",
+    ]
     for table in tables_for(p.read_models):
         chunks = [c for c in manifest.chunks if c.table == table]
-        lines.append(f"| {table} | {manifest.tables.get(table, {}).get('rows', 0):,} | "
-                     f"{len(chunks)} | {sum(1 for c in chunks if c.id in loaded)} |")
+        lines.append(
+            f"| {table} | {manifest.tables.get(table, {}).get('rows', 0):,} | "
+            f"{len(chunks)} | {sum(1 for c in chunks if c.id in loaded)} |"
+        )
     return "\n".join(lines)
 
 
@@ -330,8 +409,10 @@ def backfill_flow(
     if directory is None and p.resume:
         directory = find_resumable(p)
         if directory is None:
-            log.warning("resume: no complete snapshot under %s matches these parameters; "
-                        "taking a new one", p.snapshot_root)
+            log.warning(
+                "resume: no complete snapshot under %s matches these parameters; taking a new one",
+                p.snapshot_root,
+            )
         else:
             log.info("resume: continuing snapshot %s", directory)
     manifest = Manifest.read(directory) if directory else None
@@ -350,12 +431,21 @@ def backfill_flow(
         finally:
             scylla.close(session)
         create_markdown_artifact(_plan_markdown(p, manifest, loaded), key="backfill-plan")
-        plan = {t: {"rows": manifest.tables.get(t, {}).get("rows", 0),
-                    "chunks": sum(1 for c in manifest.chunks if c.table == t)}
-                for t in tables_for(p.read_models)}
+        plan = {
+            t: {
+                "rows": manifest.tables.get(t, {}).get("rows", 0),
+                "chunks": sum(1 for c in manifest.chunks if c.table == t),
+            }
+            for t in tables_for(p.read_models)
+        }
         log.info("dry run: %s", plan)
-        return {"dry_run": True, "snapshot_id": manifest.snapshot_id, "tables": plan,
-                "chunks_already_loaded": len(loaded), "rebuild": p.rebuild}
+        return {
+            "dry_run": True,
+            "snapshot_id": manifest.snapshot_id,
+            "tables": plan,
+            "chunks_already_loaded": len(loaded),
+            "rebuild": p.rebuild,
+        }
 
     if p.rebuild:
         # TRUNCATE, then snapshot, then load, while CDC keeps writing:
@@ -373,8 +463,11 @@ def backfill_flow(
         #   applied in between: BackfillParams refuses rebuild with snapshot_dir.
         # - between the truncate and the load, readers see empty or partial read models: a
         #   rebuild is an outage of those tables, to schedule as one.
-        log.warning("rebuild: truncating %s in keyspace %s", list(p.read_models),
-                    p.keyspace or get_settings().scylla.keyspace)
+        log.warning(
+            "rebuild: truncating %s in keyspace %s",
+            list(p.read_models),
+            p.keyspace or get_settings().scylla.keyspace,
+        )
         truncate_stage(p)
 
     if directory is None:
@@ -382,15 +475,23 @@ def backfill_flow(
     assert manifest is not None and directory is not None
     result = load_stage(p, directory)
     summary = summary_rows(manifest, result)
-    create_table_artifact(summary, key="backfill-summary",
-                          description=f"backfill of snapshot {manifest.snapshot_id}")
-    return {"dry_run": False, "snapshot_id": manifest.snapshot_id,
-            "snapshot_dir": str(directory), "snapshot_rows": manifest.rows,
-            "snapshot_seconds": manifest.seconds, "rows_read": result.rows_read,
-            "rows_written": result.rows_written, "load_seconds": round(result.seconds, 3),
-            "load_rows_per_s": round(result.rows_per_s, 1),
-            "chunks_loaded": result.chunks_loaded, "chunks_skipped": result.chunks_skipped,
-            "pairs": [asdict(x) for x in result.pairs]}
+    create_table_artifact(
+        summary, key="backfill-summary", description=f"backfill of snapshot {manifest.snapshot_id}"
+    )
+    return {
+        "dry_run": False,
+        "snapshot_id": manifest.snapshot_id,
+        "snapshot_dir": str(directory),
+        "snapshot_rows": manifest.rows,
+        "snapshot_seconds": manifest.seconds,
+        "rows_read": result.rows_read,
+        "rows_written": result.rows_written,
+        "load_seconds": round(result.seconds, 3),
+        "load_rows_per_s": round(result.rows_per_s, 1),
+        "chunks_loaded": result.chunks_loaded,
+        "chunks_skipped": result.chunks_skipped,
+        "pairs": [asdict(x) for x in result.pairs],
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,16 +500,20 @@ def backfill_flow(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flows.backfill", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.backfill",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     for name, info in BackfillParams.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = info.get_default()
         if default is False:
             parser.add_argument(flag, dest=name, action="store_true", help=info.description)
         elif name in ("read_models", "user_ids"):
-            parser.add_argument(flag, dest=name, nargs="+", metavar=name.upper()[:-1],
-                                help=info.description)
+            parser.add_argument(
+                flag, dest=name, nargs="+", metavar=name.upper()[:-1], help=info.description
+            )
         else:
             # Strings all the way: BackfillParams parses them, with the same messages as in
             # the UI.
@@ -431,4 +536,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

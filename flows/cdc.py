@@ -64,11 +64,13 @@ def check_source(log: Any) -> None:
         slot = postgres.slot_status()
         gap = postgres.slot_gap(slot, debezium_lsn)
         if gap:
-            log.error("%s. Run `python -m flows.setup` if needed, then a backfill to cover "
-                      "the gap.", gap)
+            log.error(
+                "%s. Run `python -m flows.setup` if needed, then a backfill to cover the gap.", gap
+            )
         elif not slot.active:
-            log.warning("replication slot %r exists but no connector is streaming from it",
-                        slot.name)
+            log.warning(
+                "replication slot %r exists but no connector is streaming from it", slot.name
+            )
     except ServiceUnavailable as exc:
         log.warning("cannot check the replication slot: %s", exc)
 
@@ -77,8 +79,11 @@ def emit_prefect_event(name: str, payload: dict[str, Any]) -> None:
     """What an operator must act on (a TRUNCATE refused, an offset gap) as a Prefect event,
     which automations can turn into an alert."""
     run_id = flow_run.get_id()
-    emit_event(event=name, resource={"prefect.resource.id": f"cqrs-sync.cdc.{run_id or 'local'}"},
-               payload=payload)
+    emit_event(
+        event=name,
+        resource={"prefect.resource.id": f"cqrs-sync.cdc.{run_id or 'local'}"},
+        payload=payload,
+    )
 
 
 def markdown(rep: MetricsReport, slot_retained: int | None) -> str:
@@ -114,14 +119,20 @@ def make_reporter(log: Any) -> Callable[[MetricsReport], None]:
         except ServiceUnavailable as exc:
             log.warning("slot status unavailable: %s", exc)
         if retained is not None and retained > SLOT_RETAINED_WARN_BYTES:
-            log.warning("replication slot holds %.1f GiB of WAL: is the connector stuck?",
-                        retained / (1 << 30))
+            log.warning(
+                "replication slot holds %.1f GiB of WAL: is the connector stuck?",
+                retained / (1 << 30),
+            )
         log.info("%s, slot WAL retained %s bytes", rep.as_line(), retained)
         try:
-            create_markdown_artifact(key="cdc-metrics", markdown=markdown(rep, retained),
-                                     description="CDC consumer: lag, throughput, latency, DLQ")
+            create_markdown_artifact(
+                key="cdc-metrics",
+                markdown=markdown(rep, retained),
+                description="CDC consumer: lag, throughput, latency, DLQ",
+            )
         except Exception as exc:  # the Prefect API down must not stop the consumer
             log.warning("cdc-metrics artifact not published: %s: %s", type(exc).__name__, exc)
+
     return report
 
 
@@ -145,8 +156,9 @@ def validate(params: Mapping[str, Any]) -> tuple[CdcOptions, str]:
     given = {k: v for k, v in params.items() if v is not None}
     group = given.pop("consumer_group", None)
     options = CdcOptions(**given)
-    return options, consumer_group_for(get_settings().kafka.consumer_group,
-                                       options.read_models, group)
+    return options, consumer_group_for(
+        get_settings().kafka.consumer_group, options.read_models, group
+    )
 
 
 # The flow validates its parameters itself (CdcOptions, strict), with messages naming them.
@@ -191,12 +203,14 @@ def cdc_flow(
     kafka_settings = settings.kafka.model_copy(update={"consumer_group": group})
     check_source(log)
     session = scylla.connect(keyspace=settings.scylla.keyspace)
-    consumer = CdcConsumer(scylla.ScyllaWriter(session), options, kafka_settings,
-                           emit=emit_prefect_event)
+    consumer = CdcConsumer(
+        scylla.ScyllaWriter(session), options, kafka_settings, emit=emit_prefect_event
+    )
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s: finishing the batch in flight, then stopping",
-                 signal.Signals(signum).name)
+        log.info(
+            "received %s: finishing the batch in flight, then stopping", signal.Signals(signum).name
+        )
         consumer.stop()
 
     previous = {}
@@ -204,53 +218,83 @@ def cdc_flow(
         # Outside the main thread signals cannot be caught: the API check still stops us.
         with contextlib.suppress(ValueError):
             previous[sig] = signal.signal(sig, on_signal)
-    log.info("consuming %s.public.* into %s as group %r", kafka_settings.topic_prefix,
-             list(options.read_models), kafka_settings.consumer_group)
+    log.info(
+        "consuming %s.public.* into %s as group %r",
+        kafka_settings.topic_prefix,
+        list(options.read_models),
+        kafka_settings.consumer_group,
+    )
     try:
         result = consumer.run(report=make_reporter(log), should_stop=cancellation_requested)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         scylla.close(session)
-    summary = {"messages": result.messages, "changes": result.changes,
-               "mutations": result.mutations, "dead_lettered": result.dead_lettered,
-               "batches": result.batches, "stopped_by": result.stopped_by,
-               "consumer_group": kafka_settings.consumer_group}
-    log.info("CDC stopped (%s) after %d messages, %d mutations, %d dead-lettered; offsets "
-             "committed for everything applied", result.stopped_by, result.messages,
-             result.mutations, result.dead_lettered)
+    summary = {
+        "messages": result.messages,
+        "changes": result.changes,
+        "mutations": result.mutations,
+        "dead_lettered": result.dead_lettered,
+        "batches": result.batches,
+        "stopped_by": result.stopped_by,
+        "consumer_group": kafka_settings.consumer_group,
+    }
+    log.info(
+        "CDC stopped (%s) after %d messages, %d mutations, %d dead-lettered; offsets "
+        "committed for everything applied",
+        result.stopped_by,
+        result.messages,
+        result.mutations,
+        result.dead_lettered,
+    )
     if result.stopped_by in ("signal", "cancelled"):
-        return Cancelled(message=f"stopped by {result.stopped_by} after committing "
-                         f"{result.messages} messages", data=summary)
+        return Cancelled(
+            message=f"stopped by {result.stopped_by} after committing {result.messages} messages",
+            data=summary,
+        )
     return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Options generated from CdcOptions, so the command line, the flow and app code accept
     the same parameters with the same descriptions."""
-    parser = argparse.ArgumentParser(prog="python -m flows.cdc", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.cdc",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     for name, info in CdcOptions.model_fields.items():
         flag = "--" + name.replace("_", "-")
         if name == "read_models":
             parser.add_argument(
-                flag, dest=name, nargs="+", choices=READ_MODELS, metavar="READ_MODEL",
+                flag,
+                dest=name,
+                nargs="+",
+                choices=READ_MODELS,
+                metavar="READ_MODEL",
                 help=f"project only these read models (default: all of {list(READ_MODELS)}). "
-                     f"A subset gets a consumer group of its own: the settings' group and the "
-                     f"sorted read models, e.g. "
-                     f"{get_settings().kafka.consumer_group}.conversation_timeline")
+                f"A subset gets a consumer group of its own: the settings' group and the "
+                f"sorted read models, e.g. "
+                f"{get_settings().kafka.consumer_group}.conversation_timeline",
+            )
             continue
         kinds = {info.annotation, *get_args(info.annotation)} - {type(None)}
         convert = int if int in kinds else float
         default = info.get_default()
         shown = "default: never" if default is None else f"default: {default}"
-        parser.add_argument(flag, dest=name, type=convert,
-                            help=f"{info.description or name.replace('_', ' ')} ({shown})")
+        parser.add_argument(
+            flag,
+            dest=name,
+            type=convert,
+            help=f"{info.description or name.replace('_', ' ')} ({shown})",
+        )
     parser.add_argument(
-        "--consumer-group", dest="consumer_group",
+        "--consumer-group",
+        dest="consumer_group",
         help="Kafka consumer group (default: the settings' group, "
-             f"{get_settings().kafka.consumer_group!r}, or for a subset of read models a "
-             "consumer group of its own; naming the shared group with a subset is refused)")
+        f"{get_settings().kafka.consumer_group!r}, or for a subset of read models a "
+        "consumer group of its own; naming the shared group with a subset is refused)",
+    )
     return parser
 
 

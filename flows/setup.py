@@ -52,9 +52,16 @@ def setup_flow(register_connector: bool = True) -> dict[str, object]:
         log.info("Kafka topics created now: %s", create_topics() or "none (all exist)")
         state = register_debezium_connector()
         slot = postgres.slot_status()
-        log.info("connector %s: %s, tasks %s; slot %s exists=%s active=%s retained=%s bytes",
-                 state.name, state.connector_state, state.task_states, slot.name, slot.exists,
-                 slot.active, slot.retained_bytes)
+        log.info(
+            "connector %s: %s, tasks %s; slot %s exists=%s active=%s retained=%s bytes",
+            state.name,
+            state.connector_state,
+            state.task_states,
+            slot.name,
+            slot.exists,
+            slot.active,
+            slot.retained_bytes,
+        )
         result["connector"] = state.connector_state
         result["slot_active"] = slot.active
     return result
@@ -62,8 +69,11 @@ def setup_flow(register_connector: bool = True) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.setup", description=__doc__)
-    parser.add_argument("--no-connector", action="store_true",
-                        help="apply schemas only; do not register the Debezium connector")
+    parser.add_argument(
+        "--no-connector",
+        action="store_true",
+        help="apply schemas only; do not register the Debezium connector",
+    )
     args = parser.parse_args()
     print(setup_flow(register_connector=not args.no_connector))
     print(f"topics: {[get_settings().kafka.topic(t) for t in ('sessions', 'human_turns')]} ...")

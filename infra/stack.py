@@ -71,8 +71,9 @@ def pg_bindir() -> Path:
     if not found:
         say("PostgreSQL server not found: installing Debian's postgresql package")
         if os.geteuid() != 0:
-            raise StackError("PostgreSQL is missing and installing it needs root: "
-                             "apt-get install -y postgresql")
+            raise StackError(
+                "PostgreSQL is missing and installing it needs root: apt-get install -y postgresql"
+            )
         run(["apt-get", "update", "-q"])
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         run(["apt-get", "install", "-y", "-q", "postgresql", "postgresql-contrib"], env=env)
@@ -85,8 +86,10 @@ def pg_bindir() -> Path:
 def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
     if proc.returncode != 0:
-        raise StackError(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
-                         f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        raise StackError(
+            f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
+            f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        )
     return proc
 
 
@@ -102,13 +105,23 @@ def resolve_jars(name: str, dest: Path) -> Path:
     say(f"resolving {name} jars with mvn (cached in ~/.m2 and {dest})")
     shutil.rmtree(dest, ignore_errors=True)
     proc = subprocess.run(
-        ["mvn", "-B", "-q", "-f", str(pom), "dependency:copy-dependencies",
-         f"-DoutputDirectory={dest}", "-DincludeScope=runtime"],
-        capture_output=True, text=True,
+        [
+            "mvn",
+            "-B",
+            "-q",
+            "-f",
+            str(pom),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={dest}",
+            "-DincludeScope=runtime",
+        ],
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
-        raise StackError(f"jars for {name} failed to resolve from {pom}:\n"
-                         f"{(proc.stdout + proc.stderr)[-3000:]}")
+        raise StackError(
+            f"jars for {name} failed to resolve from {pom}:\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
     marker.write_text(digest)
     return dest
 
@@ -149,8 +162,9 @@ def alive_pid(name: str) -> int | None:
     return pid if str(STACK).encode() in cmdline or str(ROOT).encode() in cmdline else None
 
 
-def spawn(name: str, cmd: list[str], env: dict[str, str] | None = None,
-          user: str | None = None) -> None:
+def spawn(
+    name: str, cmd: list[str], env: dict[str, str] | None = None, user: str | None = None
+) -> None:
     LOGS.mkdir(parents=True, exist_ok=True)
     log = open(LOGS / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
     preexec: Callable[[], None] | None = None
@@ -160,9 +174,17 @@ def spawn(name: str, cmd: list[str], env: dict[str, str] | None = None,
         def preexec() -> None:
             os.setgid(pw.pw_gid)
             os.setuid(pw.pw_uid)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})}, start_new_session=True,
-                            preexec_fn=preexec, cwd=STACK)
+
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+        preexec_fn=preexec,
+        cwd=STACK,
+    )
     pid_file(name).write_text(str(proc.pid))
 
 
@@ -257,9 +279,21 @@ def pg_start() -> None:
             pw = pwd.getpwnam(owner)
             os.chown(pwfile, pw.pw_uid, pw.pw_gid)
         try:
-            run([*as_owner, str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres",
-                 "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8",
-                 "--locale=C.UTF-8"])
+            run(
+                [
+                    *as_owner,
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(pgdata),
+                    "-U",
+                    "postgres",
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "-E",
+                    "UTF8",
+                    "--locale=C.UTF-8",
+                ]
+            )
         finally:
             pwfile.unlink()
         conf = (INFRA / "conf" / "postgresql.conf").read_text()
@@ -277,8 +311,10 @@ def pg_healthy() -> bool:
     # Create the project database once the server answers.
     import psycopg
 
-    admin = (f"host={HOST} port={PG_PORT} dbname=postgres user=postgres "
-             f"password={os.environ.get('CQRS_PG_ADMIN_PASSWORD', 'postgres-local')}")
+    admin = (
+        f"host={HOST} port={PG_PORT} dbname=postgres user=postgres "
+        f"password={os.environ.get('CQRS_PG_ADMIN_PASSWORD', 'postgres-local')}"
+    )
     db = os.environ.get("CQRS_PG_DATABASE", "cqrs")
     with psycopg.connect(admin, autocommit=True) as conn:
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
@@ -292,8 +328,19 @@ def pg_healthy() -> bool:
 def pg_stop(pid: int) -> None:
     owner = _pg_owner()
     as_owner = ["runuser", "-u", owner, "--"] if owner else []
-    subprocess.run([*as_owner, str(pg_bindir() / "pg_ctl"), "-D", str(DATA / "postgres"),
-                    "-m", "fast", "-w", "stop"], capture_output=True)
+    subprocess.run(
+        [
+            *as_owner,
+            str(pg_bindir() / "pg_ctl"),
+            "-D",
+            str(DATA / "postgres"),
+            "-m",
+            "fast",
+            "-w",
+            "stop",
+        ],
+        capture_output=True,
+    )
     stop_pid("postgres", pid, timeout=30)
 
 
@@ -324,17 +371,40 @@ def kafka_start() -> None:
     cp = str(resolve_jars("kafka", JARS / "kafka")) + "/*"
     logdir = DATA / "kafka"
     props = CONF / "kafka.properties"
-    props.write_text((INFRA / "conf" / "kafka.properties").read_text()
-                     .replace("@LOGDIR@", str(logdir)))
+    props.write_text(
+        (INFRA / "conf" / "kafka.properties").read_text().replace("@LOGDIR@", str(logdir))
+    )
     if not (logdir / "meta.properties").exists():
         cluster_id = kafka_cluster_id()
         say(f"formatting Kafka storage (cluster id {cluster_id})")
-        run([java, "-cp", cp, f"-Dlog4j2.configurationFile={_log4j2('kafka-tools')}",
-             "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
-             "-c", str(props)])
-    spawn("kafka", [java, "-Xms512m", "-Xmx1g", "-XX:+UseG1GC",
-                    f"-Dlog4j2.configurationFile={_log4j2('kafka')}", f"-Dcqrs.stack={STACK}",
-                    "-cp", cp, "kafka.Kafka", str(props)])
+        run(
+            [
+                java,
+                "-cp",
+                cp,
+                f"-Dlog4j2.configurationFile={_log4j2('kafka-tools')}",
+                "kafka.tools.StorageTool",
+                "format",
+                f"--cluster-id={cluster_id}",
+                "-c",
+                str(props),
+            ]
+        )
+    spawn(
+        "kafka",
+        [
+            java,
+            "-Xms512m",
+            "-Xmx1g",
+            "-XX:+UseG1GC",
+            f"-Dlog4j2.configurationFile={_log4j2('kafka')}",
+            f"-Dcqrs.stack={STACK}",
+            "-cp",
+            cp,
+            "kafka.Kafka",
+            str(props),
+        ],
+    )
 
 
 def kafka_healthy() -> bool:
@@ -343,8 +413,9 @@ def kafka_healthy() -> bool:
     try:
         # log_level 0: "connection refused" while the broker starts is the expected answer,
         # not something to print every 50 ms.
-        md = AdminClient({"bootstrap.servers": f"{HOST}:{KAFKA_PORT}",
-                          "log_level": 0}).list_topics(timeout=3)
+        md = AdminClient({"bootstrap.servers": f"{HOST}:{KAFKA_PORT}", "log_level": 0}).list_topics(
+            timeout=3
+        )
     except Exception:
         return False
     return bool(md.brokers)
@@ -359,12 +430,24 @@ def connect_start() -> None:
     plugins = JARS / "plugins"
     resolve_jars("debezium", plugins / "debezium-connector-postgres")
     props = CONF / "connect.properties"
-    props.write_text((INFRA / "conf" / "connect.properties").read_text()
-                     .replace("@PLUGINS@", str(plugins)))
-    spawn("connect", [java, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC",
-                      f"-Dlog4j2.configurationFile={_log4j2('connect')}",
-                      f"-Dcqrs.stack={STACK}", "-cp", cp,
-                      "org.apache.kafka.connect.cli.ConnectDistributed", str(props)])
+    props.write_text(
+        (INFRA / "conf" / "connect.properties").read_text().replace("@PLUGINS@", str(plugins))
+    )
+    spawn(
+        "connect",
+        [
+            java,
+            "-Xms256m",
+            "-Xmx768m",
+            "-XX:+UseG1GC",
+            f"-Dlog4j2.configurationFile={_log4j2('connect')}",
+            f"-Dcqrs.stack={STACK}",
+            "-cp",
+            cp,
+            "org.apache.kafka.connect.cli.ConnectDistributed",
+            str(props),
+        ],
+    )
 
 
 def connect_healthy() -> bool:
@@ -394,21 +477,35 @@ def cassandra_start() -> None:
     logback = CONF / "cassandra-logback.xml"
     logback.write_text((INFRA / "conf" / "cassandra-logback.xml").read_text())
     jvm_flags = [
-        line.strip() for line in (INFRA / "conf" / "cassandra-jvm17.options").read_text()
-        .splitlines() if line.strip() and not line.startswith("#")
+        line.strip()
+        for line in (INFRA / "conf" / "cassandra-jvm17.options").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
     ]
-    spawn("cassandra", [
-        java, "-Xms1g", "-Xmx1g", "-Xss512k", "-XX:+UseG1GC", "-XX:+ExitOnOutOfMemoryError",
-        f"-javaagent:{jamm}",
-        *jvm_flags,
-        f"-Dcassandra.config=file://{yaml}", "-Dcassandra-foreground=yes",
-        f"-Dcassandra.storagedir={home}", f"-Dcassandra.logdir={LOGS}",
-        f"-Dlogback.configurationFile={logback}",
-        "-Dcassandra.skip_wait_for_gossip_to_settle=0", "-Dcassandra.ring_delay_ms=100",
-        f"-Dcassandra.jmx.local.port={CASSANDRA_JMX_PORT}",
-        f"-Djava.io.tmpdir={home / 'tmp'}",
-        "-cp", f"{jars}/*", "org.apache.cassandra.service.CassandraDaemon",
-    ])
+    spawn(
+        "cassandra",
+        [
+            java,
+            "-Xms1g",
+            "-Xmx1g",
+            "-Xss512k",
+            "-XX:+UseG1GC",
+            "-XX:+ExitOnOutOfMemoryError",
+            f"-javaagent:{jamm}",
+            *jvm_flags,
+            f"-Dcassandra.config=file://{yaml}",
+            "-Dcassandra-foreground=yes",
+            f"-Dcassandra.storagedir={home}",
+            f"-Dcassandra.logdir={LOGS}",
+            f"-Dlogback.configurationFile={logback}",
+            "-Dcassandra.skip_wait_for_gossip_to_settle=0",
+            "-Dcassandra.ring_delay_ms=100",
+            f"-Dcassandra.jmx.local.port={CASSANDRA_JMX_PORT}",
+            f"-Djava.io.tmpdir={home / 'tmp'}",
+            "-cp",
+            f"{jars}/*",
+            "org.apache.cassandra.service.CassandraDaemon",
+        ],
+    )
 
 
 def cassandra_healthy() -> bool:
@@ -442,9 +539,11 @@ def prefect_env() -> dict[str, str]:
 def prefect_start() -> None:
     (DATA / "prefect").mkdir(parents=True, exist_ok=True)
     prefect = Path(sys.executable).parent / "prefect"
-    spawn("prefect", [str(prefect), "server", "start", "--host", HOST, "--port",
-                      str(PREFECT_PORT)],
-          env=prefect_env())
+    spawn(
+        "prefect",
+        [str(prefect), "server", "start", "--host", HOST, "--port", str(PREFECT_PORT)],
+        env=prefect_env(),
+    )
 
 
 def prefect_healthy() -> bool:
@@ -457,16 +556,48 @@ def prefect_healthy() -> bool:
 
 
 SERVICES = [
-    Service("postgres", [PG_PORT], f"postgresql://{HOST}:{PG_PORT}/cqrs", pg_start, pg_healthy,
-            60, stop=pg_stop),
-    Service("kafka", [KAFKA_PORT, KAFKA_CONTROLLER_PORT], f"{HOST}:{KAFKA_PORT}", kafka_start,
-            kafka_healthy, 120),
-    Service("cassandra", [CASSANDRA_PORT, CASSANDRA_STORAGE_PORT, CASSANDRA_JMX_PORT],
-            f"{HOST}:{CASSANDRA_PORT} (CQL)", cassandra_start, cassandra_healthy, 240),
-    Service("prefect", [PREFECT_PORT], f"http://{HOST}:{PREFECT_PORT}", prefect_start,
-            prefect_healthy, 120),
-    Service("connect", [CONNECT_PORT], f"http://{HOST}:{CONNECT_PORT}", connect_start,
-            connect_healthy, 180, needs=["kafka"]),
+    Service(
+        "postgres",
+        [PG_PORT],
+        f"postgresql://{HOST}:{PG_PORT}/cqrs",
+        pg_start,
+        pg_healthy,
+        60,
+        stop=pg_stop,
+    ),
+    Service(
+        "kafka",
+        [KAFKA_PORT, KAFKA_CONTROLLER_PORT],
+        f"{HOST}:{KAFKA_PORT}",
+        kafka_start,
+        kafka_healthy,
+        120,
+    ),
+    Service(
+        "cassandra",
+        [CASSANDRA_PORT, CASSANDRA_STORAGE_PORT, CASSANDRA_JMX_PORT],
+        f"{HOST}:{CASSANDRA_PORT} (CQL)",
+        cassandra_start,
+        cassandra_healthy,
+        240,
+    ),
+    Service(
+        "prefect",
+        [PREFECT_PORT],
+        f"http://{HOST}:{PREFECT_PORT}",
+        prefect_start,
+        prefect_healthy,
+        120,
+    ),
+    Service(
+        "connect",
+        [CONNECT_PORT],
+        f"http://{HOST}:{CONNECT_PORT}",
+        connect_start,
+        connect_healthy,
+        180,
+        needs=["kafka"],
+    ),
 ]
 
 
@@ -475,8 +606,9 @@ def select(names: list[str] | None) -> list[Service]:
         return SERVICES
     unknown = set(names) - {s.name for s in SERVICES}
     if unknown:
-        raise StackError(f"unknown service(s) {sorted(unknown)}; known: "
-                         f"{[s.name for s in SERVICES]}")
+        raise StackError(
+            f"unknown service(s) {sorted(unknown)}; known: {[s.name for s in SERVICES]}"
+        )
     return [s for s in SERVICES if s.name in names]
 
 
@@ -497,11 +629,15 @@ def wait_healthy(svc: Service) -> None:
         if svc.healthy():
             return
         if running_pid(svc.name) is None:
-            raise StackError(f"{svc.name} exited during start-up; see {LOGS / svc.name}.log:\n"
-                             f"{_tail(LOGS / f'{svc.name}.log')}")
+            raise StackError(
+                f"{svc.name} exited during start-up; see {LOGS / svc.name}.log:\n"
+                f"{_tail(LOGS / f'{svc.name}.log')}"
+            )
         time.sleep(1)
-    raise StackError(f"{svc.name} did not become healthy in {svc.startup_timeout:.0f}s; "
-                     f"see {LOGS / svc.name}.log:\n{_tail(LOGS / f'{svc.name}.log')}")
+    raise StackError(
+        f"{svc.name} did not become healthy in {svc.startup_timeout:.0f}s; "
+        f"see {LOGS / svc.name}.log:\n{_tail(LOGS / f'{svc.name}.log')}"
+    )
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -528,16 +664,20 @@ def up(names: list[str] | None = None) -> None:
                 continue
             busy = [p for p in svc.ports if not port_free(p)]
             if busy:
-                raise StackError(f"{svc.name} cannot start: port(s) {busy} on {HOST} already in "
-                                 f"use by another process (stop it, or `make down` if ours)")
+                raise StackError(
+                    f"{svc.name} cannot start: port(s) {busy} on {HOST} already in "
+                    f"use by another process (stop it, or `make down` if ours)"
+                )
             say(f"{svc.name}: starting")
             svc.start()
             started.append(svc)
         for svc in wave:
             wait_healthy(svc)
             pending.remove(svc)
-    say(f"stack up in {time.monotonic() - t0:.1f}s "
-        f"(started: {', '.join(s.name for s in started) or 'none'})")
+    say(
+        f"stack up in {time.monotonic() - t0:.1f}s "
+        f"(started: {', '.join(s.name for s in started) or 'none'})"
+    )
     status(quiet=False)
 
 
@@ -575,8 +715,11 @@ def clean() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.stack", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m infra.stack",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=["up", "down", "status", "clean"])
     parser.add_argument("services", nargs="*", help="limit to these services")
     args = parser.parse_args(argv)

@@ -58,12 +58,16 @@ class ChangeTap:
 
     def __init__(self, settings: KafkaSettings | None = None) -> None:
         cfg = settings or get_settings().kafka
-        self.consumer = Consumer(kafka.consumer_config(
-            cfg, **{"group.id": f"tap-{uuid.uuid4()}", "enable.auto.offset.store": False}))
+        self.consumer = Consumer(
+            kafka.consumer_config(
+                cfg, **{"group.id": f"tap-{uuid.uuid4()}", "enable.auto.offset.store": False}
+            )
+        )
         self.consumer.assign(end_offsets(self.consumer, kafka.change_topics(cfg)))
 
-    def collect(self, match: Callable[[DecodedEvent], bool], count: int,
-                timeout_s: float = 30.0) -> list[TappedEvent]:
+    def collect(
+        self, match: Callable[[DecodedEvent], bool], count: int, timeout_s: float = 30.0
+    ) -> list[TappedEvent]:
         """The first ``count`` change events that ``match``, or fewer on timeout."""
         found: list[TappedEvent] = []
         deadline = time.monotonic() + timeout_s
@@ -73,8 +77,12 @@ class ChangeTap:
                 continue
             topic, partition, offset = msg.topic() or "", msg.partition(), msg.offset()
             event = decode_message(topic, msg.key(), msg.value())
-            if event.kind == "change" and match(event) and partition is not None \
-                    and offset is not None:
+            if (
+                event.kind == "change"
+                and match(event)
+                and partition is not None
+                and offset is not None
+            ):
                 found.append(TappedEvent(topic, partition, offset, event))
         return found
 
@@ -88,7 +96,8 @@ class LocalCdc:
     def __init__(self, options: CdcOptions | None = None) -> None:
         settings = get_settings()
         self.kafka = settings.kafka.model_copy(
-            update={"consumer_group": f"local-cdc-{uuid.uuid4()}"})
+            update={"consumer_group": f"local-cdc-{uuid.uuid4()}"}
+        )
         self.options = options or CdcOptions(report_interval_s=3600)
         self._session = scylla.connect(keyspace=settings.scylla.keyspace)
         position_group_at_end(self.kafka)
@@ -114,8 +123,9 @@ class LocalCdc:
         if not wanted:
             return True
         tps = [TopicPartition(e.topic, e.partition) for e in wanted]
-        committed = {(tp.topic, tp.partition): tp.offset
-                     for tp in self._offsets.committed(tps, timeout=10)}
+        committed = {
+            (tp.topic, tp.partition): tp.offset for tp in self._offsets.committed(tps, timeout=10)
+        }
         return all(committed.get((e.topic, e.partition), -1) > e.offset for e in wanted)
 
     def stop(self) -> None:
@@ -129,6 +139,10 @@ class LocalCdc:
     def __enter__(self) -> LocalCdc:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()

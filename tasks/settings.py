@@ -59,9 +59,7 @@ class ScyllaSettings(BaseSettings):
     keyspace: str = "cqrs"
     # Replication for the keyspace the migration creates; production passes e.g.
     # {"class": "NetworkTopologyStrategy", "dc1": 3}.
-    replication: dict[str, str | int] = Field(
-        default_factory=lambda: _single_node_replication()
-    )
+    replication: dict[str, str | int] = Field(default_factory=lambda: _single_node_replication())
     local_dc: str | None = None
     username: str | None = None
     password: SecretStr | None = None
@@ -87,8 +85,9 @@ class ScyllaSettings(BaseSettings):
         name = value.strip().upper()
         # SERIAL levels are for lightweight transactions only; ANY accepts a write no
         # replica holds yet (a hint) and cannot serve a read.
-        invalid = {"SERIAL", "LOCAL_SERIAL"} | ({"ANY"} if info.field_name ==
-                                                "read_consistency" else set())
+        invalid = {"SERIAL", "LOCAL_SERIAL"} | (
+            {"ANY"} if info.field_name == "read_consistency" else set()
+        )
         if name not in ConsistencyLevel.name_to_value or name in invalid:
             allowed = sorted(set(ConsistencyLevel.name_to_value) - invalid)
             raise ValueError(f"{value!r} is not a consistency level for this; one of {allowed}")
@@ -114,8 +113,13 @@ class SSTableSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CQRS_SSTABLE_")
 
-    java: str = Field(default_factory=lambda: str(Path(os.environ["JAVA_HOME"]) / "bin" / "java")
-                      if os.environ.get("JAVA_HOME") else "java")
+    java: str = Field(
+        default_factory=lambda: (
+            str(Path(os.environ["JAVA_HOME"]) / "bin" / "java")
+            if os.environ.get("JAVA_HOME")
+            else "java"
+        )
+    )
     classpath: str = Field(default_factory=_local_stack_jars)
     storage_port: int = 7000  # the cluster's internode port, which streaming uses
     heap: str = "512m"  # the JVM's heap, fixed: its memory does not grow with the snapshot

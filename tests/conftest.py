@@ -35,8 +35,10 @@ def _reattach_log_streams() -> None:
     run) keep the capture's stream; messages logged after the session (at exit: Prefect's
     services and clients shutting down) were written to that closed stream and each ended in
     a "--- Logging error ---" traceback."""
-    loggers = [logging.getLogger(), *(logging.getLogger(name)
-                                      for name in list(logging.root.manager.loggerDict))]
+    loggers = [
+        logging.getLogger(),
+        *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict)),
+    ]
     for logger in loggers:
         for handler in getattr(logger, "handlers", ()):
             console = getattr(handler, "console", None)  # rich (Prefect's console handler)

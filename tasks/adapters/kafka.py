@@ -22,8 +22,9 @@ def change_topics(settings: KafkaSettings | None = None) -> list[str]:
     return [cfg.topic(t) for t in SOURCE_TABLES]
 
 
-def ensure_topics(settings: KafkaSettings | None = None, partitions: int = 3,
-                  replication_factor: int = 1) -> list[str]:
+def ensure_topics(
+    settings: KafkaSettings | None = None, partitions: int = 3, replication_factor: int = 1
+) -> list[str]:
     """Create the change topics and the dead-letter topic if missing; returns those created.
     Partitions are the unit of scale for the CDC consumer group; records are keyed by primary
     key, so every change of one row stays in order within one partition."""
@@ -37,10 +38,13 @@ def ensure_topics(settings: KafkaSettings | None = None, partitions: int = 3,
             raise ServiceUnavailable("Kafka", f"{cfg.bootstrap_servers}: {exc}") from exc
         raise error from exc
     wanted = [*change_topics(cfg), cfg.dead_letter_topic]
-    new = [NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
-           for t in wanted if t not in existing]
+    new = [
+        NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
+        for t in wanted
+        if t not in existing
+    ]
     created = []
-    for topic, fut in (client.create_topics(new).items() if new else []):
+    for topic, fut in client.create_topics(new).items() if new else []:
         try:
             fut.result()
             created.append(topic)
@@ -71,5 +75,9 @@ def consumer_config(settings: KafkaSettings | None = None, /, **overrides: Any) 
 
 def producer_config(settings: KafkaSettings | None = None, /, **overrides: Any) -> dict[str, Any]:
     cfg = settings or get_settings().kafka
-    return {"bootstrap.servers": cfg.bootstrap_servers, "enable.idempotence": True,
-            "linger.ms": 5, **overrides}
+    return {
+        "bootstrap.servers": cfg.bootstrap_servers,
+        "enable.idempotence": True,
+        "linger.ms": 5,
+        **overrides,
+    }

@@ -67,8 +67,11 @@ class ConnectorState:
 
     @property
     def running(self) -> bool:
-        return self.connector_state == "RUNNING" and bool(self.task_states) and all(
-            t == "RUNNING" for t in self.task_states)
+        return (
+            self.connector_state == "RUNNING"
+            and bool(self.task_states)
+            and all(t == "RUNNING" for t in self.task_states)
+        )
 
 
 class KafkaConnectClient:
@@ -89,8 +92,10 @@ class KafkaConnectClient:
         """Create or update the connector (idempotent)."""
         resp = self._request("PUT", f"/connectors/{name}/config", json=config)
         if resp.status_code >= 400:
-            raise ConfigurationError(f"Kafka Connect rejected connector {name!r}: "
-                                     f"{resp.status_code} {resp.json().get('message', resp.text)}")
+            raise ConfigurationError(
+                f"Kafka Connect rejected connector {name!r}: "
+                f"{resp.status_code} {resp.json().get('message', resp.text)}"
+            )
 
     def validate(self, config: dict[str, str]) -> list[str]:
         """Errors Kafka Connect finds in a config, before it is applied."""
@@ -109,9 +114,9 @@ class KafkaConnectClient:
         body = resp.json()
         tasks = body.get("tasks", [])
         trace = body["connector"].get("trace") or next(
-            (t.get("trace") for t in tasks if t.get("trace")), None)
-        return ConnectorState(name, body["connector"]["state"], [t["state"] for t in tasks],
-                              trace)
+            (t.get("trace") for t in tasks if t.get("trace")), None
+        )
+        return ConnectorState(name, body["connector"]["state"], [t["state"] for t in tasks], trace)
 
     def source_lsn(self, name: str) -> int | None:
         """The last LSN Debezium recorded as processed (its Kafka Connect source offset)."""
@@ -125,8 +130,11 @@ class KafkaConnectClient:
         return None
 
     def restart(self, name: str) -> None:
-        self._request("POST", f"/connectors/{name}/restart",
-                      params={"includeTasks": "true", "onlyFailed": "false"})
+        self._request(
+            "POST",
+            f"/connectors/{name}/restart",
+            params={"includeTasks": "true", "onlyFailed": "false"},
+        )
 
     def delete(self, name: str) -> None:
         self._request("DELETE", f"/connectors/{name}")
@@ -139,8 +147,9 @@ class KafkaConnectClient:
             if state and state.running:
                 return state
             if state and "FAILED" in [state.connector_state, *state.task_states]:
-                raise ConfigurationError(f"connector {name} failed: "
-                                         f"{(state.trace or '').splitlines()[:3]}")
+                raise ConfigurationError(
+                    f"connector {name} failed: {(state.trace or '').splitlines()[:3]}"
+                )
             time.sleep(0.5)
         raise TransientError(f"connector {name} not running after {timeout:.0f}s: {state}")
 

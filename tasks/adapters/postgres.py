@@ -16,8 +16,9 @@ from tasks.settings import PostgresSettings, get_settings
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas" / "postgres"
 
 
-def connect(role: str = "app", settings: PostgresSettings | None = None,
-            autocommit: bool = False) -> psycopg.Connection:
+def connect(
+    role: str = "app", settings: PostgresSettings | None = None, autocommit: bool = False
+) -> psycopg.Connection:
     """A connection as one of the least-privilege roles (admin, app, reader, debezium)."""
     cfg = settings or get_settings().postgres
     try:
@@ -27,8 +28,10 @@ def connect(role: str = "app", settings: PostgresSettings | None = None,
         what = f"connecting to PostgreSQL at {cfg.host}:{cfg.port} as {role}"
         error = classify(exc, what)
         if isinstance(error, TransientError):
-            raise ServiceUnavailable("PostgreSQL", f"{cfg.host}:{cfg.port} as {role}: "
-                                     f"{(str(exc).splitlines() or [''])[0]}") from exc
+            raise ServiceUnavailable(
+                "PostgreSQL",
+                f"{cfg.host}:{cfg.port} as {role}: {(str(exc).splitlines() or [''])[0]}",
+            ) from exc
         raise error from exc  # bad password, unknown role or database: no retry helps
 
 
@@ -70,19 +73,27 @@ def _migrate(cfg: PostgresSettings) -> list[str]:
                 if done[m.version] != m.checksum:
                     raise ConfigurationError(
                         f"migration {m.path.name} changed after it was applied; add a new "
-                        f"migration instead of editing an applied one")
+                        f"migration instead of editing an applied one"
+                    )
                 continue
             with conn.transaction():
                 conn.execute(m.path.read_text())  # type: ignore[call-overload]
-                conn.execute("INSERT INTO schema_migrations (version, checksum) VALUES (%s, %s)",
-                             (m.version, m.checksum))
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, checksum) VALUES (%s, %s)",
+                    (m.version, m.checksum),
+                )
             applied_now.append(m.version)
         # Passwords come from the environment every time, so rotating one is a re-run.
-        for user, secret in ((cfg.app_user, cfg.app_password),
-                             (cfg.reader_user, cfg.reader_password),
-                             (cfg.debezium_user, cfg.debezium_password)):
-            conn.execute(sql.SQL("ALTER ROLE {} WITH PASSWORD {}").format(
-                sql.Identifier(user), sql.Literal(secret.get_secret_value())))
+        for user, secret in (
+            (cfg.app_user, cfg.app_password),
+            (cfg.reader_user, cfg.reader_password),
+            (cfg.debezium_user, cfg.debezium_password),
+        ):
+            conn.execute(
+                sql.SQL("ALTER ROLE {} WITH PASSWORD {}").format(
+                    sql.Identifier(user), sql.Literal(secret.get_secret_value())
+                )
+            )
         conn.commit()
     return applied_now
 
@@ -118,9 +129,11 @@ def slot_gap(slot: SlotStatus, debezium_lsn: int | None) -> str | None:
     if debezium_lsn is not None and slot.confirmed_flush_lsn is not None:
         confirmed = lsn_to_int(slot.confirmed_flush_lsn)
         if confirmed > debezium_lsn:
-            return (f"replication slot {slot.name!r} starts at {slot.confirmed_flush_lsn}, past "
-                    f"Debezium's last offset {debezium_lsn}: it was recreated and changes "
-                    f"between the two were not captured")
+            return (
+                f"replication slot {slot.name!r} starts at {slot.confirmed_flush_lsn}, past "
+                f"Debezium's last offset {debezium_lsn}: it was recreated and changes "
+                f"between the two were not captured"
+            )
     return None
 
 
@@ -133,12 +146,20 @@ def slot_status(settings: PostgresSettings | None = None) -> SlotStatus:
                 """SELECT active, plugin, wal_status, confirmed_flush_lsn::text,
                           pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
                      FROM pg_replication_slots WHERE slot_name = %s""",
-                (cfg.slot_name,)).fetchone()
+                (cfg.slot_name,),
+            ).fetchone()
     except psycopg.Error as exc:
         raise classify(exc, f"reading replication slot {cfg.slot_name!r}") from exc
     if row is None:
         return SlotStatus(cfg.slot_name, exists=False, current_lsn=current[0] if current else None)
     active, plugin, wal_status, flush, retained = row
-    return SlotStatus(cfg.slot_name, True, bool(active), plugin, wal_status,
-                      int(retained) if retained is not None else None, flush,
-                      current[0] if current else None)
+    return SlotStatus(
+        cfg.slot_name,
+        True,
+        bool(active),
+        plugin,
+        wal_status,
+        int(retained) if retained is not None else None,
+        flush,
+        current[0] if current else None,
+    )

@@ -52,11 +52,19 @@ def execution_profile(cfg: ScyllaSettings) -> ExecutionProfile:
 
 def connect(settings: ScyllaSettings | None = None, keyspace: str | None = None) -> Session:
     cfg = settings or get_settings().scylla
-    auth = (PlainTextAuthProvider(cfg.username, cfg.password.get_secret_value())
-            if cfg.username and cfg.password else None)
-    cluster = Cluster(cfg.contact_points, port=cfg.port, auth_provider=auth,
-                      execution_profiles={EXEC_PROFILE_DEFAULT: execution_profile(cfg)},
-                      protocol_version=4, connect_timeout=5)
+    auth = (
+        PlainTextAuthProvider(cfg.username, cfg.password.get_secret_value())
+        if cfg.username and cfg.password
+        else None
+    )
+    cluster = Cluster(
+        cfg.contact_points,
+        port=cfg.port,
+        auth_provider=auth,
+        execution_profiles={EXEC_PROFILE_DEFAULT: execution_profile(cfg)},
+        protocol_version=4,
+        connect_timeout=5,
+    )
     try:
         return cluster.connect(keyspace)
     except Exception as exc:
@@ -89,26 +97,36 @@ def migrate(session: Session, settings: ScyllaSettings | None = None) -> list[st
 
 
 def _migrate(session: Session, cfg: ScyllaSettings) -> list[str]:
-    replication = ", ".join(f"'{k}': " + (f"'{v}'" if isinstance(v, str) else str(v))
-                            for k, v in cfg.replication.items())
-    session.execute(f"CREATE KEYSPACE IF NOT EXISTS {cfg.keyspace} "
-                    f"WITH replication = {{{replication}}}")
+    replication = ", ".join(
+        f"'{k}': " + (f"'{v}'" if isinstance(v, str) else str(v))
+        for k, v in cfg.replication.items()
+    )
+    session.execute(
+        f"CREATE KEYSPACE IF NOT EXISTS {cfg.keyspace} WITH replication = {{{replication}}}"
+    )
     session.set_keyspace(cfg.keyspace)
-    session.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
-                    "(version text PRIMARY KEY, checksum text, applied_at timestamp)")
+    session.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations "
+        "(version text PRIMARY KEY, checksum text, applied_at timestamp)"
+    )
     done = {r.version: r.checksum for r in session.execute("SELECT * FROM schema_migrations")}
     applied: list[str] = []
     for path in sorted(SCHEMA_DIR.glob("*.cql")):
         checksum = hashlib.sha256(path.read_bytes()).hexdigest()
         if path.stem in done:
             if done[path.stem] != checksum:
-                raise ConfigurationError(f"{path.name} changed after it was applied; add a new "
-                                         f"file instead of editing an applied one")
+                raise ConfigurationError(
+                    f"{path.name} changed after it was applied; add a new "
+                    f"file instead of editing an applied one"
+                )
             continue
         for statement in _statements(path.read_text()):
             session.execute(statement, timeout=60)
-        session.execute("INSERT INTO schema_migrations (version, checksum, applied_at) "
-                        "VALUES (%s, %s, toTimestamp(now()))", (path.stem, checksum))
+        session.execute(
+            "INSERT INTO schema_migrations (version, checksum, applied_at) "
+            "VALUES (%s, %s, toTimestamp(now()))",
+            (path.stem, checksum),
+        )
         applied.append(path.stem)
     return applied
 
@@ -125,9 +143,15 @@ class ScyllaWriter:
     the call's sequence when known) or the store refuses a value; ``TerminalError`` for
     schema or permission problems (an unconfigured table...)."""
 
-    def __init__(self, session: Session, keyspace: str | None = None,
-                 concurrency: int | None = None, batch_rows: int | None = None,
-                 batch_max_bytes: int | None = None, consistency: int | None = None) -> None:
+    def __init__(
+        self,
+        session: Session,
+        keyspace: str | None = None,
+        concurrency: int | None = None,
+        batch_rows: int | None = None,
+        batch_max_bytes: int | None = None,
+        consistency: int | None = None,
+    ) -> None:
         cfg = get_settings().scylla
         self.session = session
         self.keyspace = keyspace or cfg.keyspace
@@ -191,8 +215,9 @@ class ScyllaWriter:
             raise classify(exc, what) from exc
         return len(mutations)
 
-    def requests(self, statements: Sequence[tuple[PreparedStatement, Sequence[Any]]]
-                 ) -> list[BoundStatement | BatchStatement]:
+    def requests(
+        self, statements: Sequence[tuple[PreparedStatement, Sequence[Any]]]
+    ) -> list[BoundStatement | BatchStatement]:
         """The statements as requests: UNLOGGED batches of up to ``batch_rows`` rows that
         live on the same replicas, the way cqlsh COPY and DSBulk load. One request per ~20
         rows instead of one per row cuts the driver's and the store's per-request work (on
@@ -242,21 +267,26 @@ class ScyllaWriter:
             statements = self.bound(mutations)
             if timeout is not None:
                 requests: list[BoundStatement | BatchStatement] = [
-                    _bind(s, p, i) for i, (s, p) in enumerate(statements)]
+                    _bind(s, p, i) for i, (s, p) in enumerate(statements)
+                ]
                 futures = [self.session.execute_async(r, timeout=timeout) for r in requests]
                 for f in futures:
                     f.result()
                 return len(statements)
-            results = execute_concurrent(self.session,
-                                         [(r, ()) for r in self.requests(statements)],
-                                         concurrency=self.concurrency, raise_on_first_error=True)
+            results = execute_concurrent(
+                self.session,
+                [(r, ()) for r in self.requests(statements)],
+                concurrency=self.concurrency,
+                raise_on_first_error=True,
+            )
         except Exception as exc:
             raise classify(exc, what) from exc
         failed = [r.result_or_exc for r in results if not r.success]
         if failed:
             error = failed[0]
             raise classify(error, f"{len(failed)} requests of {what}") from (
-                error if isinstance(error, BaseException) else None)
+                error if isinstance(error, BaseException) else None
+            )
         return len(statements)
 
 
@@ -280,18 +310,24 @@ def _bind(prepared: PreparedStatement, params: Sequence[Any], index: int) -> Bou
             except _BIND_ERRORS:
                 column = spec.name
                 break
-        table = (f"{prepared.column_metadata[0].keyspace_name}."
-                 f"{prepared.column_metadata[0].table_name}" if prepared.column_metadata
-                 else "?")
-        raise RejectedData(f"mutation {index} cannot be written to {table}: column {column}: "
-                           f"{type(exc).__name__}: {exc}", index=index) from exc
+        table = (
+            f"{prepared.column_metadata[0].keyspace_name}.{prepared.column_metadata[0].table_name}"
+            if prepared.column_metadata
+            else "?"
+        )
+        raise RejectedData(
+            f"mutation {index} cannot be written to {table}: column {column}: "
+            f"{type(exc).__name__}: {exc}",
+            index=index,
+        ) from exc
 
 
 T = TypeVar("T")
 
 
-def replica_batches(members: Iterable[tuple[tuple[int, ...], bytes, int, T]], max_rows: int,
-                    max_bytes: int) -> list[list[T]]:
+def replica_batches(
+    members: Iterable[tuple[tuple[int, ...], bytes, int, T]], max_rows: int, max_bytes: int
+) -> list[list[T]]:
     """Group (replica set, partition key, size, item) into batches: one replica set per
     batch, a partition's items side by side, at most ``max_rows`` items and ``max_bytes``
     (an item larger than that goes alone). Every item lands in exactly one batch."""
@@ -361,8 +397,11 @@ class _ReplicaBatchWarnings(logging.Filter):
     request cost a backfill a tenth of its CPU under Prefect's console handler."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.msg == "Server warning: %s" and isinstance(record.args, tuple)
-                    and str(record.args[0]).startswith("Unlogged batch covering"))
+        return not (
+            record.msg == "Server warning: %s"
+            and isinstance(record.args, tuple)
+            and str(record.args[0]).startswith("Unlogged batch covering")
+        )
 
 
 _DRIVER_WARNINGS: Final = logging.getLogger("cassandra.protocol")
@@ -371,5 +410,7 @@ _REPLICA_BATCH_WARNINGS: Final = _ReplicaBatchWarnings()
 
 def batch_bytes(mutations: Iterable[Mutation]) -> int:
     """``_approx_bytes`` of a batch of these mutations."""
-    return sum(_approx_bytes([v for _, v in (*m.key, *(m.values if isinstance(m, Upsert)
-                                                        else ()))]) for m in mutations)
+    return sum(
+        _approx_bytes([v for _, v in (*m.key, *(m.values if isinstance(m, Upsert) else ()))])
+        for m in mutations
+    )

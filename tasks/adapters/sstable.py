@@ -70,13 +70,16 @@ def cql_values(array: pa.Array) -> tuple[np.ndarray, bytes]:
     Arrow array in CQL's binary format: uuid = its 16 bytes, bigint = 8 and int = 4 bytes
     big-endian (timestamps are bigint ms), text = UTF-8."""
     n = len(array)
-    valid = (np.ones(n, dtype=bool) if array.null_count == 0
-             else array.is_valid().to_numpy(zero_copy_only=False))
+    valid = (
+        np.ones(n, dtype=bool)
+        if array.null_count == 0
+        else array.is_valid().to_numpy(zero_copy_only=False)
+    )
     typ = array.type
     if pa.types.is_fixed_size_binary(typ):
         width = typ.byte_width
         raw = np.frombuffer(array.buffers()[1], dtype=np.uint8)
-        cells = raw[array.offset * width:(array.offset + n) * width].reshape(n, width)
+        cells = raw[array.offset * width : (array.offset + n) * width].reshape(n, width)
         data = cells[valid].tobytes()
         lengths = np.where(valid, width, -1)
     elif pa.types.is_int64(typ) or pa.types.is_int32(typ):
@@ -87,11 +90,15 @@ def cql_values(array: pa.Array) -> tuple[np.ndarray, bytes]:
     elif pa.types.is_string(typ):
         if array.null_count:
             array = array.fill_null("")  # a NULL's slot then holds no bytes
-        offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset:
-                                                                    array.offset + n + 1]
+        offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[
+            array.offset : array.offset + n + 1
+        ]
         start, end = int(offsets[0]), int(offsets[-1])
-        data = (bytes(memoryview(array.buffers()[2])[start:end])
-                if array.buffers()[2] is not None else b"")
+        data = (
+            bytes(memoryview(array.buffers()[2])[start:end])
+            if array.buffers()[2] is not None
+            else b""
+        )
         lengths = np.where(valid, np.diff(offsets), -1)
     else:
         raise TerminalError(f"no CQL encoding for Arrow type {typ}")
@@ -138,10 +145,10 @@ def _table_cql(session: Session, keyspace: str, table: str) -> str:
     cols = ", ".join(f'"{c.name}" {c.cql_type}' for c in t.columns.values())
     pk = ", ".join(f'"{c.name}"' for c in t.partition_key)
     ck = "".join(f', "{c.name}"' for c in t.clustering_key)
-    order = ", ".join(f'"{c.name}" {"DESC" if c.is_reversed else "ASC"}'
-                      for c in t.clustering_key)
-    return (f"CREATE TABLE {keyspace}.{table} ({cols}, PRIMARY KEY (({pk}){ck}))"
-            + (f" WITH CLUSTERING ORDER BY ({order})" if order else ""))
+    order = ", ".join(f'"{c.name}" {"DESC" if c.is_reversed else "ASC"}' for c in t.clustering_key)
+    return f"CREATE TABLE {keyspace}.{table} ({cols}, PRIMARY KEY (({pk}){ck}))" + (
+        f" WITH CLUSTERING ORDER BY ({order})" if order else ""
+    )
 
 
 def cassandra_jars(classpath: str) -> list[Path]:
@@ -166,13 +173,15 @@ def check_available(cfg: SSTableSettings | None = None) -> None:
     cfg = cfg or get_settings().sstable
     java = _java(cfg)
     if not java.is_file() or not os.access(java, os.X_OK):
-        raise ConfigurationError(f"the sstable load method needs Java 17: {cfg.java!r} not "
-                                 f"found (set CQRS_SSTABLE_JAVA)")
+        raise ConfigurationError(
+            f"the sstable load method needs Java 17: {cfg.java!r} not found (set CQRS_SSTABLE_JAVA)"
+        )
     if not cassandra_jars(cfg.classpath):
         raise ConfigurationError(
             f"the sstable load method needs cassandra-all and its dependencies: no "
             f"cassandra-all-*.jar in {cfg.classpath} (set CQRS_SSTABLE_CLASSPATH; `make up` "
-            f"resolves them into .stack/jars/cassandra)")
+            f"resolves them into .stack/jars/cassandra)"
+        )
 
 
 @dataclass(frozen=True)
@@ -190,8 +199,10 @@ class Target:
         return "oa" if self.compatibility_mode == "NONE" else "nb"
 
     def __str__(self) -> str:
-        return (f"Apache Cassandra {self.release} (storage compatibility "
-                f"{self.compatibility_mode}: SSTables version {self.sstable_version})")
+        return (
+            f"Apache Cassandra {self.release} (storage compatibility "
+            f"{self.compatibility_mode}: SSTables version {self.sstable_version})"
+        )
 
 
 def check_target(session: Session) -> Target:
@@ -207,16 +218,20 @@ def _check_target(session: Session) -> Target:
     if "scylla_local" in session.cluster.metadata.keyspaces["system"].tables:
         raise ConfigurationError(
             "the sstable load method streams Cassandra SSTables, which ScyllaDB does not "
-            "accept; use method=cql (or Scylla's own load-and-stream)")
+            "accept; use method=cql (or Scylla's own load-and-stream)"
+        )
     row = session.execute("SELECT release_version FROM system.local").one()
     release = str(row.release_version)
     if int(release.split(".")[0]) < 4:
-        raise ConfigurationError(f"the sstable load method needs Cassandra 4.0 or later, the "
-                                 f"cluster runs {release}; use method=cql")
+        raise ConfigurationError(
+            f"the sstable load method needs Cassandra 4.0 or later, the "
+            f"cluster runs {release}; use method=cql"
+        )
     mode = "CASSANDRA_4"
     if int(release.split(".")[0]) >= 5:
-        setting = session.execute("SELECT value FROM system_views.settings "
-                                  "WHERE name = 'storage_compatibility_mode'").one()
+        setting = session.execute(
+            "SELECT value FROM system_views.settings WHERE name = 'storage_compatibility_mode'"
+        ).one()
         # Unset (None) means the default, CASSANDRA_4; UPGRADING still writes 4.x files.
         if setting is not None and setting.value == "NONE":
             mode = "NONE"
@@ -232,21 +247,29 @@ def compiled_classes(cfg: SSTableSettings) -> Path:
     javac = java.with_name("javac")  # the same JDK as the java that will run the classes
     jars = [p.name for p in cassandra_jars(cfg.classpath)]
     key = JAVA_SOURCE.read_bytes() + repr((str(java), jars)).encode()
-    cache = (Path(cfg.cache_dir).expanduser()
-             / f"sstable-writer-{hashlib.sha256(key).hexdigest()[:16]}")
+    cache = (
+        Path(cfg.cache_dir).expanduser() / f"sstable-writer-{hashlib.sha256(key).hexdigest()[:16]}"
+    )
     if (cache / "SSTableBulkWriter.class").is_file():
         return cache
     if not javac.exists():
-        raise ConfigurationError("the sstable load method compiles its JVM half with javac: "
-                                 "install a JDK 17, not only a JRE (openjdk-17-jdk-headless)")
+        raise ConfigurationError(
+            "the sstable load method compiles its JVM half with javac: "
+            "install a JDK 17, not only a JRE (openjdk-17-jdk-headless)"
+        )
     cache.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
-    out = subprocess.run([str(javac), "-nowarn", "-d", str(staging), "-cp", cfg.classpath,
-                          str(JAVA_SOURCE)], capture_output=True, text=True)
+    out = subprocess.run(
+        [str(javac), "-nowarn", "-d", str(staging), "-cp", cfg.classpath, str(JAVA_SOURCE)],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
-        raise ConfigurationError(f"javac failed on {JAVA_SOURCE.name} with classpath "
-                                 f"{cfg.classpath}: {out.stderr[-1500:]}")
+        raise ConfigurationError(
+            f"javac failed on {JAVA_SOURCE.name} with classpath "
+            f"{cfg.classpath}: {out.stderr[-1500:]}"
+        )
     try:
         staging.rename(cache)  # atomic: a concurrent loader process may have won the race
     except OSError:
@@ -300,8 +323,9 @@ class SSTableWriterProcess:
     conversation kills the JVM (a fresh one serves the next chunk): the two sides are never
     left out of step."""
 
-    def __init__(self, session: Session, keyspace: str,
-                 settings: SSTableSettings | None = None) -> None:
+    def __init__(
+        self, session: Session, keyspace: str, settings: SSTableSettings | None = None
+    ) -> None:
         self.cfg = cfg = settings or get_settings().sstable
         check_available(cfg)
         self.target = check_target(session)
@@ -338,28 +362,48 @@ class SSTableWriterProcess:
         # A killed backfill must not leave a JVM streaming behind it: the kernel kills the JVM
         # with its parent (setpriv --pdeathsig; a preexec_fn would run Python between fork
         # and exec in a process with the driver's threads).
-        die_with_parent = (["setpriv", "--pdeathsig", "KILL", "--"]
-                           if shutil.which("setpriv") else [])
+        die_with_parent = (
+            ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+        )
         self._proc = subprocess.Popen(
             # A fixed heap, touched at start: the process's memory is what the settings say
             # from the first chunk on, whatever the snapshot's size. stdout carries only the
             # replies: the JVM's own messages go to stderr.
-            [*die_with_parent, cfg.java, *JVM_FLAGS, f"-Xms{cfg.heap}", f"-Xmx{cfg.heap}",
-             "-XX:+AlwaysPreTouch", "-XX:+ExitOnOutOfMemoryError",
-             "-Xlog:disable", "-Xlog:all=warning:stderr", "-XX:+DisplayVMOutputToStderr",
-             f"-Dcqrs.sstable.buffer.mib={cfg.buffer_mib}",
-             f"-Dlogback.configurationFile={logback}",
-             f"-Dcqrs.sstable.version={target.sstable_version}",
-             "-cp", f"{self._classes}{os.pathsep}{cfg.classpath}", "SSTableBulkWriter", hosts,
-             str(cfg.storage_port), self.keyspace],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
+            [
+                *die_with_parent,
+                cfg.java,
+                *JVM_FLAGS,
+                f"-Xms{cfg.heap}",
+                f"-Xmx{cfg.heap}",
+                "-XX:+AlwaysPreTouch",
+                "-XX:+ExitOnOutOfMemoryError",
+                "-Xlog:disable",
+                "-Xlog:all=warning:stderr",
+                "-XX:+DisplayVMOutputToStderr",
+                f"-Dcqrs.sstable.buffer.mib={cfg.buffer_mib}",
+                f"-Dlogback.configurationFile={logback}",
+                f"-Dcqrs.sstable.version={target.sstable_version}",
+                "-cp",
+                f"{self._classes}{os.pathsep}{cfg.classpath}",
+                "SSTableBulkWriter",
+                hosts,
+                str(cfg.storage_port),
+                self.keyspace,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+        )
         self._send(b"PING\n")
         # Started (or its log says why not), and writing the version the cluster accepts.
         reply = self._reply(timeout_s=120)
         if reply != f"PONG {target.sstable_version}":
             self._kill()
-            raise TerminalError(f"the SSTable writer answered {reply!r}; expected it to write "
-                                f"version {target.sstable_version} for {target}")
+            raise TerminalError(
+                f"the SSTable writer answered {reply!r}; expected it to write "
+                f"version {target.sstable_version} for {target}"
+            )
 
     def _running(self) -> subprocess.Popen[bytes]:
         if self._proc is None or self._proc.poll() is not None:
@@ -426,15 +470,19 @@ class SSTableWriterProcess:
             self._schemas[read_model] = _table_cql(self.session, self.keyspace, read_model)
         return self._schemas[read_model]
 
-    def load_chunk(self, path: Path, table: str, chunk_id: str,
-                   read_models: Collection[str] | None,
-                   acquire: Any = None, batch_rows: int = 20_000
-                   ) -> tuple[int, Counter[str], StreamReport]:
+    def load_chunk(
+        self,
+        path: Path,
+        table: str,
+        chunk_id: str,
+        read_models: Collection[str] | None,
+        acquire: Any = None,
+        batch_rows: int = 20_000,
+    ) -> tuple[int, Counter[str], StreamReport]:
         """Write and stream one chunk file; (rows read, rows written per read model, what
         was streamed). ``acquire(n)`` is called before n rows go out (the rate limit)."""
         self._running()
-        chunk_dir = self.work / "".join(c if c.isalnum() or c in "-_." else "_"
-                                        for c in chunk_id)
+        chunk_dir = self.work / "".join(c if c.isalnum() or c in "-_." else "_" for c in chunk_id)
         writers: dict[str, str] = {}
         rows_read, written = 0, Counter[str]()
         try:
@@ -444,15 +492,18 @@ class SSTableWriterProcess:
                     if wid is None:
                         wid = writers[up.cql] = f"w{len(writers)}"
                         target = chunk_dir / wid / self.keyspace / up.read_model
-                        self._send(f"OPEN\t{wid}\t{target}\t{self._schema(up.read_model)}\t"
-                                   f"{up.cql}\n".encode())
+                        self._send(
+                            f"OPEN\t{wid}\t{target}\t{self._schema(up.read_model)}\t"
+                            f"{up.cql}\n".encode()
+                        )
                     for arrays in _split(up.arrays, _MAX_PAYLOAD):
                         n = len(arrays[0])
                         if acquire:
                             acquire(n)
                         payload = rows_payload(arrays)
-                        self._send(f"ROWS\t{wid}\t{n}\t{len(arrays)}\t{len(payload)}\n"
-                                   .encode() + payload)
+                        self._send(
+                            f"ROWS\t{wid}\t{n}\t{len(arrays)}\t{len(payload)}\n".encode() + payload
+                        )
                         written[up.read_model] += n
                 rows_read += batch.num_rows
             self._send(f"STREAM\t{chunk_dir}\n".encode())
@@ -466,16 +517,18 @@ class SSTableWriterProcess:
         fields = reply.split("\t")
         if len(fields) < 3 or fields[0] not in ("OK", "ERR") or fields[1] != str(chunk_dir):
             self._kill()
-            raise TransientError(f"SSTable writer's answer for {chunk_id} is not one: "
-                                 f"{reply[:300]!r}")
+            raise TransientError(
+                f"SSTable writer's answer for {chunk_id} is not one: {reply[:300]!r}"
+            )
         if fields[0] == "ERR":
             error = TransientError if fields[2] == "transient" else TerminalError
             raise error(f"SSTable load of {chunk_id} failed: {' '.join(fields[3:])}")
         sstables, nbytes, rows, close_ms, stream_ms = (int(x) for x in fields[2:7])
         report = StreamReport(sstables, nbytes, rows, close_ms, stream_ms)
         if rows != sum(written.values()):
-            raise TerminalError(f"SSTable writer wrote {rows} rows of {chunk_id}, "
-                                f"sent {sum(written.values())}")
+            raise TerminalError(
+                f"SSTable writer wrote {rows} rows of {chunk_id}, sent {sum(written.values())}"
+            )
         return rows_read, written, report
 
     def close(self) -> None:

@@ -64,17 +64,17 @@ _IDENT: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}\Z")
 class ExpectationFailure:
     """One expectation the frame did not meet, or could not be evaluated on it."""
 
-    expectation: str                  # GX expectation type, e.g. expect_column_values_to_be_in_set
-    columns: tuple[str, ...]          # the column, or the column_list of a compound expectation
-    condition: str | None             # the row condition, rendered ("role == 'human'")
-    invariant: str | None             # what the suite says the expectation stands for
-    kwargs: Mapping[str, Any]         # the expectation's arguments, parameters resolved
+    expectation: str  # GX expectation type, e.g. expect_column_values_to_be_in_set
+    columns: tuple[str, ...]  # the column, or the column_list of a compound expectation
+    condition: str | None  # the row condition, rendered ("role == 'human'")
+    invariant: str | None  # what the suite says the expectation stands for
+    kwargs: Mapping[str, Any]  # the expectation's arguments, parameters resolved
     element_count: int | None
     unexpected_count: int | None
     unexpected_percent: float | None
     unexpected_values: tuple[Any, ...]  # a few offending values (GX's partial list)
-    observed_value: Any               # for aggregate expectations
-    error: str | None                 # set when GX raised instead of evaluating
+    observed_value: Any  # for aggregate expectations
+    error: str | None  # set when GX raised instead of evaluating
 
     @property
     def name(self) -> str:
@@ -116,8 +116,10 @@ class QualityResult:
         return None
 
     def summary(self) -> str:
-        head = (f"{self.read_model}: {self.evaluated - len(self.failures)}/{self.evaluated} "
-                f"expectations met on {self.row_count} rows")
+        head = (
+            f"{self.read_model}: {self.evaluated - len(self.failures)}/{self.evaluated} "
+            f"expectations met on {self.row_count} rows"
+        )
         return "\n  ".join([head, *map(str, self.failures)])
 
 
@@ -164,13 +166,16 @@ def load_suite(read_model: str, directory: Path = EXPECTATIONS_DIR) -> Expectati
             expectations.append(ExpectationConfiguration(**raw).to_domain_obj())
         except Exception as exc:  # GX raises pydantic, marshmallow and its own errors
             what = raw.get("type") if isinstance(raw, dict) else type(raw).__name__
-            raise ConfigurationError(f"{read_model}: invalid expectation suite: expectations"
-                                     f"[{i}] ({what}): {type(exc).__name__}: {exc}") from exc
+            raise ConfigurationError(
+                f"{read_model}: invalid expectation suite: expectations"
+                f"[{i}] ({what}): {type(exc).__name__}: {exc}"
+            ) from exc
     try:
         return _gx().ExpectationSuite(**doc, expectations=expectations)
     except Exception as exc:
-        raise ConfigurationError(f"{read_model}: invalid expectation suite: "
-                                 f"{type(exc).__name__}: {exc}") from exc
+        raise ConfigurationError(
+            f"{read_model}: invalid expectation suite: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def suite_parameters(read_model: str, directory: Path = EXPECTATIONS_DIR) -> frozenset[str]:
@@ -194,13 +199,19 @@ def suite_parameters(read_model: str, directory: Path = EXPECTATIONS_DIR) -> fro
 def expectation_names(read_model: str, directory: Path = EXPECTATIONS_DIR) -> tuple[str, ...]:
     """The names (as in :attr:`ExpectationFailure.name`) of the suite's expectations."""
     doc = _suite_document(_check_read_model(read_model), directory)
-    return tuple(_name(e.get("type", "unknown"), _columns(e.get("kwargs") or {}),
-                       _render_condition((e.get("kwargs") or {}).get("row_condition")))
-                 for e in doc["expectations"])
+    return tuple(
+        _name(
+            e.get("type", "unknown"),
+            _columns(e.get("kwargs") or {}),
+            _render_condition((e.get("kwargs") or {}).get("row_condition")),
+        )
+        for e in doc["expectations"]
+    )
 
 
-def default_parameters(now: datetime | None = None,
-                       clock_skew: timedelta = DEFAULT_CLOCK_SKEW) -> dict[str, Any]:
+def default_parameters(
+    now: datetime | None = None, clock_skew: timedelta = DEFAULT_CLOCK_SKEW
+) -> dict[str, Any]:
     """Values for every suite parameter the suites use."""
     from tasks.core.write_policy import DualWritePolicy
 
@@ -238,8 +249,7 @@ def _datasource() -> PandasDatasource:
 
     context = _gx().get_context(mode="ephemeral")
     # No tqdm bars on stderr from inside flows and tests.
-    context.variables.progress_bars = ProgressBarsConfig(globally=False,
-                                                         metric_calculations=False)
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     return context.data_sources.add_pandas(_DATASOURCE)
 
 
@@ -252,7 +262,8 @@ def _batch_definition(read_model: str) -> BatchDefinition:
         if bd is None:
             asset = _datasource().add_dataframe_asset(read_model)
             bd = _batch_definitions[read_model] = asset.add_batch_definition_whole_dataframe(
-                "whole_frame")
+                "whole_frame"
+            )
         return bd
 
 
@@ -310,10 +321,14 @@ def _error(exception_info: Any) -> str | None:
     """GX puts either one {raised_exception, exception_message} dict or one per metric."""
     if not isinstance(exception_info, Mapping):
         return None
-    infos = [exception_info] if "raised_exception" in exception_info else [
-        v for v in exception_info.values() if isinstance(v, Mapping)]
-    messages = [str(i.get("exception_message") or "error") for i in infos
-                if i.get("raised_exception")]
+    infos = (
+        [exception_info]
+        if "raised_exception" in exception_info
+        else [v for v in exception_info.values() if isinstance(v, Mapping)]
+    )
+    messages = [
+        str(i.get("exception_message") or "error") for i in infos if i.get("raised_exception")
+    ]
     return "; ".join(dict.fromkeys(messages)) or None
 
 
@@ -339,11 +354,15 @@ def _failure(res: ExpectationValidationResult) -> ExpectationFailure:
     )
 
 
-def validate_frame(read_model: str, frame: pd.DataFrame, *,
-                   parameters: Mapping[str, Any] | None = None,
-                   now: datetime | None = None,
-                   clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
-                   suite: ExpectationSuite | None = None) -> QualityResult:
+def validate_frame(
+    read_model: str,
+    frame: pd.DataFrame,
+    *,
+    parameters: Mapping[str, Any] | None = None,
+    now: datetime | None = None,
+    clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
+    suite: ExpectationSuite | None = None,
+) -> QualityResult:
     """Validate rows of one read model against its suite.
 
     ``parameters`` override :func:`default_parameters` (computed from ``now`` and
@@ -356,12 +375,10 @@ def validate_frame(read_model: str, frame: pd.DataFrame, *,
     suite = suite if suite is not None else load_suite(read_model)
     params = default_parameters(now, clock_skew) | dict(parameters or {})
     data = _normalized(frame)
-    result_format = {"result_format": "SUMMARY",
-                     "partial_unexpected_count": MAX_UNEXPECTED_VALUES}
+    result_format = {"result_format": "SUMMARY", "partial_unexpected_count": MAX_UNEXPECTED_VALUES}
     with _lock:  # the GX context and its assets are shared, and not thread-safe
         batch = _batch_definition(read_model).get_batch(batch_parameters={"dataframe": data})
-        outcome = batch.validate(suite, result_format=result_format,
-                                 expectation_parameters=params)
+        outcome = batch.validate(suite, result_format=result_format, expectation_parameters=params)
     failures = tuple(_failure(r) for r in outcome.results if not r.success)
     return QualityResult(
         read_model=read_model,
@@ -385,9 +402,15 @@ def _row_dict(row: Any, columns: list[str]) -> dict[str, Any]:
     return dict(zip(columns, row, strict=False))
 
 
-def read_model_frame(session: Session, read_model: str, partition_keys: Iterable[Any],
-                     limit: int = 10_000, *, keyspace: str | None = None,
-                     concurrency: int = 16) -> pd.DataFrame:
+def read_model_frame(
+    session: Session,
+    read_model: str,
+    partition_keys: Iterable[Any],
+    limit: int = 10_000,
+    *,
+    keyspace: str | None = None,
+    concurrency: int = 16,
+) -> pd.DataFrame:
     """Rows of the given partitions of a read model, at most ``limit`` in all (partitions in
     the order given, rows in clustering order), with every column of the table (whatever the
     schema holds now) and timestamps as tz-aware UTC."""
@@ -406,22 +429,30 @@ def read_model_frame(session: Session, read_model: str, partition_keys: Iterable
     try:
         table = session.cluster.metadata.keyspaces[ks].tables[read_model]
     except KeyError:
-        raise ConfigurationError(f"{ks}.{read_model} does not exist (migrations applied?)"
-                                 ) from None
+        raise ConfigurationError(
+            f"{ks}.{read_model} does not exist (migrations applied?)"
+        ) from None
     columns = list(table.columns)
     # The partition key as the live schema has it (every read model has one uuid column).
     if len(table.partition_key) != 1 or table.partition_key[0].name != KEY_COLUMNS[read_model][0]:
-        raise ConfigurationError(f"{ks}.{read_model}: partition key "
-                                 f"{[c.name for c in table.partition_key]} is not "
-                                 f"({KEY_COLUMNS[read_model][0]})")
+        raise ConfigurationError(
+            f"{ks}.{read_model}: partition key "
+            f"{[c.name for c in table.partition_key]} is not "
+            f"({KEY_COLUMNS[read_model][0]})"
+        )
     pk = table.partition_key[0].name
     rows: list[dict[str, Any]] = []
     if keys:
         try:
             stmt = session.prepare(f"SELECT * FROM {ks}.{read_model} WHERE {pk} = ? LIMIT ?")
             results = execute_concurrent_with_args(
-                session, stmt, [(k, limit) for k in keys], concurrency=concurrency,
-                raise_on_first_error=True, results_generator=True)
+                session,
+                stmt,
+                [(k, limit) for k in keys],
+                concurrency=concurrency,
+                raise_on_first_error=True,
+                results_generator=True,
+            )
             for ok, rs in results:
                 if not ok:  # not reached with raise_on_first_error; kept for safety
                     raise TransientError(f"reading {read_model} failed: {rs!r}")

@@ -89,8 +89,14 @@ class RowRateLimiter:
     other Prefect workers) each have their own limit; pyrate-limiter's Redis or Postgres
     buckets would make one across machines."""
 
-    def __init__(self, rows_per_s: float, catch_up_s: float = 0.5, *,
-                 store: MultiprocessStateStore | None = None, drain: bool = True) -> None:
+    def __init__(
+        self,
+        rows_per_s: float,
+        catch_up_s: float = 0.5,
+        *,
+        store: MultiprocessStateStore | None = None,
+        drain: bool = True,
+    ) -> None:
         if not rows_per_s > 0:
             raise InvalidInput(f"rate limit must be > 0 rows/s, got {rows_per_s}")
         self.rows_per_s, self.catch_up_s, self.store = rows_per_s, catch_up_s, store
@@ -100,8 +106,11 @@ class RowRateLimiter:
         rate = Rate(max(1, round(rows_per_s * 1000)), Duration.SECOND * 1000, burst=capacity)
         # buffer_ms: the library sleeps this much past the computed wait; 1 ms, not the
         # default 50, or short waits would lose most of the rate.
-        bucket = (StateBucket([rate], algorithm=TokenBucket()) if store is None
-                  else StateBucket([rate], algorithm=TokenBucket(), store=store))
+        bucket = (
+            StateBucket([rate], algorithm=TokenBucket())
+            if store is None
+            else StateBucket([rate], algorithm=TokenBucket(), store=store)
+        )
         self._limiter = Limiter(bucket, buffer_ms=1)
         if drain:
             # Drain the bucket: a full one would let catch_up_s of rows out at once.
@@ -117,8 +126,9 @@ class RowRateLimiter:
         ctx = multiprocessing.get_context("spawn")
         manager = SyncManager(ctx=ctx)
         manager.start(_die_with_parent, (os.getpid(),))  # no orphan after a kill
-        limiter = cls(rows_per_s, catch_up_s,
-                      store=MultiprocessStateStore(manager.list(), ctx.RLock()))
+        limiter = cls(
+            rows_per_s, catch_up_s, store=MultiprocessStateStore(manager.list(), ctx.RLock())
+        )
         limiter._manager = manager
         return limiter
 
@@ -148,7 +158,7 @@ class RowRateLimiter:
 
 def pieces(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,23 +232,28 @@ class Checkpoints:
             raise classify(exc, f"setting up the checkpoints in {t}") from exc
 
     def _prepare(self, session: Session, t: str) -> None:
-        session.execute(f"CREATE TABLE IF NOT EXISTS {t} (read_model text, snapshot_id text, "
-                        f"chunk_id text, rows_read bigint, rows_written bigint, seconds double, "
-                        f"loaded_at timestamp, PRIMARY KEY ((read_model), snapshot_id, chunk_id))",
-                        timeout=60)
+        session.execute(
+            f"CREATE TABLE IF NOT EXISTS {t} (read_model text, snapshot_id text, "
+            f"chunk_id text, rows_read bigint, rows_written bigint, seconds double, "
+            f"loaded_at timestamp, PRIMARY KEY ((read_model), snapshot_id, chunk_id))",
+            timeout=60,
+        )
         self._insert = session.prepare(
             f"INSERT INTO {t} (read_model, snapshot_id, chunk_id, rows_read, rows_written, "
-            f"seconds, loaded_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            f"seconds, loaded_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        )
         self._select = session.prepare(
-            f"SELECT chunk_id, loaded_at FROM {t} WHERE read_model = ? AND snapshot_id = ?")
+            f"SELECT chunk_id, loaded_at FROM {t} WHERE read_model = ? AND snapshot_id = ?"
+        )
         self._forget = session.prepare(f"DELETE FROM {t} WHERE read_model = ?")
         write_consistency = get_settings().scylla.write_consistency_level
         for stmt in (self._insert, self._forget):
             # Re-marking a chunk or forgetting twice is harmless: the driver may retry these.
             stmt.consistency_level, stmt.is_idempotent = write_consistency, True
 
-    def loaded(self, snapshot_id: str, read_models: Collection[str]
-               ) -> dict[str, dict[str, datetime]]:
+    def loaded(
+        self, snapshot_id: str, read_models: Collection[str]
+    ) -> dict[str, dict[str, datetime]]:
         """chunk id -> {read model: loaded_at} for the chunks already loaded."""
         out: dict[str, dict[str, datetime]] = {}
         for rm in read_models:
@@ -246,20 +261,23 @@ class Checkpoints:
                 out.setdefault(row.chunk_id, {})[rm] = row.loaded_at
         return out
 
-    def mark(self, snapshot_id: str, chunk_id: str, written: Counter[str], rows_read: int,
-             seconds: float) -> None:
+    def mark(
+        self, snapshot_id: str, chunk_id: str, written: Counter[str], rows_read: int, seconds: float
+    ) -> None:
         now = datetime.now(UTC)
         for rm, n in written.items():
-            self.session.execute(self._insert, (rm, snapshot_id, chunk_id, rows_read, n,
-                                                seconds, now))
+            self.session.execute(
+                self._insert, (rm, snapshot_id, chunk_id, rows_read, n, seconds, now)
+            )
 
     def forget(self, read_models: Collection[str]) -> None:
         for rm in read_models:
             self.session.execute(self._forget, (rm,))
 
 
-def truncate_read_models(session: Session, read_models: Collection[str],
-                         keyspace: str | None = None) -> None:
+def truncate_read_models(
+    session: Session, read_models: Collection[str], keyspace: str | None = None
+) -> None:
     """Empty the read models and forget their checkpoints. Checkpoints go first: a crash in
     between then leaves data without checkpoints (a resume reloads it, harmless), never
     checkpoints without data (a resume would skip chunks that are gone)."""
@@ -332,9 +350,14 @@ class LoadResult:
         return self.rows_written / self.seconds if self.seconds > 0 else 0.0
 
 
-def load_chunk(path: Path, table: str, read_models: Collection[str], writer: BatchingWriter,
-               limiter: RowRateLimiter | None = None, batch_rows: int = 2_000
-               ) -> tuple[int, Counter[str]]:
+def load_chunk(
+    path: Path,
+    table: str,
+    read_models: Collection[str],
+    writer: BatchingWriter,
+    limiter: RowRateLimiter | None = None,
+    batch_rows: int = 2_000,
+) -> tuple[int, Counter[str]]:
     """Project and write one chunk file; returns (rows read, rows written per read model).
     Record batches go through the projection column-wise (``project_arrow``: the same
     statements and parameters as ``project_row``, without a dict and a Mutation per row)."""
@@ -375,9 +398,14 @@ ChunkLoader = Callable[[Path, ChunkFile, Sequence[str]], tuple[int, Counter[str]
 LOAD_METHODS: Final = ("cql", "sstable")
 
 
-def load_and_checkpoint(directory: Path, chunk: ChunkFile, read_models: Sequence[str],
-                        snapshot_id: str, load: ChunkLoader, checkpoints: Checkpoints
-                        ) -> ChunkDone:
+def load_and_checkpoint(
+    directory: Path,
+    chunk: ChunkFile,
+    read_models: Sequence[str],
+    snapshot_id: str,
+    load: ChunkLoader,
+    checkpoints: Checkpoints,
+) -> ChunkDone:
     """Load one chunk into ``read_models``, check its row count against the manifest, then
     checkpoint it: the checkpoint is written only once every row of the chunk is."""
     t0 = time.monotonic()
@@ -392,9 +420,16 @@ def load_and_checkpoint(directory: Path, chunk: ChunkFile, read_models: Sequence
     return ChunkDone(chunk.id, chunk.table, tuple(read_models), read, written, seconds)
 
 
-def _chunk_loader(method: str, session: Session, keyspace: str, concurrency: int | None,
-                  write_batch_rows: int, limiter: RowRateLimiter | None, batch_rows: int,
-                  closers: list[Callable[[], None]]) -> ChunkLoader:
+def _chunk_loader(
+    method: str,
+    session: Session,
+    keyspace: str,
+    concurrency: int | None,
+    write_batch_rows: int,
+    limiter: RowRateLimiter | None,
+    batch_rows: int,
+    closers: list[Callable[[], None]],
+) -> ChunkLoader:
     """This process's way to load a chunk: CQL writes (any Scylla or Cassandra) or SSTables
     streamed to the replicas (Cassandra 4+, see tasks/sstable_load). Whatever must be shut
     down at the end is appended to ``closers``."""
@@ -405,19 +440,24 @@ def _chunk_loader(method: str, session: Session, keyspace: str, concurrency: int
         closers.append(proc.close)
         acquire = limiter.acquire if limiter else None
 
-        def load_sstables(directory: Path, chunk: ChunkFile, models: Sequence[str]
-                          ) -> tuple[int, Counter[str]]:
-            read, written, _ = proc.load_chunk(directory / chunk.file, chunk.table, chunk.id,
-                                               models, acquire)
+        def load_sstables(
+            directory: Path, chunk: ChunkFile, models: Sequence[str]
+        ) -> tuple[int, Counter[str]]:
+            read, written, _ = proc.load_chunk(
+                directory / chunk.file, chunk.table, chunk.id, models, acquire
+            )
             return read, written
-        return load_sstables
-    writer = BatchingWriter(ScyllaWriter(session, keyspace, concurrency,
-                                         batch_rows=write_batch_rows))
 
-    def load_cql(directory: Path, chunk: ChunkFile, models: Sequence[str]
-                 ) -> tuple[int, Counter[str]]:
-        return load_chunk(directory / chunk.file, chunk.table, models, writer, limiter,
-                          batch_rows)
+        return load_sstables
+    writer = BatchingWriter(
+        ScyllaWriter(session, keyspace, concurrency, batch_rows=write_batch_rows)
+    )
+
+    def load_cql(
+        directory: Path, chunk: ChunkFile, models: Sequence[str]
+    ) -> tuple[int, Counter[str]]:
+        return load_chunk(directory / chunk.file, chunk.table, models, writer, limiter, batch_rows)
+
     return load_cql
 
 
@@ -438,15 +478,22 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _worker_start(parent_pid: int, method: str, keyspace: str, concurrency: int | None,
-                  write_batch_rows: int, batch_rows: int,
-                  limiter: tuple[float, float, MultiprocessStateStore | None] | None) -> None:
+def _worker_start(
+    parent_pid: int,
+    method: str,
+    keyspace: str,
+    concurrency: int | None,
+    write_batch_rows: int,
+    batch_rows: int,
+    limiter: tuple[float, float, MultiprocessStateStore | None] | None,
+) -> None:
     _die_with_parent(parent_pid)
     _worker["args"] = (method, keyspace, concurrency, write_batch_rows, batch_rows, limiter)
 
 
-def _worker_load(directory: Path, chunk: ChunkFile, read_models: Sequence[str],
-                 snapshot_id: str) -> ChunkDone:
+def _worker_load(
+    directory: Path, chunk: ChunkFile, read_models: Sequence[str], snapshot_id: str
+) -> ChunkDone:
     if "load" not in _worker:
         # Made at the first chunk, not in the initializer: an error here (no Java, a bad
         # cluster) then reaches the parent as itself, instead of as a broken pool.
@@ -456,21 +503,38 @@ def _worker_load(directory: Path, chunk: ChunkFile, read_models: Sequence[str],
         closers: list[Callable[[], None]] = []
         try:
             _worker["load"] = _chunk_loader(
-                method, session, keyspace, concurrency, write_batch_rows,
-                RowRateLimiter.joined(limiter) if limiter else None, batch_rows, closers)
+                method,
+                session,
+                keyspace,
+                concurrency,
+                write_batch_rows,
+                RowRateLimiter.joined(limiter) if limiter else None,
+                batch_rows,
+                closers,
+            )
         finally:
             for close in closers:  # e.g. the SSTable writer's JVM, when the pool shuts down
                 multiprocessing.util.Finalize(None, close, exitpriority=10)
-    return load_and_checkpoint(directory, chunk, read_models, snapshot_id, _worker["load"],
-                               _worker["checkpoints"])
+    return load_and_checkpoint(
+        directory, chunk, read_models, snapshot_id, _worker["load"], _worker["checkpoints"]
+    )
 
 
-def load_snapshot(directory: Path | str, session: Session, *,
-                  read_models: Collection[str] | None = None, keyspace: str | None = None,
-                  concurrency: int | None = None, rate_limit_rows_per_s: float | None = None,
-                  resume: bool = False, batch_rows: int = 2_000, write_batch_rows: int = 20,
-                  workers: int = 1, method: str = "cql",
-                  on_progress: Callable[[LoadProgress], None] | None = None) -> LoadResult:
+def load_snapshot(
+    directory: Path | str,
+    session: Session,
+    *,
+    read_models: Collection[str] | None = None,
+    keyspace: str | None = None,
+    concurrency: int | None = None,
+    rate_limit_rows_per_s: float | None = None,
+    resume: bool = False,
+    batch_rows: int = 2_000,
+    write_batch_rows: int = 20,
+    workers: int = 1,
+    method: str = "cql",
+    on_progress: Callable[[LoadProgress], None] | None = None,
+) -> LoadResult:
     """Load a snapshot into ``read_models`` (default: those it was taken for) of ``keyspace``.
     With ``resume``, chunks checkpointed for a read model are neither read nor written again
     for it. ``workers`` > 1 loads chunks in that many processes (spawned, one Scylla session
@@ -489,8 +553,10 @@ def load_snapshot(directory: Path | str, session: Session, *,
         raise InvalidInput(f"unknown read model(s) {sorted(unknown)}")
     tables = tables_for(models)
     if missing := [t for t in tables if t not in manifest.tables]:
-        raise ConfigurationError(f"snapshot {manifest.snapshot_id} has no {missing} (it was "
-                                 f"taken for {manifest.read_models}); take one for {models}")
+        raise ConfigurationError(
+            f"snapshot {manifest.snapshot_id} has no {missing} (it was "
+            f"taken for {manifest.read_models}); take one for {models}"
+        )
     ks = _keyspace(keyspace)
     started = time.monotonic()
     try:
@@ -531,40 +597,82 @@ def load_snapshot(directory: Path | str, session: Session, *,
         rows_done += d.rows_read
         chunks_done += 1
         if on_progress:
-            on_progress(LoadProgress(chunks_done, len(chunks), rows_done, rows_total,
-                                     result.rows_read, result.rows_written,
-                                     time.monotonic() - started))
+            on_progress(
+                LoadProgress(
+                    chunks_done,
+                    len(chunks),
+                    rows_done,
+                    rows_total,
+                    result.rows_read,
+                    result.rows_written,
+                    time.monotonic() - started,
+                )
+            )
 
     if on_progress and chunks_done:
-        on_progress(LoadProgress(chunks_done, len(chunks), rows_done, rows_total, 0, 0,
-                                 time.monotonic() - started))
+        on_progress(
+            LoadProgress(
+                chunks_done, len(chunks), rows_done, rows_total, 0, 0, time.monotonic() - started
+            )
+        )
     workers = min(workers, len(todo))
     try:
         if workers <= 1:
-            _load_here(directory, todo, manifest.snapshot_id, session, method, ks,
-                       concurrency, rate_limit_rows_per_s, batch_rows, write_batch_rows,
-                       checkpoints, finished)
+            _load_here(
+                directory,
+                todo,
+                manifest.snapshot_id,
+                session,
+                method,
+                ks,
+                concurrency,
+                rate_limit_rows_per_s,
+                batch_rows,
+                write_batch_rows,
+                checkpoints,
+                finished,
+            )
         else:
-            _load_in_workers(directory, todo, manifest.snapshot_id, method, ks, concurrency,
-                             rate_limit_rows_per_s, batch_rows, write_batch_rows, workers,
-                             finished)
+            _load_in_workers(
+                directory,
+                todo,
+                manifest.snapshot_id,
+                method,
+                ks,
+                concurrency,
+                rate_limit_rows_per_s,
+                batch_rows,
+                write_batch_rows,
+                workers,
+                finished,
+            )
     finally:
         result.seconds = time.monotonic() - started
     return result
 
 
-def _load_here(directory: Path, todo: Sequence[tuple[ChunkFile, list[str]]], snapshot_id: str,
-               session: Session, method: str, keyspace: str, concurrency: int | None,
-               rate_limit: float | None, batch_rows: int, write_batch_rows: int,
-               checkpoints: Checkpoints, finished: Callable[[ChunkDone], None]) -> None:
+def _load_here(
+    directory: Path,
+    todo: Sequence[tuple[ChunkFile, list[str]]],
+    snapshot_id: str,
+    session: Session,
+    method: str,
+    keyspace: str,
+    concurrency: int | None,
+    rate_limit: float | None,
+    batch_rows: int,
+    write_batch_rows: int,
+    checkpoints: Checkpoints,
+    finished: Callable[[ChunkDone], None],
+) -> None:
     limiter = RowRateLimiter(rate_limit) if rate_limit else None
     closers: list[Callable[[], None]] = []
     try:
-        load = _chunk_loader(method, session, keyspace, concurrency, write_batch_rows,
-                             limiter, batch_rows, closers)
+        load = _chunk_loader(
+            method, session, keyspace, concurrency, write_batch_rows, limiter, batch_rows, closers
+        )
         for chunk, models in todo:
-            finished(load_and_checkpoint(directory, chunk, models, snapshot_id, load,
-                                         checkpoints))
+            finished(load_and_checkpoint(directory, chunk, models, snapshot_id, load, checkpoints))
     finally:
         for close in closers:
             close()
@@ -572,20 +680,40 @@ def _load_here(directory: Path, todo: Sequence[tuple[ChunkFile, list[str]]], sna
             limiter.close()
 
 
-def _load_in_workers(directory: Path, todo: Sequence[tuple[ChunkFile, list[str]]],
-                     snapshot_id: str, method: str, keyspace: str, concurrency: int | None,
-                     rate_limit: float | None, batch_rows: int, write_batch_rows: int,
-                     workers: int, finished: Callable[[ChunkDone], None]) -> None:
+def _load_in_workers(
+    directory: Path,
+    todo: Sequence[tuple[ChunkFile, list[str]]],
+    snapshot_id: str,
+    method: str,
+    keyspace: str,
+    concurrency: int | None,
+    rate_limit: float | None,
+    batch_rows: int,
+    write_batch_rows: int,
+    workers: int,
+    finished: Callable[[ChunkDone], None],
+) -> None:
     limiter = RowRateLimiter.shared(rate_limit) if rate_limit else None
     # spawn, not fork: the parent holds a driver session with live threads and sockets.
     pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
         initializer=_worker_start,
-        initargs=(os.getpid(), method, keyspace, concurrency, write_batch_rows, batch_rows,
-                  limiter.for_worker() if limiter else None))
+        initargs=(
+            os.getpid(),
+            method,
+            keyspace,
+            concurrency,
+            write_batch_rows,
+            batch_rows,
+            limiter.for_worker() if limiter else None,
+        ),
+    )
     try:
-        futures = [pool.submit(_worker_load, directory, chunk, models, snapshot_id)
-                   for chunk, models in todo]
+        futures = [
+            pool.submit(_worker_load, directory, chunk, models, snapshot_id)
+            for chunk, models in todo
+        ]
         for future in as_completed(futures):
             finished(future.result())  # the first failure raises here
     except BrokenProcessPool as exc:

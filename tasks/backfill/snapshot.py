@@ -57,13 +57,22 @@ _ARROW_TYPES: Final[Mapping[str, pa.DataType]] = {
 
 
 def arrow_schema(table: str) -> pa.Schema:
-    return pa.schema([pa.field(col, _ARROW_TYPES[typ], metadata={"pg_type": typ})
-                      for col, typ in COLUMNS[table].items()])
+    return pa.schema(
+        [
+            pa.field(col, _ARROW_TYPES[typ], metadata={"pg_type": typ})
+            for col, typ in COLUMNS[table].items()
+        ]
+    )
 
 
 def _synthetic_row(table: str) -> dict[str, Any]:
-    samples = {"uuid": uuid.UUID(int=1), "timestamptz": datetime(2000, 1, 1, tzinfo=UTC),
-               "text": "x", "int": 0, "jsonb": "{}"}
+    samples = {
+        "uuid": uuid.UUID(int=1),
+        "timestamptz": datetime(2000, 1, 1, tzinfo=UTC),
+        "text": "x",
+        "int": 0,
+        "jsonb": "{}",
+    }
     return {col: samples[typ] for col, typ in COLUMNS[table].items()}
 
 
@@ -98,19 +107,25 @@ class SnapshotFilter:
     def to_json(self) -> dict[str, Any]:
         """Canonical (sorted ids, UTC times): equal filters give equal JSON, which is how a
         resume finds the snapshot of an interrupted run."""
+
         def when(t: datetime | None) -> str | None:
             return t.astimezone(UTC).isoformat() if t else None
 
         ids = None if self.user_ids is None else sorted(str(u) for u in set(self.user_ids))
-        return {"user_ids": ids, "created_from": when(self.created_from),
-                "created_to": when(self.created_to)}
+        return {
+            "user_ids": ids,
+            "created_from": when(self.created_from),
+            "created_to": when(self.created_to),
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> SnapshotFilter:
         ids = d.get("user_ids")
-        return cls(None if ids is None else tuple(uuid.UUID(u) for u in ids),
-                   datetime.fromisoformat(d["created_from"]) if d.get("created_from") else None,
-                   datetime.fromisoformat(d["created_to"]) if d.get("created_to") else None)
+        return cls(
+            None if ids is None else tuple(uuid.UUID(u) for u in ids),
+            datetime.fromisoformat(d["created_from"]) if d.get("created_from") else None,
+            datetime.fromisoformat(d["created_to"]) if d.get("created_to") else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -137,8 +152,9 @@ class ChunkPlan:
         return f"{self.table}-{self.index:05d}"
 
 
-def plan_table(table: str, boundaries: Sequence[uuid.UUID], total_rows: int,
-               chunk_size: int) -> list[ChunkPlan]:
+def plan_table(
+    table: str, boundaries: Sequence[uuid.UUID], total_rows: int, chunk_size: int
+) -> list[ChunkPlan]:
     """Chunks of one table from its boundary keys (the 1st, (chunk_size+1)th, ... key in key
     order). The first range is open below and the last open above, so together they cover
     the whole key space with no gap and no overlap."""
@@ -150,16 +166,25 @@ def plan_table(table: str, boundaries: Sequence[uuid.UUID], total_rows: int,
         raise ValueError("boundaries must be distinct and ascending")
     expected = -(-total_rows // chunk_size)
     if len(boundaries) != expected:
-        raise ValueError(f"{table}: {len(boundaries)} boundaries for {total_rows} rows in "
-                         f"chunks of {chunk_size} (expected {expected})")
+        raise ValueError(
+            f"{table}: {len(boundaries)} boundaries for {total_rows} rows in "
+            f"chunks of {chunk_size} (expected {expected})"
+        )
     bounds: list[uuid.UUID | None] = [None, *boundaries[1:], None]
-    return [ChunkPlan(table, i, KeyRange(bounds[i], bounds[i + 1]),
-                      min(chunk_size, total_rows - i * chunk_size))
-            for i in range(expected)]
+    return [
+        ChunkPlan(
+            table,
+            i,
+            KeyRange(bounds[i], bounds[i + 1]),
+            min(chunk_size, total_rows - i * chunk_size),
+        )
+        for i in range(expected)
+    ]
 
 
-def where(table: str, filt: SnapshotFilter, key_range: KeyRange | None = None
-          ) -> tuple[sql.Composable, list[Any]]:
+def where(
+    table: str, filt: SnapshotFilter, key_range: KeyRange | None = None
+) -> tuple[sql.Composable, list[Any]]:
     conds: list[sql.Composable] = []
     params: list[Any] = []
     if filt.user_ids is not None:
@@ -229,27 +254,35 @@ class Manifest:
     def read(cls, directory: Path | str) -> Manifest:
         path = Path(directory) / MANIFEST
         if not path.is_file():
-            raise ConfigurationError(f"{directory} is not a complete snapshot (no {MANIFEST}); "
-                                     f"a snapshot interrupted before its manifest cannot be "
-                                     f"resumed: take a new one")
+            raise ConfigurationError(
+                f"{directory} is not a complete snapshot (no {MANIFEST}); "
+                f"a snapshot interrupted before its manifest cannot be "
+                f"resumed: take a new one"
+            )
         try:
             d = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigurationError(f"{path} is not a readable snapshot manifest ({exc}): "
-                                     f"take a new snapshot") from None
+            raise ConfigurationError(
+                f"{path} is not a readable snapshot manifest ({exc}): take a new snapshot"
+            ) from None
         if not isinstance(d, dict):
-            raise ConfigurationError(f"{path} is not a snapshot manifest: a JSON object was "
-                                     f"expected, got {type(d).__name__}")
+            raise ConfigurationError(
+                f"{path} is not a snapshot manifest: a JSON object was "
+                f"expected, got {type(d).__name__}"
+            )
         if d.get("format") != FORMAT_VERSION:
-            raise ConfigurationError(f"{path}: snapshot format {d.get('format')} is not "
-                                     f"{FORMAT_VERSION}")
+            raise ConfigurationError(
+                f"{path}: snapshot format {d.get('format')} is not {FORMAT_VERSION}"
+            )
         try:
             d["chunks"] = [ChunkFile(**c) for c in d["chunks"]]
             manifest = cls(**d)
             datetime.fromisoformat(manifest.snapshot_time)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigurationError(f"{path} is not a complete snapshot manifest (missing or "
-                                     f"malformed field: {exc!r}): take a new snapshot") from None
+            raise ConfigurationError(
+                f"{path} is not a complete snapshot manifest (missing or "
+                f"malformed field: {exc!r}): take a new snapshot"
+            ) from None
         return manifest
 
     @property
@@ -269,16 +302,23 @@ def check_cdc_slot(slot: Mapping[str, Any], slot_name: str) -> None:
             f"the CDC replication slot {slot_name!r} does not exist: changes committed after "
             f"this snapshot would reach neither the snapshot nor CDC (a silent gap in the read "
             f"models). Create it first (`python -m flows.setup` registers the connector), or "
-            f"pass no_cdc=True if CDC is deliberately not running and you accept the gap.")
+            f"pass no_cdc=True if CDC is deliberately not running and you accept the gap."
+        )
     if not slot.get("active"):
         raise ConfigurationError(
             f"the CDC replication slot {slot_name!r} exists but no connector is streaming from "
             f"it: changes after the snapshot are retained but not applied, and the read models "
-            f"will stay stale until CDC runs. Start the Debezium connector, or pass no_cdc=True.")
+            f"will stay stale until CDC runs. Start the Debezium connector, or pass no_cdc=True."
+        )
 
 
-def check_snapshot_age(taken_at: datetime, gc_grace_s: Mapping[str, int], *,
-                       now: datetime | None = None, allow: bool = False) -> None:
+def check_snapshot_age(
+    taken_at: datetime,
+    gc_grace_s: Mapping[str, int],
+    *,
+    now: datetime | None = None,
+    allow: bool = False,
+) -> None:
     """Refuse to load a snapshot older than the target tables' ``gc_grace_seconds``.
 
     A row deleted after the snapshot is kept out of the read model only by its tombstone,
@@ -294,7 +334,8 @@ def check_snapshot_age(taken_at: datetime, gc_grace_s: Mapping[str, int], *,
             f"the snapshot taken at {taken_at.isoformat()} is {age:,.0f} s old, older than "
             f"gc_grace_seconds of {table} ({grace:,} s): tombstones of rows deleted since may "
             f"have been purged, and loading it would bring those rows back. Take a new "
-            f"snapshot, or pass allow_old_snapshot=True if no row was deleted since.")
+            f"snapshot, or pass allow_old_snapshot=True if no row was deleted since."
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,18 +361,24 @@ class _TimestamptzMicrosLoader(Loader):
 
 
 def _select(table: str, clause: sql.Composable) -> sql.Composed:
-    cols = [sql.SQL("{}::text AS {}").format(sql.Identifier(c), sql.Identifier(c))
-            if typ == "jsonb" else sql.Identifier(c) for c, typ in COLUMNS[table].items()]
+    cols = [
+        sql.SQL("{}::text AS {}").format(sql.Identifier(c), sql.Identifier(c))
+        if typ == "jsonb"
+        else sql.Identifier(c)
+        for c, typ in COLUMNS[table].items()
+    ]
     return sql.SQL("SELECT {} FROM {} WHERE {}").format(
-        sql.SQL(", ").join(cols), sql.Identifier(table), clause)
+        sql.SQL(", ").join(cols), sql.Identifier(table), clause
+    )
 
 
 def _to_batch(rows: list[tuple[Any, ...]], schema: pa.Schema) -> pa.RecordBatch:
     arrays = []
     for values, f in zip(zip(*rows, strict=True), schema, strict=True):
         if isinstance(f.type, pa.ExtensionType):
-            arrays.append(pa.ExtensionArray.from_storage(
-                f.type, pa.array(values, f.type.storage_type)))
+            arrays.append(
+                pa.ExtensionArray.from_storage(f.type, pa.array(values, f.type.storage_type))
+            )
         else:
             arrays.append(pa.array(values, f.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
@@ -348,8 +395,13 @@ def _import_snapshot(snapshot_name: str, settings: PostgresSettings) -> psycopg.
     return conn
 
 
-def read_chunk(conn: psycopg.Connection, chunk: ChunkPlan, filt: SnapshotFilter,
-               directory: Path, batch_rows: int) -> ChunkFile:
+def read_chunk(
+    conn: psycopg.Connection,
+    chunk: ChunkPlan,
+    filt: SnapshotFilter,
+    directory: Path,
+    batch_rows: int,
+) -> ChunkFile:
     """Stream one chunk through a server-side cursor into its Parquet file."""
     started = time.monotonic()
     schema = arrow_schema(chunk.table)
@@ -359,8 +411,10 @@ def read_chunk(conn: psycopg.Connection, chunk: ChunkPlan, filt: SnapshotFilter,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".parquet.tmp")
     rows = 0
-    with conn.cursor(name=f"bf_{chunk.table}_{chunk.index}", binary=True) as cur, \
-            pq.ParquetWriter(tmp, schema, compression="zstd") as out:
+    with (
+        conn.cursor(name=f"bf_{chunk.table}_{chunk.index}", binary=True) as cur,
+        pq.ParquetWriter(tmp, schema, compression="zstd") as out,
+    ):
         cur.itersize = batch_rows
         cur.execute(_select(chunk.table, clause), params)
         while batch := cur.fetchmany(batch_rows):
@@ -369,30 +423,51 @@ def read_chunk(conn: psycopg.Connection, chunk: ChunkPlan, filt: SnapshotFilter,
     if rows != chunk.rows:
         # Planned and read in the same snapshot: a difference means the snapshot is not what
         # we think it is; loading it would be wrong in ways nothing downstream would notice.
-        raise TerminalError(f"{chunk.id}: read {rows} rows, planned {chunk.rows} in the same "
-                            f"snapshot")
+        raise TerminalError(
+            f"{chunk.id}: read {rows} rows, planned {chunk.rows} in the same snapshot"
+        )
     os.replace(tmp, path)
     kr = chunk.key_range
-    return ChunkFile(chunk.id, chunk.table, chunk.index, str(kr.lo) if kr.lo else None,
-                     str(kr.hi) if kr.hi else None, rows, str(rel), path.stat().st_size,
-                     round(time.monotonic() - started, 3))
+    return ChunkFile(
+        chunk.id,
+        chunk.table,
+        chunk.index,
+        str(kr.lo) if kr.lo else None,
+        str(kr.hi) if kr.hi else None,
+        rows,
+        str(rel),
+        path.stat().st_size,
+        round(time.monotonic() - started, 3),
+    )
 
 
-def _plan(conn: psycopg.Connection, tables: Sequence[str], filt: SnapshotFilter,
-          chunk_size: int) -> list[ChunkPlan]:
+def _plan(
+    conn: psycopg.Connection, tables: Sequence[str], filt: SnapshotFilter, chunk_size: int
+) -> list[ChunkPlan]:
     plan: list[ChunkPlan] = []
     for table in tables:
         clause, params = where(table, filt)
-        count_row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
-            sql.Identifier(table), clause), params).fetchone()
+        count_row = conn.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE {}").format(sql.Identifier(table), clause),
+            params,
+        ).fetchone()
         total = int(count_row[0]) if count_row else 0
         # Only the boundary keys leave the server: one every chunk_size rows.
-        bounds = conn.execute(sql.SQL(
-            "SELECT id FROM (SELECT id, row_number() OVER (ORDER BY id) AS rn FROM {} "
-            "WHERE {}) k WHERE (rn - 1) %% %s = 0 ORDER BY id").format(
-                sql.Identifier(table), clause), [*params, chunk_size]).fetchall()
-        plan.extend(plan_table(table, [uuid.UUID(bytes=b) if isinstance(b, bytes) else b
-                                       for (b,) in bounds], total, chunk_size))
+        bounds = conn.execute(
+            sql.SQL(
+                "SELECT id FROM (SELECT id, row_number() OVER (ORDER BY id) AS rn FROM {} "
+                "WHERE {}) k WHERE (rn - 1) %% %s = 0 ORDER BY id"
+            ).format(sql.Identifier(table), clause),
+            [*params, chunk_size],
+        ).fetchall()
+        plan.extend(
+            plan_table(
+                table,
+                [uuid.UUID(bytes=b) if isinstance(b, bytes) else b for (b,) in bounds],
+                total,
+                chunk_size,
+            )
+        )
     return plan
 
 
@@ -405,12 +480,19 @@ class SnapshotProgress:
     elapsed_s: float
 
 
-def take_snapshot(root: Path | str, read_models: Collection[str] = READ_MODELS, *,
-                  filt: SnapshotFilter | None = None, chunk_size: int = 50_000,
-                  readers: int = 4, require_slot: bool = True, dry_run: bool = False,
-                  batch_rows: int = 5_000,
-                  on_progress: Callable[[SnapshotProgress], None] | None = None,
-                  settings: PostgresSettings | None = None) -> tuple[Manifest, Path | None]:
+def take_snapshot(
+    root: Path | str,
+    read_models: Collection[str] = READ_MODELS,
+    *,
+    filt: SnapshotFilter | None = None,
+    chunk_size: int = 50_000,
+    readers: int = 4,
+    require_slot: bool = True,
+    dry_run: bool = False,
+    batch_rows: int = 5_000,
+    on_progress: Callable[[SnapshotProgress], None] | None = None,
+    settings: PostgresSettings | None = None,
+) -> tuple[Manifest, Path | None]:
     """Snapshot the tables feeding ``read_models``. Returns the manifest and the snapshot's
     folder (``root/<snapshot_id>``), or with ``dry_run`` the plan (chunks with their row
     counts, read in the same consistent snapshot) and no folder, having written nothing."""
@@ -423,36 +505,57 @@ def take_snapshot(root: Path | str, read_models: Collection[str] = READ_MODELS, 
     try:
         coord.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         coord.read_only = True
-        exported = coord.execute("SELECT pg_export_snapshot(), pg_current_wal_lsn()::text, "
-                                 "clock_timestamp()").fetchone()
+        exported = coord.execute(
+            "SELECT pg_export_snapshot(), pg_current_wal_lsn()::text, clock_timestamp()"
+        ).fetchone()
         assert exported is not None
         snapshot_name, wal_lsn, taken_at = exported
         # pg_replication_slots is not MVCC: this is the slot as it is at this moment.
         slot_row = coord.execute(
             "SELECT active, confirmed_flush_lsn::text, wal_status FROM pg_replication_slots "
-            "WHERE slot_name = %s", (cfg.slot_name,)).fetchone()
-        slot = {"name": cfg.slot_name, "exists": slot_row is not None,
-                "active": bool(slot_row and slot_row[0]),
-                "confirmed_flush_lsn": slot_row[1] if slot_row else None,
-                "wal_status": slot_row[2] if slot_row else None}
+            "WHERE slot_name = %s",
+            (cfg.slot_name,),
+        ).fetchone()
+        slot = {
+            "name": cfg.slot_name,
+            "exists": slot_row is not None,
+            "active": bool(slot_row and slot_row[0]),
+            "confirmed_flush_lsn": slot_row[1] if slot_row else None,
+            "wal_status": slot_row[2] if slot_row else None,
+        }
         if require_slot:
             check_cdc_slot(slot, cfg.slot_name)
         plan = _plan(coord, tables, filt, chunk_size)
         snapshot_id = f"{taken_at.astimezone(UTC):%Y%m%dT%H%M%S}Z-{uuid.uuid4().hex[:8]}"
-        manifest = Manifest(snapshot_id, taken_at.astimezone(UTC).isoformat(), wal_lsn, slot,
-                            filt.to_json(), sorted(set(read_models)), chunk_size,
-                            {t: {"rows": sum(c.rows for c in plan if c.table == t)}
-                             for t in tables})
+        manifest = Manifest(
+            snapshot_id,
+            taken_at.astimezone(UTC).isoformat(),
+            wal_lsn,
+            slot,
+            filt.to_json(),
+            sorted(set(read_models)),
+            chunk_size,
+            {t: {"rows": sum(c.rows for c in plan if c.table == t)} for t in tables},
+        )
         if dry_run:
-            manifest.chunks = [ChunkFile(c.id, c.table, c.index,
-                                         str(c.key_range.lo) if c.key_range.lo else None,
-                                         str(c.key_range.hi) if c.key_range.hi else None,
-                                         c.rows, "") for c in plan]
+            manifest.chunks = [
+                ChunkFile(
+                    c.id,
+                    c.table,
+                    c.index,
+                    str(c.key_range.lo) if c.key_range.lo else None,
+                    str(c.key_range.hi) if c.key_range.hi else None,
+                    c.rows,
+                    "",
+                )
+                for c in plan
+            ]
             return manifest, None
         directory = Path(root) / snapshot_id
         directory.mkdir(parents=True)
-        manifest.chunks = _read_parallel(plan, snapshot_name, filt, directory, readers,
-                                         batch_rows, cfg, on_progress, started)
+        manifest.chunks = _read_parallel(
+            plan, snapshot_name, filt, directory, readers, batch_rows, cfg, on_progress, started
+        )
         manifest.seconds = round(time.monotonic() - started, 3)
         manifest.write(directory)
         return manifest, directory
@@ -466,10 +569,17 @@ def take_snapshot(root: Path | str, read_models: Collection[str] = READ_MODELS, 
         coord.close()  # ends the exporting transaction once every reader is done
 
 
-def _read_parallel(plan: list[ChunkPlan], snapshot_name: str, filt: SnapshotFilter,
-                   directory: Path, readers: int, batch_rows: int, cfg: PostgresSettings,
-                   on_progress: Callable[[SnapshotProgress], None] | None,
-                   started: float) -> list[ChunkFile]:
+def _read_parallel(
+    plan: list[ChunkPlan],
+    snapshot_name: str,
+    filt: SnapshotFilter,
+    directory: Path,
+    readers: int,
+    batch_rows: int,
+    cfg: PostgresSettings,
+    on_progress: Callable[[SnapshotProgress], None] | None,
+    started: float,
+) -> list[ChunkFile]:
     """Read the chunks with ``readers`` connections sharing the exported snapshot. Progress
     is reported from the calling thread (Prefect's run context does not follow threads)."""
     todo: queue.Queue[ChunkPlan] = queue.Queue()
@@ -490,8 +600,10 @@ def _read_parallel(plan: list[ChunkPlan], snapshot_name: str, filt: SnapshotFilt
         except BaseException as exc:  # handed to the calling thread, which re-raises it
             results.put(exc)
 
-    threads = [threading.Thread(target=worker, name=f"snapshot-reader-{i}", daemon=True)
-               for i in range(max(1, min(readers, len(plan))))]
+    threads = [
+        threading.Thread(target=worker, name=f"snapshot-reader-{i}", daemon=True)
+        for i in range(max(1, min(readers, len(plan))))
+    ]
     for t in threads:
         t.start()
     done: list[ChunkFile] = []
@@ -505,8 +617,15 @@ def _read_parallel(plan: list[ChunkPlan], snapshot_name: str, filt: SnapshotFilt
                 raise item
             done.append(item)
             if on_progress:
-                on_progress(SnapshotProgress(len(done), len(plan), sum(c.rows for c in done),
-                                             rows_total, time.monotonic() - started))
+                on_progress(
+                    SnapshotProgress(
+                        len(done),
+                        len(plan),
+                        sum(c.rows for c in done),
+                        rows_total,
+                        time.monotonic() - started,
+                    )
+                )
     finally:
         stop.set()
         for t in threads:

@@ -90,15 +90,20 @@ class _Waiting:
 
     def line(self) -> str:
         at = datetime.fromtimestamp(self.since, UTC).strftime("%H:%M:%S UTC")
-        return (f"waiting for {self.service} since {at} ({time.time() - self.since:.0f} s): "
-                f"{self.error}")
+        return (
+            f"waiting for {self.service} since {at} ({time.time() - self.since:.0f} s): "
+            f"{self.error}"
+        )
 
 
 Event = Callable[[str, dict[str, Any]], None]
 
 # Errors about the store rather than about one change: every change would fail the same way.
-_SYSTEMIC: Final = re.compile(r"unconfigured table|does not exist|keyspace|unauthorized|"
-                              r"permission|not authorized|authenticat", re.IGNORECASE)
+_SYSTEMIC: Final = re.compile(
+    r"unconfigured table|does not exist|keyspace|unauthorized|"
+    r"permission|not authorized|authenticat",
+    re.IGNORECASE,
+)
 
 
 def stops_the_run(error: CqrsSyncError) -> bool:
@@ -108,26 +113,39 @@ def stops_the_run(error: CqrsSyncError) -> bool:
         return False
     cause = error.__cause__ or error
     return isinstance(error, ConfigurationError) or bool(
-        _SYSTEMIC.search(f"{type(cause).__name__} {error}"))
+        _SYSTEMIC.search(f"{type(cause).__name__} {error}")
+    )
 
 
 class CdcConsumer:
     """One member of the CDC consumer group. Several processes (flow runs) with the same group
     share the partitions; a rebalance only moves partitions whose batches are committed."""
 
-    def __init__(self, writer: ScyllaWriter, options: CdcOptions | None = None,
-                 settings: KafkaSettings | None = None,
-                 consumer_overrides: dict[str, Any] | None = None,
-                 emit: Event | None = None) -> None:
+    def __init__(
+        self,
+        writer: ScyllaWriter,
+        options: CdcOptions | None = None,
+        settings: KafkaSettings | None = None,
+        consumer_overrides: dict[str, Any] | None = None,
+        emit: Event | None = None,
+    ) -> None:
         self.options = options or CdcOptions()
         self.settings = settings or get_settings().kafka
         self.writer = writer
         self.metrics = CdcMetrics()
         self.stop_event = threading.Event()
         # Every failure to reach Kafka is reported by librdkafka here, not by poll().
-        self.consumer = Consumer(kafka.consumer_config(self.settings, **{
-            "statistics.interval.ms": 0, "auto.offset.reset": "error",
-            "error_cb": self._on_kafka_error, **(consumer_overrides or {})}))
+        self.consumer = Consumer(
+            kafka.consumer_config(
+                self.settings,
+                **{
+                    "statistics.interval.ms": 0,
+                    "auto.offset.reset": "error",
+                    "error_cb": self._on_kafka_error,
+                    **(consumer_overrides or {}),
+                },
+            )
+        )
         self.dead_letters = DeadLetters(self.settings)
         # Named events for what a person must act on (a Prefect event in the flow).
         self.emit: Event = emit or (lambda _name, _payload: None)
@@ -147,14 +165,20 @@ class CdcConsumer:
         """Ask the loop to stop after the batch in flight (safe from a signal handler)."""
         self.stop_event.set()
 
-    def run(self, topics: Sequence[str] | None = None,
-            report: Callable[[MetricsReport], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> RunResult:
+    def run(
+        self,
+        topics: Sequence[str] | None = None,
+        report: Callable[[MetricsReport], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> RunResult:
         o, result = self.options, RunResult()
         self._report, self._should_stop = report, should_stop
-        self.consumer.subscribe(list(topics or kafka.change_topics(self.settings)),
-                                on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_lost)
+        self.consumer.subscribe(
+            list(topics or kafka.change_topics(self.settings)),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
         started = last_message = self._last_report = time.monotonic()
         try:
             while True:
@@ -197,8 +221,9 @@ class CdcConsumer:
                 result.batches += 1
                 for (topic, part), off in batch.offsets.items():
                     result.committed[f"{topic}[{part}]"] = off
-                self.metrics.record_batch(len(msgs), batch.changes, len(batch.dead),
-                                          batch.commit_ts_us)
+                self.metrics.record_batch(
+                    len(msgs), batch.changes, len(batch.dead), batch.commit_ts_us
+                )
         finally:
             try:
                 self._publish()
@@ -217,8 +242,10 @@ class CdcConsumer:
     def _metrics_report(self) -> MetricsReport:
         waiting = self._waiting or self._kafka_down
         # Lag needs the brokers; while they are down asking would block the loop.
-        return self.metrics.report(None if self._kafka_down else self.consumer,
-                                   waiting_for=waiting.line() if waiting else None)
+        return self.metrics.report(
+            None if self._kafka_down else self.consumer,
+            waiting_for=waiting.line() if waiting else None,
+        )
 
     def _report_due(self) -> bool:
         """Report if the interval has passed; True if the run should stop (cancelled)."""
@@ -232,8 +259,9 @@ class CdcConsumer:
             except KafkaException:
                 log.warning("%s", self._kafka_down.line())
             else:
-                log.info("Kafka is reachable again after %.0f s",
-                         time.time() - self._kafka_down.since)
+                log.info(
+                    "Kafka is reachable again after %.0f s", time.time() - self._kafka_down.since
+                )
                 self._kafka_down = None
         self._publish()
         if self._should_stop is None:
@@ -258,8 +286,12 @@ class CdcConsumer:
         if err.fatal():
             self._fatal = TerminalError(f"Kafka client error, fatal: {err.str()}")
             return
-        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT,
-                          KafkaError._RESOLVE, KafkaError._TIMED_OUT):
+        if err.code() in (
+            KafkaError._ALL_BROKERS_DOWN,
+            KafkaError._TRANSPORT,
+            KafkaError._RESOLVE,
+            KafkaError._TIMED_OUT,
+        ):
             if self._kafka_down is None:
                 self._kafka_down = _Waiting("Kafka", error=err.str())
                 log.warning("%s", self._kafka_down.line())
@@ -277,8 +309,11 @@ class CdcConsumer:
         first = self.consumer.poll(self.options.batch_timeout_s)
         if first is None:
             return []
-        return [first, *self.consumer.consume(num_messages=want - 1, timeout=0)] \
-            if want > 1 else [first]
+        return (
+            [first, *self.consumer.consume(num_messages=want - 1, timeout=0)]
+            if want > 1
+            else [first]
+        )
 
     def _prepare(self, msgs: list[Message]) -> _Batch:
         batch = _Batch()
@@ -317,8 +352,10 @@ class CdcConsumer:
             tp = TopicPartition(msg.topic() or "", msg.partition() or 0)
             (position,) = self.consumer.position([tp])
             low, high = self.consumer.get_watermark_offsets(tp, timeout=10)
-            raise OffsetGap(self.settings.consumer_group, [
-                Gap(tp.topic, tp.partition, position.offset, low, high)])
+            raise OffsetGap(
+                self.settings.consumer_group,
+                [Gap(tp.topic, tp.partition, position.offset, low, high)],
+            )
         if err.fatal():
             raise classify(KafkaException(err), "Kafka consumer")
         log.warning("Kafka consumer error (librdkafka retries): %s", err.str())
@@ -328,10 +365,13 @@ class CdcConsumer:
         error = TruncateNotApplied(
             f"TRUNCATE of public.{table} is not applied: the read models {list(models)} "
             f"still hold its rows. Rebuild them: python -m flows.backfill --rebuild "
-            f"--read-models {' '.join(models)}")
+            f"--read-models {' '.join(models)}"
+        )
         log.error("%s", error)
-        self.emit("cqrs.cdc.truncate", {"table": table, "read_models": list(models),
-                                        "commit_ts_us": commit_ts_us})
+        self.emit(
+            "cqrs.cdc.truncate",
+            {"table": table, "read_models": list(models), "commit_ts_us": commit_ts_us},
+        )
         return error
 
     def _apply(self, batch: _Batch) -> bool:
@@ -351,8 +391,11 @@ class CdcConsumer:
                 service = "the dead-letter topic"
                 self.dead_letters.send(batch.dead)
                 if self._waiting is not None:
-                    log.info("%s is back after %.0f s", self._waiting.service,
-                             time.time() - self._waiting.since)
+                    log.info(
+                        "%s is back after %.0f s",
+                        self._waiting.service,
+                        time.time() - self._waiting.since,
+                    )
                     self._waiting = None
                 return True
             except TransientError as exc:
@@ -362,8 +405,12 @@ class CdcConsumer:
                 now = time.monotonic()
                 if now - self._waiting.last_line >= min(10.0, self.options.report_interval_s):
                     self._waiting.last_line = now
-                    log.warning("%s; batch of %d changes not applied, retrying every <= %.1f s",
-                                self._waiting.line(), batch.changes, self.options.retry_max_s)
+                    log.warning(
+                        "%s; batch of %d changes not applied, retrying every <= %.1f s",
+                        self._waiting.line(),
+                        batch.changes,
+                        self.options.retry_max_s,
+                    )
             if self.stop_event.wait(delay) or self._report_due():
                 return False
             delay = min(delay * 2, self.options.retry_max_s)
@@ -384,8 +431,9 @@ class CdcConsumer:
             except TransientError:
                 raise
             except Exception as one:
-                err = classify(one, f"Scylla write of {msg.topic()}[{msg.partition()}]"
-                                    f"@{msg.offset()}")
+                err = classify(
+                    one, f"Scylla write of {msg.topic()}[{msg.partition()}]@{msg.offset()}"
+                )
                 if stops_the_run(err):
                     raise err from one
                 dead.append((msg, err))
@@ -408,8 +456,12 @@ class CdcConsumer:
                 return
             except KafkaException as exc:
                 code = exc.args[0].code() if exc.args else None
-                if code in (KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
-                            KafkaError.UNKNOWN_MEMBER_ID, KafkaError._NO_OFFSET):
+                if code in (
+                    KafkaError.REBALANCE_IN_PROGRESS,
+                    KafkaError.ILLEGAL_GENERATION,
+                    KafkaError.UNKNOWN_MEMBER_ID,
+                    KafkaError._NO_OFFSET,
+                ):
                     # Kept in _uncommitted: retried on the next loop turn, or committed in
                     # on_revoke. A partition that moved on is re-read by its new owner from
                     # the last commit, and re-applying is idempotent.
@@ -434,12 +486,15 @@ class CdcConsumer:
             return
         try:
             committed = consumer.committed(partitions, timeout=30)
-            marks = {(tp.topic, tp.partition): consumer.get_watermark_offsets(tp, timeout=30)
-                     for tp in partitions}
+            marks = {
+                (tp.topic, tp.partition): consumer.get_watermark_offsets(tp, timeout=30)
+                for tp in partitions
+            }
         except KafkaException as exc:
             # Without the committed offsets no start is safe: stop (a supervisor restarts).
-            self._fatal = classify(exc, f"reading the committed offsets of {len(partitions)} "
-                                        f"assigned partitions")
+            self._fatal = classify(
+                exc, f"reading the committed offsets of {len(partitions)} assigned partitions"
+            )
             return
         positions, gaps = start_positions(committed, marks)
         if gaps:
@@ -448,8 +503,10 @@ class CdcConsumer:
             positions = [tp for tp in positions if (tp.topic, tp.partition) not in gapped]
             self._fatal = OffsetGap(self.settings.consumer_group, gaps)
             log.error("%s", self._fatal)
-            self.emit("cqrs.cdc.offset-gap", {"group": self.settings.consumer_group,
-                                             "gaps": [g.describe() for g in gaps]})
+            self.emit(
+                "cqrs.cdc.offset-gap",
+                {"group": self.settings.consumer_group, "gaps": [g.describe() for g in gaps]},
+            )
         consumer.incremental_assign(positions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -457,14 +514,18 @@ class CdcConsumer:
         # committed yet (a commit a rebalance interrupted) is committed before giving it up.
         log.info("partitions revoked: %s", [f"{p.topic}[{p.partition}]" for p in partitions])
         revoked = {(p.topic, p.partition) for p in partitions}
-        pending = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items()
-                   if (t, p) in revoked]
+        pending = [
+            TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items() if (t, p) in revoked
+        ]
         if pending:
             try:
                 consumer.commit(offsets=pending, asynchronous=False)
             except KafkaException as exc:
-                log.warning("could not commit revoked partitions (re-applied by their next "
-                            "owner, idempotently): %s", exc)
+                log.warning(
+                    "could not commit revoked partitions (re-applied by their next "
+                    "owner, idempotently): %s",
+                    exc,
+                )
         for key in revoked:
             self._uncommitted.pop(key, None)
 
@@ -472,4 +533,3 @@ class CdcConsumer:
         log.warning("partitions lost: %s", [f"{p.topic}[{p.partition}]" for p in partitions])
         for p in partitions:
             self._uncommitted.pop((p.topic, p.partition), None)
-

@@ -39,8 +39,11 @@ class DeadLetters:
 
     def __init__(self, settings: KafkaSettings) -> None:
         self.topic = settings.dead_letter_topic
-        self.producer = Producer(kafka.producer_config(
-            settings, **{"message.max.bytes": MAX_RECORD_BYTES + _HEADER_ALLOWANCE}))
+        self.producer = Producer(
+            kafka.producer_config(
+                settings, **{"message.max.bytes": MAX_RECORD_BYTES + _HEADER_ALLOWANCE}
+            )
+        )
         self._errors: list[KafkaError] = []
 
     def send(self, dead: list[tuple[Message, BaseException]]) -> None:
@@ -51,13 +54,22 @@ class DeadLetters:
         what = f"dead-lettering to {self.topic}"
         for msg, exc in dead:
             # Ids and positions only: an error text may quote content, which may be private.
-            log.warning("dead-lettering %s[%d]@%d: %s", msg.topic(), msg.partition(),
-                        msg.offset(), type(exc).__name__)
+            log.warning(
+                "dead-lettering %s[%d]@%d: %s",
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+                type(exc).__name__,
+            )
             while True:
                 try:
-                    self.producer.produce(self.topic, key=msg.key(), value=msg.value(),
-                                          headers=dead_letter_headers(msg, exc),
-                                          on_delivery=self._delivered)
+                    self.producer.produce(
+                        self.topic,
+                        key=msg.key(),
+                        value=msg.value(),
+                        headers=dead_letter_headers(msg, exc),
+                        on_delivery=self._delivered,
+                    )
                     break
                 except BufferError:  # the local queue is full: let deliveries drain it
                     self.producer.poll(0.5)
@@ -69,8 +81,10 @@ class DeadLetters:
             if not isinstance(classified, TransientError):
                 raise classified
         if remaining or self._errors:
-            raise TransientError(f"{what}: {remaining or len(self._errors)} message(s) not "
-                                 f"acknowledged: {[e.str() for e in self._errors[:1]]}")
+            raise TransientError(
+                f"{what}: {remaining or len(self._errors)} message(s) not "
+                f"acknowledged: {[e.str() for e in self._errors[:1]]}"
+            )
 
     def _delivered(self, err: KafkaError | None, _msg: Message) -> None:
         if err is not None:

@@ -34,11 +34,15 @@ class Gap:
     def describe(self) -> str:
         where = f"{self.topic}[{self.partition}]"
         if self.committed < self.log_start:
-            return (f"{where}: committed offset {self.committed} but the log starts at "
-                    f"{self.log_start}: offsets {self.committed}..{self.log_start - 1} were "
-                    f"deleted by retention before this group applied them")
-        return (f"{where}: committed offset {self.committed} is beyond the log's end "
-                f"{self.log_end} (was the topic deleted and recreated?)")
+            return (
+                f"{where}: committed offset {self.committed} but the log starts at "
+                f"{self.log_start}: offsets {self.committed}..{self.log_start - 1} were "
+                f"deleted by retention before this group applied them"
+            )
+        return (
+            f"{where}: committed offset {self.committed} is beyond the log's end "
+            f"{self.log_end} (was the topic deleted and recreated?)"
+        )
 
 
 class OffsetGap(TerminalError):
@@ -50,16 +54,17 @@ class OffsetGap(TerminalError):
             f"consumer group {group!r} cannot continue without losing changes: "
             + "; ".join(g.describe() for g in gaps)
             + ". Run a backfill of the read models (python -m flows.backfill), then start "
-              "CDC with a new consumer group, or reset this group's offsets to the log's "
-              "start (kafka-consumer-groups --reset-offsets --to-earliest).")
+            "CDC with a new consumer group, or reset this group's offsets to the log's "
+            "start (kafka-consumer-groups --reset-offsets --to-earliest)."
+        )
 
     def __reduce__(self) -> tuple[type[OffsetGap], tuple[str, list[Gap]]]:
         return type(self), (self.group, self.gaps)
 
 
-def start_positions(committed: list[TopicPartition],
-                    watermarks: dict[tuple[str, int], tuple[int, int]]
-                    ) -> tuple[list[TopicPartition], list[Gap]]:
+def start_positions(
+    committed: list[TopicPartition], watermarks: dict[tuple[str, int], tuple[int, int]]
+) -> tuple[list[TopicPartition], list[Gap]]:
     """The start of each partition given its committed offset (negative: none) and its
     (log start, log end) watermarks; and the gaps that forbid starting at all."""
     positions: list[TopicPartition] = []

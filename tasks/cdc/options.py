@@ -38,34 +38,52 @@ class CdcOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     batch_size: int = Field(
-        2000, ge=1, le=MAX_BATCH_SIZE,
-        description="messages per batch; offsets are committed once per batch")
+        2000,
+        ge=1,
+        le=MAX_BATCH_SIZE,
+        description="messages per batch; offsets are committed once per batch",
+    )
     # How long one poll waits for the first message of a batch (bounds the stop latency).
     batch_timeout_s: float = Field(
-        0.1, gt=0, le=MAX_BATCH_TIMEOUT_S,
+        0.1,
+        gt=0,
+        le=MAX_BATCH_TIMEOUT_S,
         description="how long one poll waits for a batch's first message (bounds how long "
-                    "a stop waits)")
+        "a stop waits)",
+    )
     max_messages: int | None = Field(
-        None, ge=1, le=MAX_MESSAGES, description="stop after this many messages")
+        None, ge=1, le=MAX_MESSAGES, description="stop after this many messages"
+    )
     max_seconds: float | None = Field(
-        None, gt=0, le=MAX_SECONDS, description="stop after this many seconds")
+        None, gt=0, le=MAX_SECONDS, description="stop after this many seconds"
+    )
     report_interval_s: float = Field(
-        10.0, gt=0, le=MAX_REPORT_INTERVAL_S,
-        description="how often lag, rate and latency are logged and published")
+        10.0,
+        gt=0,
+        le=MAX_REPORT_INTERVAL_S,
+        description="how often lag, rate and latency are logged and published",
+    )
     read_models: tuple[str, ...] = Field(
-        READ_MODELS, description="read models to project (None: all; an empty list is refused)")
+        READ_MODELS, description="read models to project (None: all; an empty list is refused)"
+    )
     # Backoff while Scylla or Kafka is down: the batch is retried, never skipped. The ceiling
     # is small because it is also the lag a latency-minded consumer adds after an outage ends.
     retry_initial_s: float = Field(
-        0.2, gt=0, le=MAX_RETRY_S,
-        description="first backoff while Scylla or Kafka is down (doubles up to retry_max_s)")
+        0.2,
+        gt=0,
+        le=MAX_RETRY_S,
+        description="first backoff while Scylla or Kafka is down (doubles up to retry_max_s)",
+    )
     retry_max_s: float = Field(
-        2.0, gt=0, le=MAX_RETRY_S,
-        description="longest backoff: also the most lag a retry adds after an outage ends")
+        2.0,
+        gt=0,
+        le=MAX_RETRY_S,
+        description="longest backoff: also the most lag a retry adds after an outage ends",
+    )
     # Stop after this long without any message (None: run until stopped).
     idle_exit_s: float | None = Field(
-        None, gt=0, le=MAX_SECONDS,
-        description="stop after this many seconds without a message")
+        None, gt=0, le=MAX_SECONDS, description="stop after this many seconds without a message"
+    )
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -95,8 +113,10 @@ class CdcOptions(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> CdcOptions:
         if self.retry_initial_s > self.retry_max_s:
-            raise ValueError(f"retry_initial_s ({self.retry_initial_s}) must not exceed "
-                             f"retry_max_s ({self.retry_max_s})")
+            raise ValueError(
+                f"retry_initial_s ({self.retry_initial_s}) must not exceed "
+                f"retry_max_s ({self.retry_max_s})"
+            )
         return self
 
     @property
@@ -104,8 +124,9 @@ class CdcOptions(BaseModel):
         return set(self.read_models) != set(READ_MODELS)
 
 
-def consumer_group_for(shared_group: str, read_models: Sequence[str],
-                       consumer_group: str | None = None) -> str:
+def consumer_group_for(
+    shared_group: str, read_models: Sequence[str], consumer_group: str | None = None
+) -> str:
     """The Kafka consumer group a CDC run uses.
 
     A run projecting every read model uses ``consumer_group`` or the shared group. A run
@@ -117,7 +138,8 @@ def consumer_group_for(shared_group: str, read_models: Sequence[str],
     if consumer_group is not None and not _GROUP.match(consumer_group):
         raise ConfigurationError(
             f"consumer_group {consumer_group!r}: must be 1-249 characters of letters, digits, "
-            f"'.', '_' or '-'")
+            f"'.', '_' or '-'"
+        )
     subset = set(read_models) != set(READ_MODELS)
     if not subset:
         return consumer_group or shared_group
@@ -126,5 +148,6 @@ def consumer_group_for(shared_group: str, read_models: Sequence[str],
             f"consumer_group {consumer_group!r} is the shared CDC group, but read_models is a "
             f"subset {sorted(read_models)}: its commits would skip, for every other member of "
             f"that group, the changes it does not apply to the other read models. Omit "
-            f"consumer_group (a subset gets its own group) or name another one.")
+            f"consumer_group (a subset gets its own group) or name another one."
+        )
     return consumer_group or ".".join([shared_group, *sorted(set(read_models))])

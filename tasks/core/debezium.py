@@ -27,7 +27,10 @@ MAX_EVENT_BYTES: Final = 16 * 1024 * 1024
 HEARTBEAT_TOPIC_PREFIX: Final = "__debezium-heartbeat"
 
 _CHANGE_OPS: Final[dict[str, Literal["c", "u", "d", "r"]]] = {
-    "c": "c", "u": "u", "d": "d", "r": "r",
+    "c": "c",
+    "u": "u",
+    "d": "d",
+    "r": "r",
 }
 _SKIP_OPS: Final = frozenset({"t", "m"})  # truncate, logical decoding message
 

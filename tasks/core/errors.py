@@ -75,14 +75,22 @@ _REJECTED_VALUE: Final = re.compile(
     r"key length|batch too large|too large|larger than|longer than|exceed|oversized"
     r"|invalid (?:null|unset|empty)? ?value|expected \d+ or 0 byte|unable to make"
     r"|invalid utf-?8|not a valid|marshal|cannot be (?:null|empty)|invalid (?:byte|string)",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 # psycopg connection failures that no retry fixes.
-_PG_AUTH: Final = re.compile(r"authentication failed|no pg_hba\.conf entry|role .* does not "
-                             r"exist|database .* does not exist|permission denied",
-                             re.IGNORECASE)
+_PG_AUTH: Final = re.compile(
+    r"authentication failed|no pg_hba\.conf entry|role .* does not "
+    r"exist|database .* does not exist|permission denied",
+    re.IGNORECASE,
+)
 # OSErrors about local files: a wrong path or mode, not an outage.
-_LOCAL_FILE_ERRORS: Final = (FileNotFoundError, FileExistsError, IsADirectoryError,
-                             NotADirectoryError, PermissionError)
+_LOCAL_FILE_ERRORS: Final = (
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
 _MAX_TEXT: Final = 1000
 
 
@@ -90,8 +98,11 @@ def _message(exc: BaseException, what: str) -> str:
     text = str(exc)
     if len(text) > _MAX_TEXT:
         text = text[:_MAX_TEXT] + "..."
-    return f"{what} failed: {type(exc).__name__}: {text}" if text else \
-        f"{what} failed: {type(exc).__name__}"
+    return (
+        f"{what} failed: {type(exc).__name__}: {text}"
+        if text
+        else f"{what} failed: {type(exc).__name__}"
+    )
 
 
 def classify(exc: BaseException, what: str) -> CqrsSyncError:
@@ -138,25 +149,41 @@ def _cassandra_kind(exc: BaseException) -> Kind | None:
         return None
     if isinstance(exc, cluster.NoHostAvailable):
         # Every host refused for a reason no retry fixes (bad credentials): terminal.
-        inner = [classify(e, "") for e in (getattr(exc, "errors", None) or {}).values()
-                 if isinstance(e, BaseException)]
+        inner = [
+            classify(e, "")
+            for e in (getattr(exc, "errors", None) or {}).values()
+            if isinstance(e, BaseException)
+        ]
         if inner and all(not isinstance(e, TransientError) for e in inner):
             return TerminalError
         return TransientError
-    if isinstance(exc, (cassandra.OperationTimedOut, cassandra.Timeout, cassandra.Unavailable,
-                        cassandra.CDCWriteFailure, cassandra.CoordinationFailure,
-                        cassandra.RateLimitReached, connection.ConnectionException,
-                        connection.ConnectionBusy, protocol.OverloadedErrorMessage,
-                        protocol.IsBootstrappingErrorMessage, protocol.TruncateError,
-                        protocol.UnavailableErrorMessage, protocol.WriteTimeoutErrorMessage,
-                        protocol.ReadTimeoutErrorMessage)):
+    if isinstance(
+        exc,
+        (
+            cassandra.OperationTimedOut,
+            cassandra.Timeout,
+            cassandra.Unavailable,
+            cassandra.CDCWriteFailure,
+            cassandra.CoordinationFailure,
+            cassandra.RateLimitReached,
+            connection.ConnectionException,
+            connection.ConnectionBusy,
+            protocol.OverloadedErrorMessage,
+            protocol.IsBootstrappingErrorMessage,
+            protocol.TruncateError,
+            protocol.UnavailableErrorMessage,
+            protocol.WriteTimeoutErrorMessage,
+            protocol.ReadTimeoutErrorMessage,
+        ),
+    ):
         # CoordinationFailure: a replica failed the request (disk, a node going down);
         # RateLimitReached: Scylla's per-partition limit, i.e. slow down.
         return TransientError
     if isinstance(exc, (cassandra.InvalidRequest, protocol.InvalidRequestException)):
         return RejectedData if _REJECTED_VALUE.search(str(exc)) else TerminalError
-    if isinstance(exc, (cassandra.DriverException, protocol.ErrorMessage,
-                        cluster.UserTypeDoesNotExist)):
+    if isinstance(
+        exc, (cassandra.DriverException, protocol.ErrorMessage, cluster.UserTypeDoesNotExist)
+    ):
         # Unauthorized, AuthenticationFailed, SyntaxException, ConfigurationException,
         # AlreadyExists, FunctionFailure, ServerError, ProtocolException, BadCredentials,
         # UnsupportedOperation...: a person has to look.
@@ -174,8 +201,15 @@ def _psycopg_kind(exc: BaseException) -> Kind | None:
     sqlstate = getattr(exc, "sqlstate", None) or ""
     if sqlstate.startswith("28") or isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return TerminalError  # authentication or authorization
-    if sqlstate in ("40001", "40P01", "57P01", "57P02", "57P03", "57014", "55P03") \
-            or sqlstate.startswith(("08", "53", "58")):
+    if sqlstate in (
+        "40001",
+        "40P01",
+        "57P01",
+        "57P02",
+        "57P03",
+        "57014",
+        "55P03",
+    ) or sqlstate.startswith(("08", "53", "58")):
         # serialization failure, deadlock, admin/crash shutdown, cannot connect now, query
         # cancelled (statement timeout), lock not available, connection exceptions,
         # insufficient resources, system errors
@@ -185,8 +219,9 @@ def _psycopg_kind(exc: BaseException) -> Kind | None:
     if isinstance(exc, psycopg.OperationalError):
         # A failed connect carries no SQLSTATE: its text tells an outage from bad credentials.
         return TerminalError if _PG_AUTH.search(str(exc)) else TransientError
-    if isinstance(exc, psycopg.InterfaceError) and re.search(r"connection .*(closed|lost)",
-                                                            str(exc), re.IGNORECASE):
+    if isinstance(exc, psycopg.InterfaceError) and re.search(
+        r"connection .*(closed|lost)", str(exc), re.IGNORECASE
+    ):
         return TransientError
     return TerminalError  # ProgrammingError, NotSupportedError, InternalError...
 
@@ -202,25 +237,58 @@ def _kafka_kind(exc: BaseException) -> Kind | None:
     if not isinstance(err, KafkaError):
         return TerminalError
     code = err.code()
-    if code in _kafka_codes("_UNKNOWN_TOPIC", "UNKNOWN_TOPIC_OR_PART", "UNKNOWN_TOPIC_ID",
-                            "TOPIC_AUTHORIZATION_FAILED", "GROUP_AUTHORIZATION_FAILED",
-                            "CLUSTER_AUTHORIZATION_FAILED", "SASL_AUTHENTICATION_FAILED",
-                            "_AUTHENTICATION", "TRANSACTIONAL_ID_AUTHORIZATION_FAILED",
-                            "_SSL", "_INVALID_ARG", "_UNKNOWN_PARTITION"):
+    if code in _kafka_codes(
+        "_UNKNOWN_TOPIC",
+        "UNKNOWN_TOPIC_OR_PART",
+        "UNKNOWN_TOPIC_ID",
+        "TOPIC_AUTHORIZATION_FAILED",
+        "GROUP_AUTHORIZATION_FAILED",
+        "CLUSTER_AUTHORIZATION_FAILED",
+        "SASL_AUTHENTICATION_FAILED",
+        "_AUTHENTICATION",
+        "TRANSACTIONAL_ID_AUTHORIZATION_FAILED",
+        "_SSL",
+        "_INVALID_ARG",
+        "_UNKNOWN_PARTITION",
+    ):
         return TerminalError
-    if code in _kafka_codes("MSG_SIZE_TOO_LARGE", "_MSG_SIZE_TOO_LARGE", "_KEY_SERIALIZATION",
-                            "_VALUE_SERIALIZATION", "INVALID_RECORD", "RECORD_LIST_TOO_LARGE"):
+    if code in _kafka_codes(
+        "MSG_SIZE_TOO_LARGE",
+        "_MSG_SIZE_TOO_LARGE",
+        "_KEY_SERIALIZATION",
+        "_VALUE_SERIALIZATION",
+        "INVALID_RECORD",
+        "RECORD_LIST_TOO_LARGE",
+    ):
         return RejectedData
     if err.fatal():
         return TerminalError
     if err.retriable() or code in _kafka_codes(
-            "_TRANSPORT", "_ALL_BROKERS_DOWN", "_TIMED_OUT", "_MSG_TIMED_OUT",
-            "_TIMED_OUT_QUEUE", "_QUEUE_FULL", "_RESOLVE", "_WAIT_COORD", "_NODE_UPDATE",
-            "REQUEST_TIMED_OUT", "NETWORK_EXCEPTION", "LEADER_NOT_AVAILABLE",
-            "NOT_LEADER_FOR_PARTITION", "COORDINATOR_NOT_AVAILABLE", "NOT_COORDINATOR",
-            "COORDINATOR_LOAD_IN_PROGRESS", "REBALANCE_IN_PROGRESS", "_ASSIGNMENT_LOST",
-            "_MAX_POLL_EXCEEDED", "BROKER_NOT_AVAILABLE", "NOT_ENOUGH_REPLICAS",
-            "NOT_ENOUGH_REPLICAS_AFTER_APPEND", "KAFKA_STORAGE_ERROR", "THROTTLING_QUOTA_EXCEEDED"):
+        "_TRANSPORT",
+        "_ALL_BROKERS_DOWN",
+        "_TIMED_OUT",
+        "_MSG_TIMED_OUT",
+        "_TIMED_OUT_QUEUE",
+        "_QUEUE_FULL",
+        "_RESOLVE",
+        "_WAIT_COORD",
+        "_NODE_UPDATE",
+        "REQUEST_TIMED_OUT",
+        "NETWORK_EXCEPTION",
+        "LEADER_NOT_AVAILABLE",
+        "NOT_LEADER_FOR_PARTITION",
+        "COORDINATOR_NOT_AVAILABLE",
+        "NOT_COORDINATOR",
+        "COORDINATOR_LOAD_IN_PROGRESS",
+        "REBALANCE_IN_PROGRESS",
+        "_ASSIGNMENT_LOST",
+        "_MAX_POLL_EXCEEDED",
+        "BROKER_NOT_AVAILABLE",
+        "NOT_ENOUGH_REPLICAS",
+        "NOT_ENOUGH_REPLICAS_AFTER_APPEND",
+        "KAFKA_STORAGE_ERROR",
+        "THROTTLING_QUOTA_EXCEEDED",
+    ):
         return TransientError
     return TerminalError
 

@@ -35,10 +35,11 @@ class MetricsReport:
     def as_line(self) -> str:
         p50 = "-" if self.latency_p50_ms is None else f"{self.latency_p50_ms:.0f}"
         p99 = "-" if self.latency_p99_ms is None else f"{self.latency_p99_ms:.0f}"
-        return (f"{self.events_per_s:,.0f} events/s, latency p50 {p50} ms p99 {p99} ms, "
-                f"lag {self.total_lag}, DLQ {self.dead_lettered_total}, "
-                f"total {self.events_total}"
-                + (f"; {self.waiting_for}" if self.waiting_for else ""))
+        return (
+            f"{self.events_per_s:,.0f} events/s, latency p50 {p50} ms p99 {p99} ms, "
+            f"lag {self.total_lag}, DLQ {self.dead_lettered_total}, "
+            f"total {self.events_total}" + (f"; {self.waiting_for}" if self.waiting_for else "")
+        )
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -56,8 +57,7 @@ class CdcMetrics:
         self.dead_lettered_total = 0
         self._since = time.monotonic()
 
-    def record_batch(self, messages: int, changes: int, dead: int,
-                     commit_ts_us: list[int]) -> None:
+    def record_batch(self, messages: int, changes: int, dead: int, commit_ts_us: list[int]) -> None:
         """Called after the batch's writes succeeded: latency is commit → visible."""
         now_us = time.time() * 1e6
         self._latencies_ms.extend((now_us - ts) / 1000 for ts in commit_ts_us)
@@ -65,8 +65,9 @@ class CdcMetrics:
         self.events_total += messages
         self.dead_lettered_total += dead
 
-    def report(self, consumer: Consumer | None = None,
-               waiting_for: str | None = None) -> MetricsReport:
+    def report(
+        self, consumer: Consumer | None = None, waiting_for: str | None = None
+    ) -> MetricsReport:
         now = time.monotonic()
         interval = max(now - self._since, 1e-9)
         lat = sorted(self._latencies_ms)

@@ -44,7 +44,12 @@ VALUE_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
     "recent_conversations": ("title", "last_message", "last_message_at", "turn_count"),
     "conversation_timeline": ("role", "content", "model"),
     "sessions_by_id": (
-        "user_id", "title", "created_at", "last_message", "last_message_at", "turn_count",
+        "user_id",
+        "title",
+        "created_at",
+        "last_message",
+        "last_message_at",
+        "turn_count",
     ),
     "steps_by_turn": ("session_id", "kind", "payload"),
 }
@@ -53,21 +58,38 @@ VALUE_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
 # added to Postgres later does not break decoding.
 COLUMNS: Final[Mapping[str, Mapping[str, str]]] = {
     "sessions": {
-        "id": "uuid", "user_id": "uuid", "title": "text", "created_at": "timestamptz",
-        "updated_at": "timestamptz", "last_message": "text", "last_message_at": "timestamptz",
+        "id": "uuid",
+        "user_id": "uuid",
+        "title": "text",
+        "created_at": "timestamptz",
+        "updated_at": "timestamptz",
+        "last_message": "text",
+        "last_message_at": "timestamptz",
         "turn_count": "int",
     },
     "human_turns": {
-        "id": "uuid", "session_id": "uuid", "content": "text",
-        "created_at": "timestamptz", "updated_at": "timestamptz",
+        "id": "uuid",
+        "session_id": "uuid",
+        "content": "text",
+        "created_at": "timestamptz",
+        "updated_at": "timestamptz",
     },
     "agent_turns": {
-        "id": "uuid", "session_id": "uuid", "content": "text", "model": "text",
-        "created_at": "timestamptz", "updated_at": "timestamptz",
+        "id": "uuid",
+        "session_id": "uuid",
+        "content": "text",
+        "model": "text",
+        "created_at": "timestamptz",
+        "updated_at": "timestamptz",
     },
     "steps": {
-        "id": "uuid", "agent_turn_id": "uuid", "session_id": "uuid", "kind": "text",
-        "payload": "jsonb", "created_at": "timestamptz", "updated_at": "timestamptz",
+        "id": "uuid",
+        "agent_turn_id": "uuid",
+        "session_id": "uuid",
+        "kind": "text",
+        "payload": "jsonb",
+        "created_at": "timestamptz",
+        "updated_at": "timestamptz",
     },
 }
 _NULLABLE: Final = frozenset({("sessions", "last_message_at")})
@@ -124,32 +146,59 @@ class _Spec:
     constants: tuple[tuple[str, str], ...] = ()
 
 
-_SESSION_VALUES = (("title", "title"), ("last_message", "last_message"),
-                   ("last_message_at", "last_message_at"), ("turn_count", "turn_count"))
-_TURN_KEY = (("session_id", "session_id"), ("created_at", "created_at"),
-             ("created_at_micros", "created_at"), ("turn_id", "id"))
+_SESSION_VALUES = (
+    ("title", "title"),
+    ("last_message", "last_message"),
+    ("last_message_at", "last_message_at"),
+    ("turn_count", "turn_count"),
+)
+_TURN_KEY = (
+    ("session_id", "session_id"),
+    ("created_at", "created_at"),
+    ("created_at_micros", "created_at"),
+    ("turn_id", "id"),
+)
 _SPECS: Final[Mapping[str, tuple[_Spec, ...]]] = {
     "sessions": (
-        _Spec("recent_conversations",
-              (("user_id", "user_id"), ("created_at", "created_at"), ("session_id", "id")),
-              _SESSION_VALUES),
-        _Spec("sessions_by_id", (("session_id", "id"),),
-              (("user_id", "user_id"), ("title", "title"), ("created_at", "created_at"),
-               *_SESSION_VALUES[1:])),
+        _Spec(
+            "recent_conversations",
+            (("user_id", "user_id"), ("created_at", "created_at"), ("session_id", "id")),
+            _SESSION_VALUES,
+        ),
+        _Spec(
+            "sessions_by_id",
+            (("session_id", "id"),),
+            (
+                ("user_id", "user_id"),
+                ("title", "title"),
+                ("created_at", "created_at"),
+                *_SESSION_VALUES[1:],
+            ),
+        ),
     ),
     # Human turns have no model: writing None would put a tombstone cell in the row.
     "human_turns": (
         _Spec("conversation_timeline", _TURN_KEY, (("content", "content"),), (("role", "human"),)),
     ),
     "agent_turns": (
-        _Spec("conversation_timeline", _TURN_KEY, (("content", "content"), ("model", "model")),
-              (("role", "agent"),)),
+        _Spec(
+            "conversation_timeline",
+            _TURN_KEY,
+            (("content", "content"), ("model", "model")),
+            (("role", "agent"),),
+        ),
     ),
     "steps": (
-        _Spec("steps_by_turn",
-              (("agent_turn_id", "agent_turn_id"), ("created_at", "created_at"),
-               ("created_at_micros", "created_at"), ("step_id", "id")),
-              (("session_id", "session_id"), ("kind", "kind"), ("payload", "payload"))),
+        _Spec(
+            "steps_by_turn",
+            (
+                ("agent_turn_id", "agent_turn_id"),
+                ("created_at", "created_at"),
+                ("created_at_micros", "created_at"),
+                ("step_id", "id"),
+            ),
+            (("session_id", "session_id"), ("kind", "kind"), ("payload", "payload")),
+        ),
     ),
 }
 
@@ -188,8 +237,13 @@ def _to_datetime(v: Any) -> datetime:
             raise ValueError("naive datetime; timestamps must be timezone-aware")
         u = v.astimezone(UTC)
         # Rebuild subclasses (pandas.Timestamp) as a plain datetime, dropping nanoseconds.
-        return u if type(u) is datetime else datetime(
-            u.year, u.month, u.day, u.hour, u.minute, u.second, u.microsecond, tzinfo=UTC)
+        return (
+            u
+            if type(u) is datetime
+            else datetime(
+                u.year, u.month, u.day, u.hour, u.minute, u.second, u.microsecond, tzinfo=UTC
+            )
+        )
     if isinstance(v, str):
         m = _ISO.match(v)
         if m is None:
@@ -240,8 +294,13 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-_CONVERT: Final = {"uuid": _to_uuid, "timestamptz": _to_datetime, "text": _to_text,
-                   "int": _to_int, "jsonb": _to_json}
+_CONVERT: Final = {
+    "uuid": _to_uuid,
+    "timestamptz": _to_datetime,
+    "text": _to_text,
+    "int": _to_int,
+    "jsonb": _to_json,
+}
 
 
 def _columns(table: str) -> Mapping[str, str]:
@@ -384,8 +443,13 @@ def _key(spec: _Spec, table: str, row: Mapping[str, Any], image: str) -> Key | N
 _ABSENT: Final = object()
 
 
-def _upsert(spec: _Spec, table: str, after: Mapping[str, Any],
-            before: Mapping[str, Any] | None, version: int) -> Upsert:
+def _upsert(
+    spec: _Spec,
+    table: str,
+    after: Mapping[str, Any],
+    before: Mapping[str, Any] | None,
+    version: int,
+) -> Upsert:
     key = _key(spec, table, after, "after")
     if key is None:  # normalize_row guarantees key columns; this guards direct misuse
         raise DecodeError(f"{table}: after image lacks a key column of {spec.read_model}")
@@ -441,8 +505,9 @@ def project(change: Change, read_models: Collection[str] | None = None) -> list[
     raise DecodeError(f"{table}: unknown op {op!r}")
 
 
-def project_row(table: str, row: Mapping[str, Any],
-                read_models: Collection[str] | None = None) -> list[Upsert]:
+def project_row(
+    table: str, row: Mapping[str, Any], read_models: Collection[str] | None = None
+) -> list[Upsert]:
     """A current Postgres row (snapshot, dual-write, audit) as read-model upserts."""
     specs = _specs(table, read_models)
     after = normalize_row(table, row, toast_placeholders=False)
@@ -478,16 +543,19 @@ def compact(mutations: Iterable[Mutation]) -> list[Mutation]:
         kept: list[Upsert] = []
         for u in alive:
             cols = {c for c, _ in u.values}
-            if any(u == w or (w.timestamp_us > u.timestamp_us
-                              and cols <= {c for c, _ in w.values}) for w in kept):
+            if any(
+                u == w or (w.timestamp_us > u.timestamp_us and cols <= {c for c, _ in w.values})
+                for w in kept
+            ):
                 continue
             kept.append(u)
         out.extend(kept)
     return out
 
 
-def expected_rows(rows_by_table: Mapping[str, Iterable[Mapping[str, Any]]],
-                  read_model: str) -> dict[Key, dict[str, Any]]:
+def expected_rows(
+    rows_by_table: Mapping[str, Iterable[Mapping[str, Any]]], read_model: str
+) -> dict[Key, dict[str, Any]]:
     """What ``read_model`` should hold given the current Postgres rows: key -> every value
     column, None where Cassandra would read back null."""
     if read_model not in READ_MODELS:
@@ -529,13 +597,17 @@ def to_cql(m: Mutation, keyspace: str) -> tuple[str, tuple[Any, ...]]:
     table = f"{keyspace}.{m.read_model}"
     if isinstance(m, Upsert):
         cols = key_cols + tuple(c for c, _ in m.values)
-        if unknown := set(cols[len(key_cols):]).difference(VALUE_COLUMNS[m.read_model]):
+        if unknown := set(cols[len(key_cols) :]).difference(VALUE_COLUMNS[m.read_model]):
             raise InvalidInput(f"{m.read_model}: unknown columns {sorted(unknown)}")
-        return (_insert_text(table, cols),
-                (*(v for _, v in m.key), *(v for _, v in m.values), m.timestamp_us))
+        return (
+            _insert_text(table, cols),
+            (*(v for _, v in m.key), *(v for _, v in m.values), m.timestamp_us),
+        )
     where = " AND ".join(f"{c} = ?" for c in key_cols)
-    return (f"DELETE FROM {table} USING TIMESTAMP ? WHERE {where}",
-            (m.timestamp_us, *(v for _, v in m.key)))
+    return (
+        f"DELETE FROM {table} USING TIMESTAMP ? WHERE {where}",
+        (m.timestamp_us, *(v for _, v in m.key)),
+    )
 
 
 def _insert_text(table: str, cols: tuple[str, ...]) -> str:
@@ -586,10 +658,12 @@ def _checked_arrow_column(table: str, col: str, typ: str, array: Any) -> Any:
         return storage
     # Any zone: an Arrow timestamp with a zone stores UTC instants. Naive ones are refused as
     # the row path refuses naive datetimes.
-    if typ == "timestamptz" and not (pa.types.is_timestamp(array.type)
-                                     and array.type.unit == "us" and array.type.tz):
-        raise DecodeError(f"{table}.{col}: expected timestamp[us] with a time zone, "
-                          f"got {array.type}")
+    if typ == "timestamptz" and not (
+        pa.types.is_timestamp(array.type) and array.type.unit == "us" and array.type.tz
+    ):
+        raise DecodeError(
+            f"{table}.{col}: expected timestamp[us] with a time zone, got {array.type}"
+        )
     return array
 
 
@@ -606,8 +680,10 @@ def _arrow_column(table: str, col: str, typ: str, array: Any) -> tuple[list[Any]
     if typ == "timestamptz":
         micros = array.cast(pa.int64()).to_pylist()
         try:
-            return ([None if us is None else _EPOCH + (us // 1000) * _ONE_MS for us in micros],
-                    micros)
+            return (
+                [None if us is None else _EPOCH + (us // 1000) * _ONE_MS for us in micros],
+                micros,
+            )
         except OverflowError as exc:  # beyond year 9999, as the row path reports it
             raise DecodeError(f"{table}.{col}: {exc}") from None
     values = array.to_pylist()
@@ -623,8 +699,9 @@ def _arrow_column(table: str, col: str, typ: str, array: Any) -> tuple[list[Any]
     return values, []
 
 
-def _batch_specs(table: str, batch: Any, keyspace: str,
-                 read_models: Collection[str] | None) -> tuple[_Spec, ...]:
+def _batch_specs(
+    table: str, batch: Any, keyspace: str, read_models: Collection[str] | None
+) -> tuple[_Spec, ...]:
     """What a record batch of ``table`` feeds, once the keyspace and its columns are valid."""
     if not _IDENT.match(keyspace):
         raise InvalidInput(f"invalid keyspace name {keyspace!r}")
@@ -635,8 +712,9 @@ def _batch_specs(table: str, batch: Any, keyspace: str,
     return specs
 
 
-def project_arrow(table: str, batch: Any, keyspace: str,
-                  read_models: Collection[str] | None = None) -> list[ColumnarUpserts]:
+def project_arrow(
+    table: str, batch: Any, keyspace: str, read_models: Collection[str] | None = None
+) -> list[ColumnarUpserts]:
     """``project_row`` then ``to_cql`` for every row of a pyarrow RecordBatch of current rows,
     column by column: the same statements and the same parameters (tests/unit check it row
     for row), at a fraction of the per-row cost. Rows are snapshot reads: TOAST placeholders
@@ -650,14 +728,20 @@ def project_arrow(table: str, batch: Any, keyspace: str,
     for spec in specs:
         # Same order as _upsert and to_cql: key, constants, values, then the version.
         cols = [dst for dst, _ in (*spec.key, *spec.constants, *spec.values)]
-        columns = [[us % 1000 for us in micros[src]] if dst in _MICROS_COLUMNS else values[src]
-                   for dst, src in spec.key]
+        columns = [
+            [us % 1000 for us in micros[src]] if dst in _MICROS_COLUMNS else values[src]
+            for dst, src in spec.key
+        ]
         columns += [[const] * batch.num_rows for _, const in spec.constants]
         columns += [values[src] for _, src in spec.values]
         columns.append(micros["updated_at"])
-        out.append(ColumnarUpserts(spec.read_model,
-                                   _insert_text(f"{keyspace}.{spec.read_model}", tuple(cols)),
-                                   list(zip(*columns, strict=True))))
+        out.append(
+            ColumnarUpserts(
+                spec.read_model,
+                _insert_text(f"{keyspace}.{spec.read_model}", tuple(cols)),
+                list(zip(*columns, strict=True)),
+            )
+        )
     return out
 
 
@@ -710,8 +794,9 @@ def _arrow_cql_column(table: str, col: str, typ: str, array: Any) -> tuple[Any, 
     if typ == "jsonb":
         values = array.to_pylist()
         try:
-            return pa.array([str(_to_json("null" if v is None else v)) for v in values],
-                            pa.string()), None
+            return pa.array(
+                [str(_to_json("null" if v is None else v)) for v in values], pa.string()
+            ), None
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise DecodeError(f"{table}.{col}: {exc}") from None
     if pa.types.is_large_string(array.type):
@@ -721,8 +806,9 @@ def _arrow_cql_column(table: str, col: str, typ: str, array: Any) -> tuple[Any, 
     return array, None
 
 
-def project_arrow_columns(table: str, batch: Any, keyspace: str,
-                          read_models: Collection[str] | None = None) -> list[ArrowUpserts]:
+def project_arrow_columns(
+    table: str, batch: Any, keyspace: str, read_models: Collection[str] | None = None
+) -> list[ArrowUpserts]:
     """``project_arrow`` with Arrow arrays in CQL terms instead of Python tuples."""
     import numpy as np
     import pyarrow as pa
@@ -736,12 +822,18 @@ def project_arrow_columns(table: str, batch: Any, keyspace: str,
     out: list[ArrowUpserts] = []
     for spec in specs:
         cols = [dst for dst, _ in (*spec.key, *spec.constants, *spec.values)]
-        arrays = [pa.array(np.mod(micros[src], 1000), pa.int32()) if dst in _MICROS_COLUMNS
-                  else values[src] for dst, src in spec.key]
+        arrays = [
+            pa.array(np.mod(micros[src], 1000), pa.int32())
+            if dst in _MICROS_COLUMNS
+            else values[src]
+            for dst, src in spec.key
+        ]
         arrays += [pa.array([const] * n, pa.string()) for _, const in spec.constants]
         arrays += [values[src] for _, src in spec.values]
         arrays.append(pa.array(micros["updated_at"], pa.int64()))
-        out.append(ArrowUpserts(spec.read_model,
-                                _insert_text(f"{keyspace}.{spec.read_model}", tuple(cols)),
-                                arrays))
+        out.append(
+            ArrowUpserts(
+                spec.read_model, _insert_text(f"{keyspace}.{spec.read_model}", tuple(cols)), arrays
+            )
+        )
     return out

@@ -72,8 +72,9 @@ class DualWritePolicy(BaseSettings):
         try:
             op = Operation(operation)
         except ValueError:
-            raise InvalidInput(f"unknown operation {operation!r}; known: "
-                               f"{[o.value for o in Operation]}") from None
+            raise InvalidInput(
+                f"unknown operation {operation!r}; known: {[o.value for o in Operation]}"
+            ) from None
         return bool(getattr(self, op.value))
 
     @property
@@ -124,8 +125,9 @@ def check_content(value: Any, policy: DualWritePolicy, name: str = "content") ->
         raise InvalidInput(f"{name} is empty")
     size = _utf8_len(text, name)
     if size > policy.max_content_bytes:
-        raise InvalidInput(f"{name} is {size} bytes, over the limit of "
-                           f"{policy.max_content_bytes} bytes")
+        raise InvalidInput(
+            f"{name} is {size} bytes, over the limit of {policy.max_content_bytes} bytes"
+        )
     return text
 
 
@@ -164,8 +166,12 @@ def _json_text(payload: Any, name: str, max_bytes: int) -> str:
     try:
         # allow_nan=False: jsonb has no NaN/Infinity, Postgres would reject them after the
         # turn was half written.
-        text = json.dumps({} if payload is None else payload, allow_nan=False,
-                          ensure_ascii=False, separators=(",", ":"))
+        text = json.dumps(
+            {} if payload is None else payload,
+            allow_nan=False,
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"{name} is not a JSON value: {type(exc).__name__}") from None
     except RecursionError:
@@ -178,8 +184,9 @@ def _json_text(payload: Any, name: str, max_bytes: int) -> str:
     return text
 
 
-def check_steps(steps: Sequence[StepInput | Mapping[str, Any]] | None,
-                policy: DualWritePolicy) -> list[ValidStep]:
+def check_steps(
+    steps: Sequence[StepInput | Mapping[str, Any]] | None, policy: DualWritePolicy
+) -> list[ValidStep]:
     """Agent steps in order; a mapping may stand for a StepInput (kind, payload, step_id)."""
     if steps is None:
         return []
@@ -194,13 +201,14 @@ def check_steps(steps: Sequence[StepInput | Mapping[str, Any]] | None,
         if isinstance(raw, Mapping):
             unknown = set(raw).difference({"kind", "payload", "step_id"})
             if unknown or "kind" not in raw:
-                raise InvalidInput(f"{name} must have 'kind' and may have 'payload' and "
-                                   f"'step_id' (unknown: {sorted(map(str, unknown))})")
+                raise InvalidInput(
+                    f"{name} must have 'kind' and may have 'payload' and "
+                    f"'step_id' (unknown: {sorted(map(str, unknown))})"
+                )
             raw = StepInput(raw["kind"], raw.get("payload"), raw.get("step_id"))
         if not isinstance(raw, StepInput):
             raise InvalidInput(f"{name} must be a StepInput or a mapping")
-        kind = check_short_text(raw.kind, f"{name}.kind", policy.max_kind_chars,
-                                allow_empty=False)
+        kind = check_short_text(raw.kind, f"{name}.kind", policy.max_kind_chars, allow_empty=False)
         step_id = uuid.uuid4() if raw.step_id is None else as_uuid(raw.step_id, f"{name}.step_id")
         if step_id in seen:
             raise InvalidInput(f"{name}.step_id repeats an earlier step's id")
@@ -208,4 +216,3 @@ def check_steps(steps: Sequence[StepInput | Mapping[str, Any]] | None,
         payload = _json_text(raw.payload, f"{name}.payload", policy.max_step_payload_bytes)
         out.append(ValidStep(step_id, kind, payload))
     return out
-

@@ -46,8 +46,14 @@ def _sample_rows() -> dict[str, dict[str, Any]]:
     now, u = datetime.now(UTC), uuid.uuid4()
     base = {"id": u, "session_id": u, "created_at": now, "updated_at": now}
     return {
-        "sessions": {**base, "user_id": u, "title": "", "last_message": "",
-                     "last_message_at": None, "turn_count": 0},
+        "sessions": {
+            **base,
+            "user_id": u,
+            "title": "",
+            "last_message": "",
+            "last_message_at": None,
+            "turn_count": 0,
+        },
         "human_turns": {**base, "content": "x"},
         "agent_turns": {**base, "content": "x", "model": ""},
         "steps": {**base, "agent_turn_id": u, "kind": "x", "payload": "{}"},
@@ -75,14 +81,22 @@ class ScyllaHandle:
     """Holds the writer once it is usable; ``writer()`` and ``write()`` never block for longer
     than the deadline they are given."""
 
-    def __init__(self, writer: ScyllaWriter | None = None, *, connect: bool = True,
-                 retry_interval_s: float = 5.0, max_in_flight: int = 16,
-                 batch_max_statements: int = 16, batch_max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        writer: ScyllaWriter | None = None,
+        *,
+        connect: bool = True,
+        retry_interval_s: float = 5.0,
+        max_in_flight: int = 16,
+        batch_max_statements: int = 16,
+        batch_max_bytes: int | None = None,
+    ) -> None:
         self._batch_max_statements = batch_max_statements
         # The writer's own bound (CQRS_SCYLLA_BATCH_MAX_BYTES, under the server's warning).
         self._batch_max_bytes = batch_max_bytes or get_settings().scylla.batch_max_bytes
-        self._executor = ThreadPoolExecutor(max_workers=max_in_flight,
-                                            thread_name_prefix="dual-write-scylla")
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_in_flight, thread_name_prefix="dual-write-scylla"
+        )
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._max_in_flight = max_in_flight
         self._writer: ScyllaWriter | None = None
@@ -117,16 +131,22 @@ class ScyllaHandle:
         if writer is None:
             raise ServiceUnavailable("Scylla", "not connected (a background thread retries)")
         if not self._slots.acquire(blocking=False):
-            raise ServiceUnavailable("Scylla", f"{self._max_in_flight} dual-writes still in "
-                                     "flight past their deadline: the cluster is slow")
+            raise ServiceUnavailable(
+                "Scylla",
+                f"{self._max_in_flight} dual-writes still in "
+                "flight past their deadline: the cluster is slow",
+            )
         try:
             # A turn's few small mutations go as one unlogged batch (one round trip); long
             # content goes as separate concurrent writes, each a plain statement, under the
             # store's batch-size limits (a 1 MiB message is one plain INSERT).
-            small = (len(mutations) <= self._batch_max_statements
-                     and scylla.batch_bytes(mutations) <= self._batch_max_bytes)
-            future = self._executor.submit(writer.write_batch if small else writer.write,
-                                           mutations, deadline_s)
+            small = (
+                len(mutations) <= self._batch_max_statements
+                and scylla.batch_bytes(mutations) <= self._batch_max_bytes
+            )
+            future = self._executor.submit(
+                writer.write_batch if small else writer.write, mutations, deadline_s
+            )
         except RuntimeError as exc:  # closed
             self._slots.release()
             raise ServiceUnavailable("Scylla", "the dual-write handle is closed") from exc
@@ -134,8 +154,10 @@ class ScyllaHandle:
         try:
             future.result(timeout=deadline_s)
         except FutureTimeout:
-            raise TransientError(f"Scylla write of {len(mutations)} mutations exceeded the "
-                                 f"{deadline_s * 1000:g} ms deadline") from None
+            raise TransientError(
+                f"Scylla write of {len(mutations)} mutations exceeded the "
+                f"{deadline_s * 1000:g} ms deadline"
+            ) from None
 
     def wait_ready(self, timeout_s: float) -> bool:
         return self._ready.wait(timeout_s)
@@ -143,12 +165,16 @@ class ScyllaHandle:
     def _start_connect(self) -> None:
         with self._lock:
             now = time.monotonic()
-            if (self._closed or self._connecting
-                    or now - self._last_attempt < self._retry_interval_s):
+            if (
+                self._closed
+                or self._connecting
+                or now - self._last_attempt < self._retry_interval_s
+            ):
                 return
             self._connecting, self._last_attempt = True, now
-        threading.Thread(target=self._connect, name="dual-write-scylla-connect",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._connect, name="dual-write-scylla-connect", daemon=True
+        ).start()
 
     def _connect(self) -> None:
         session: Session | None = None
@@ -166,8 +192,11 @@ class ScyllaHandle:
         except Exception as exc:
             if session is not None:
                 scylla.close(session)
-            log.warning("dual-write: Scylla not reachable, calls leave the read models to CDC "
-                        "until it is: %s", exc)
+            log.warning(
+                "dual-write: Scylla not reachable, calls leave the read models to CDC "
+                "until it is: %s",
+                exc,
+            )
         finally:
             with self._lock:
                 self._connecting = False

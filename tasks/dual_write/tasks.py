@@ -21,31 +21,41 @@ from tasks.core.errors import retry_if_transient
 from tasks.core.write_policy import StepInput
 from tasks.dual_write import service as dual_write
 
-_RETRY: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [0.5, 2, 5],
-                          "retry_condition_fn": retry_if_transient, "cache_policy": NONE}
+_RETRY: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": [0.5, 2, 5],
+    "retry_condition_fn": retry_if_transient,
+    "cache_policy": NONE,
+}
 
 
 @task(name="dual-write: create session", **_RETRY)
-def create_session_task(session_id: uuid.UUID, user_id: uuid.UUID, title: str = ""
-                        ) -> dict[str, Any]:
+def create_session_task(
+    session_id: uuid.UUID, user_id: uuid.UUID, title: str = ""
+) -> dict[str, Any]:
     return dual_write.create_session(user_id, title, session_id=session_id).summary()
 
 
 @task(name="dual-write: record human turn", **_RETRY)
-def record_human_turn_task(turn_id: uuid.UUID, session_id: uuid.UUID, content: str
-                           ) -> dict[str, Any]:
+def record_human_turn_task(
+    turn_id: uuid.UUID, session_id: uuid.UUID, content: str
+) -> dict[str, Any]:
     return dual_write.record_human_turn(session_id, content, turn_id=turn_id).summary()
 
 
 @task(name="dual-write: record agent turn", **_RETRY)
-def record_agent_turn_task(turn_id: uuid.UUID, session_id: uuid.UUID, content: str,
-                           model: str = "",
-                           steps: Sequence[StepInput | Mapping[str, Any]] | None = None
-                           ) -> dict[str, Any]:
+def record_agent_turn_task(
+    turn_id: uuid.UUID,
+    session_id: uuid.UUID,
+    content: str,
+    model: str = "",
+    steps: Sequence[StepInput | Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
     # Steps need ids too, for the same reason; they default from the turn id and position.
     fixed = [_with_step_id(turn_id, i, s) for i, s in enumerate(steps or ())]
-    return dual_write.record_agent_turn(session_id, content, model=model, steps=fixed,
-                                        turn_id=turn_id).summary()
+    return dual_write.record_agent_turn(
+        session_id, content, model=model, steps=fixed, turn_id=turn_id
+    ).summary()
 
 
 @task(name="dual-write: rename session", **_RETRY)
@@ -60,8 +70,9 @@ def delete_session_task(session_id: uuid.UUID) -> dict[str, Any]:
     return dual_write.delete_session(session_id).summary()
 
 
-def _with_step_id(turn_id: uuid.UUID, index: int,
-                  step: StepInput | Mapping[str, Any]) -> StepInput | Mapping[str, Any]:
+def _with_step_id(
+    turn_id: uuid.UUID, index: int, step: StepInput | Mapping[str, Any]
+) -> StepInput | Mapping[str, Any]:
     derived = uuid.uuid5(turn_id, f"step-{index}")
     if isinstance(step, StepInput):
         return step if step.step_id is not None else StepInput(step.kind, step.payload, derived)

@@ -20,12 +20,18 @@ from psycopg.types.string import TextLoader
 from tasks.adapters import postgres
 
 # The oracle's own list (not the projection module's): every read model has a view.
-READ_MODELS: Final = ("recent_conversations", "conversation_timeline", "sessions_by_id",
-                      "steps_by_turn")
-PARTITION_COLUMN: Final = {"recent_conversations": "user_id",
-                           "conversation_timeline": "session_id",
-                           "sessions_by_id": "session_id",
-                           "steps_by_turn": "agent_turn_id"}
+READ_MODELS: Final = (
+    "recent_conversations",
+    "conversation_timeline",
+    "sessions_by_id",
+    "steps_by_turn",
+)
+PARTITION_COLUMN: Final = {
+    "recent_conversations": "user_id",
+    "conversation_timeline": "session_id",
+    "sessions_by_id": "session_id",
+    "steps_by_turn": "agent_turn_id",
+}
 SOURCE_TABLES: Final = ("sessions", "human_turns", "agent_turns", "steps")
 TABLE_QUERIES: Final = {
     "sessions": "SELECT * FROM sessions WHERE id = ANY(%s) ORDER BY id",
@@ -62,8 +68,9 @@ def close_reader() -> None:
             _reader = None
 
 
-def postgres_rows(conn: psycopg.Connection[Any], session_ids: Iterable[uuid.UUID],
-                  jsonb_as_text: bool = False) -> dict[str, list[dict[str, Any]]]:
+def postgres_rows(
+    conn: psycopg.Connection[Any], session_ids: Iterable[uuid.UUID], jsonb_as_text: bool = False
+) -> dict[str, list[dict[str, Any]]]:
     """The write model's rows of these sessions, as psycopg reads them; with
     ``jsonb_as_text`` payloads stay jsonb's text, as Debezium and the snapshot carry them."""
     ids = list(session_ids)
@@ -98,28 +105,41 @@ def _keyed(rows: Iterable[Mapping[str, Any]], key_cols: tuple[str, ...]) -> Rows
     return out
 
 
-def expected(read_model: str, partitions: Iterable[uuid.UUID], key_cols: tuple[str, ...]
-             ) -> Rows:
+def expected(read_model: str, partitions: Iterable[uuid.UUID], key_cols: tuple[str, ...]) -> Rows:
     """The rows of ``expected_<read_model>`` in these partitions."""
     assert read_model in READ_MODELS, read_model
-    rows = reader().execute(
-        f"SELECT * FROM expected_{read_model} WHERE {PARTITION_COLUMN[read_model]} = ANY(%s)",
-        (list(partitions),)).fetchall()
+    rows = (
+        reader()
+        .execute(
+            f"SELECT * FROM expected_{read_model} WHERE {PARTITION_COLUMN[read_model]} = ANY(%s)",
+            (list(partitions),),
+        )
+        .fetchall()
+    )
     return _keyed(rows, key_cols)
 
 
-def actual(cql: Session, read_model: str, partitions: Iterable[uuid.UUID],
-           key_cols: tuple[str, ...]) -> Rows:
+def actual(
+    cql: Session, read_model: str, partitions: Iterable[uuid.UUID], key_cols: tuple[str, ...]
+) -> Rows:
     """Every row Cassandra holds in these partitions of the read model."""
     rows: list[dict[str, Any]] = []
     for p in set(partitions):
-        rows.extend(r._asdict() for r in cql.execute(
-            f"SELECT * FROM {read_model} WHERE {PARTITION_COLUMN[read_model]} = %s", (p,)))
+        rows.extend(
+            r._asdict()
+            for r in cql.execute(
+                f"SELECT * FROM {read_model} WHERE {PARTITION_COLUMN[read_model]} = %s", (p,)
+            )
+        )
     return _keyed(rows, key_cols)
 
 
-def partitions(read_model: str, users: Iterable[uuid.UUID], sessions: Iterable[uuid.UUID],
-               agent_turns: Iterable[uuid.UUID] = ()) -> set[uuid.UUID]:
+def partitions(
+    read_model: str,
+    users: Iterable[uuid.UUID],
+    sessions: Iterable[uuid.UUID],
+    agent_turns: Iterable[uuid.UUID] = (),
+) -> set[uuid.UUID]:
     """The partitions a test's ids cover. Steps: the agent turns named (deleted ones too, so a
     resurrected step shows), those the sessions have now and those their steps point at."""
     sids = list(sessions)
@@ -127,9 +147,15 @@ def partitions(read_model: str, users: Iterable[uuid.UUID], sessions: Iterable[u
         return set(users)
     if read_model != "steps_by_turn":
         return set(sids)
-    found = reader().execute(
-        "SELECT id FROM agent_turns WHERE session_id = ANY(%(s)s) UNION "
-        "SELECT agent_turn_id FROM steps WHERE session_id = ANY(%(s)s)", {"s": sids}).fetchall()
+    found = (
+        reader()
+        .execute(
+            "SELECT id FROM agent_turns WHERE session_id = ANY(%(s)s) UNION "
+            "SELECT agent_turn_id FROM steps WHERE session_id = ANY(%(s)s)",
+            {"s": sids},
+        )
+        .fetchall()
+    )
     return set(agent_turns) | {r["id"] for r in found}
 
 
@@ -141,13 +167,19 @@ def compare(want: Rows, got: Rows, read_model: str) -> str | None:
     extra = [k for k in got if k not in want]
     wrong = [k for k in want if k in got and got[k] != want[k]]
     sample = [(k, got.get(k), want.get(k)) for k in (missing + extra + wrong)[:2]]
-    return (f"{read_model}: {len(missing)} missing, {len(extra)} extra (resurrected?), "
-            f"{len(wrong)} differ; e.g. (key, Cassandra, expected) {sample}")
+    return (
+        f"{read_model}: {len(missing)} missing, {len(extra)} extra (resurrected?), "
+        f"{len(wrong)} differ; e.g. (key, Cassandra, expected) {sample}"
+    )
 
 
-def differences(cql: Session, users: Iterable[uuid.UUID], sessions: Iterable[uuid.UUID],
-                agent_turns: Iterable[uuid.UUID] = (),
-                read_models: Iterable[str] = READ_MODELS) -> list[str]:
+def differences(
+    cql: Session,
+    users: Iterable[uuid.UUID],
+    sessions: Iterable[uuid.UUID],
+    agent_turns: Iterable[uuid.UUID] = (),
+    read_models: Iterable[str] = READ_MODELS,
+) -> list[str]:
     """Cassandra's read models vs the SQL oracle over the partitions of these ids; [] when
     they agree cell for cell."""
     users, sessions, agent_turns = list(users), list(sessions), list(agent_turns)
@@ -161,9 +193,13 @@ def differences(cql: Session, users: Iterable[uuid.UUID], sessions: Iterable[uui
     return problems
 
 
-def agree(cql: Session, users: Iterable[uuid.UUID], sessions: Iterable[uuid.UUID],
-          agent_turns: Iterable[uuid.UUID] = (), read_models: Iterable[str] = READ_MODELS
-          ) -> bool:
+def agree(
+    cql: Session,
+    users: Iterable[uuid.UUID],
+    sessions: Iterable[uuid.UUID],
+    agent_turns: Iterable[uuid.UUID] = (),
+    read_models: Iterable[str] = READ_MODELS,
+) -> bool:
     return differences(cql, users, sessions, agent_turns, read_models) == []
 
 

@@ -63,17 +63,34 @@ class Dataset:
         return [str(u) for u in self.user_ids]
 
 
-_WORDS = ["hello", "naïve", "Grüße", "日本語", "emoji 🚀", "quote ' \"", "tab\there", "line\nbreak",
-          "back\\slash", "50%", "{json}", "NULL"]
+_WORDS = [
+    "hello",
+    "naïve",
+    "Grüße",
+    "日本語",
+    "emoji 🚀",
+    "quote ' \"",
+    "tab\there",
+    "line\nbreak",
+    "back\\slash",
+    "50%",
+    "{json}",
+    "NULL",
+]
 
 
 def _text(rng: random.Random, lo: int = 1, hi: int = 12) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi)))
 
 
-def generate(conn: psycopg.Connection, rng: random.Random, users: int,
-             sessions_per_user: tuple[int, int] = (1, 8), turns: tuple[int, int] = (0, 12),
-             steps: tuple[int, int] = (0, 3)) -> Dataset:
+def generate(
+    conn: psycopg.Connection,
+    rng: random.Random,
+    users: int,
+    sessions_per_user: tuple[int, int] = (1, 8),
+    turns: tuple[int, int] = (0, 12),
+    steps: tuple[int, int] = (0, 3),
+) -> Dataset:
     """Users with sessions, human and agent turns, and steps, written with COPY as the app
     role (the write model's triggers run: versions and session headers are the real ones)."""
     d = Dataset(user_ids=[uuid.uuid4() for _ in range(users)])
@@ -84,17 +101,25 @@ def generate(conn: psycopg.Connection, rng: random.Random, users: int,
             sid, at = uuid.uuid4(), base + timedelta(seconds=rng.randint(0, 29 * 86400))
             sessions.append((sid, user, _text(rng, 1, 4), at))
             for t in range(rng.randint(*turns)):
-                tat = at + timedelta(seconds=t * 30 + rng.randint(0, 20),
-                                     microseconds=rng.randint(0, 999_999))
+                tat = at + timedelta(
+                    seconds=t * 30 + rng.randint(0, 20), microseconds=rng.randint(0, 999_999)
+                )
                 if t % 2 == 0:
                     humans.append((uuid.uuid4(), sid, _text(rng), tat))
                 else:
                     aid = uuid.uuid4()
                     agents.append((aid, sid, _text(rng, 5, 40), rng.choice(["m-1", "m-2"]), tat))
                     for s in range(rng.randint(*steps)):
-                        step_rows.append((uuid.uuid4(), aid, sid, rng.choice(["tool", "answer"]),
-                                          Jsonb({"n": s, "q": _text(rng, 1, 3), "ok": True}),
-                                          tat + timedelta(milliseconds=s + 1)))
+                        step_rows.append(
+                            (
+                                uuid.uuid4(),
+                                aid,
+                                sid,
+                                rng.choice(["tool", "answer"]),
+                                Jsonb({"n": s, "q": _text(rng, 1, 3), "ok": True}),
+                                tat + timedelta(milliseconds=s + 1),
+                            )
+                        )
     # Two sessions of one user created in the same microsecond stay two rows.
     if sessions:
         twin = sessions[0]
@@ -118,13 +143,15 @@ def generate(conn: psycopg.Connection, rng: random.Random, users: int,
 
 
 def pg_counts(conn: psycopg.Connection, d: Dataset) -> dict[str, int]:
-    q = {"sessions": "SELECT count(*) FROM sessions WHERE user_id = ANY(%s)",
-         "human_turns": "SELECT count(*) FROM human_turns h JOIN sessions s ON s.id = "
-                        "h.session_id WHERE s.user_id = ANY(%s)",
-         "agent_turns": "SELECT count(*) FROM agent_turns a JOIN sessions s ON s.id = "
-                        "a.session_id WHERE s.user_id = ANY(%s)",
-         "steps": "SELECT count(*) FROM steps x JOIN sessions s ON s.id = x.session_id "
-                  "WHERE s.user_id = ANY(%s)"}
+    q = {
+        "sessions": "SELECT count(*) FROM sessions WHERE user_id = ANY(%s)",
+        "human_turns": "SELECT count(*) FROM human_turns h JOIN sessions s ON s.id = "
+        "h.session_id WHERE s.user_id = ANY(%s)",
+        "agent_turns": "SELECT count(*) FROM agent_turns a JOIN sessions s ON s.id = "
+        "a.session_id WHERE s.user_id = ANY(%s)",
+        "steps": "SELECT count(*) FROM steps x JOIN sessions s ON s.id = x.session_id "
+        "WHERE s.user_id = ANY(%s)",
+    }
     out = {t: conn.execute(sql, (d.user_ids,)).fetchone()[0] for t, sql in q.items()}  # type: ignore[index]
     conn.commit()
     return out
@@ -134,12 +161,10 @@ def pg_counts(conn: psycopg.Connection, d: Dataset) -> dict[str, int]:
 # Comparing read models with Postgres
 
 
-def differences(cql: Session, d: Dataset, read_models: tuple[str, ...] = READ_MODELS
-                ) -> list[str]:
+def differences(cql: Session, d: Dataset, read_models: tuple[str, ...] = READ_MODELS) -> list[str]:
     """Read models vs the SQL oracle (schemas/postgres/0008) on this dataset's users, sessions
     and agent turns (deleted ones too: a resurrected row shows as an extra); [] when equal."""
-    return readmodels.differences(cql, d.user_ids, d.session_ids, d.agent_turn_ids,
-                                  read_models)
+    return readmodels.differences(cql, d.user_ids, d.session_ids, d.agent_turn_ids, read_models)
 
 
 def sstable_versions(keyspace: str) -> set[str]:
@@ -177,20 +202,39 @@ def rng(request: pytest.FixtureRequest) -> random.Random:
 # Exactness
 
 
-@pytest.mark.parametrize(("method", "workers"), [("cql", 1), ("cql", 3), ("sstable", 1),
-                                                  ("sstable", 2)],
-                         ids=["cql, one process", "cql, 3 loader processes",
-                              "sstable, one process", "sstable, 2 loader processes"])
+@pytest.mark.parametrize(
+    ("method", "workers"),
+    [("cql", 1), ("cql", 3), ("sstable", 1), ("sstable", 2)],
+    ids=[
+        "cql, one process",
+        "cql, 3 loader processes",
+        "sstable, one process",
+        "sstable, 2 loader processes",
+    ],
+)
 def test_backfill_reproduces_the_projection_of_postgres_exactly(
-        method: str, workers: int, bf_keyspace: str, bf_cql: Session,
-        pg_app: psycopg.Connection, tmp_path: Path, rng: random.Random) -> None:
+    method: str,
+    workers: int,
+    bf_keyspace: str,
+    bf_cql: Session,
+    pg_app: psycopg.Connection,
+    tmp_path: Path,
+    rng: random.Random,
+) -> None:
     d = generate(pg_app, rng, users=60)
     counts = pg_counts(pg_app, d)
     assert counts["sessions"] >= 100 and counts["steps"] > 0
 
-    result = backfill_flow(user_ids=d.users, chunk_size=97, readers=3, concurrency=32,
-                           workers=workers, method=method, snapshot_root=str(tmp_path),
-                           keyspace=bf_keyspace)
+    result = backfill_flow(
+        user_ids=d.users,
+        chunk_size=97,
+        readers=3,
+        concurrency=32,
+        workers=workers,
+        method=method,
+        snapshot_root=str(tmp_path),
+        keyspace=bf_keyspace,
+    )
 
     # The snapshot holds exactly the filtered rows, chunked by key range into Parquet files.
     manifest = Manifest.read(result["snapshot_dir"])
@@ -209,68 +253,117 @@ def test_backfill_reproduces_the_projection_of_postgres_exactly(
 
     # Independent of the projection module: turns per session counted in SQL vs timeline rows,
     # steps per agent turn, and every cell stamped with its source row's version.
-    per_session: dict[uuid.UUID, int] = dict(pg_app.execute(
-        "SELECT session_id, count(*) FROM (SELECT session_id FROM human_turns UNION ALL "
-        "SELECT session_id FROM agent_turns) t WHERE session_id = ANY(%s) GROUP BY 1",
-        (d.session_ids,)).fetchall())
+    per_session: dict[uuid.UUID, int] = dict(
+        pg_app.execute(
+            "SELECT session_id, count(*) FROM (SELECT session_id FROM human_turns UNION ALL "
+            "SELECT session_id FROM agent_turns) t WHERE session_id = ANY(%s) GROUP BY 1",
+            (d.session_ids,),
+        ).fetchall()
+    )
     for sid in d.session_ids:
-        n = bf_cql.execute("SELECT count(*) FROM conversation_timeline WHERE session_id = %s",
-                           (sid,)).one()[0]
+        n = bf_cql.execute(
+            "SELECT count(*) FROM conversation_timeline WHERE session_id = %s", (sid,)
+        ).one()[0]
         assert n == per_session.get(sid, 0), sid
     versions = pg_app.execute(
         "SELECT id, session_id, created_at, content, updated_at FROM agent_turns "
-        "WHERE session_id = ANY(%s)", (d.session_ids,)).fetchall()
+        "WHERE session_id = ANY(%s)",
+        (d.session_ids,),
+    ).fetchall()
     pg_app.commit()
     for tid, sid, created, content, updated in rng.sample(versions, min(40, len(versions))):
         row = bf_cql.execute(
             "SELECT content, WRITETIME(content) AS wt FROM conversation_timeline WHERE "
             "session_id = %s AND created_at = %s AND created_at_micros = %s AND turn_id = %s",
-            (sid, created.replace(microsecond=created.microsecond // 1000 * 1000),
-             created.microsecond % 1000, tid)).one()
+            (
+                sid,
+                created.replace(microsecond=created.microsecond // 1000 * 1000),
+                created.microsecond % 1000,
+                tid,
+            ),
+        ).one()
         assert row is not None and row.content == content
         assert row.wt == (updated - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
-    sessions_per_user: dict[uuid.UUID, int] = dict(pg_app.execute(
-        "SELECT user_id, count(*) FROM sessions WHERE user_id = ANY(%s) GROUP BY 1",
-        (d.user_ids,)).fetchall())
+    sessions_per_user: dict[uuid.UUID, int] = dict(
+        pg_app.execute(
+            "SELECT user_id, count(*) FROM sessions WHERE user_id = ANY(%s) GROUP BY 1",
+            (d.user_ids,),
+        ).fetchall()
+    )
     pg_app.commit()
     for user, n in sessions_per_user.items():
-        assert bf_cql.execute("SELECT count(*) FROM recent_conversations WHERE user_id = %s",
-                              (user,)).one()[0] == n
+        assert (
+            bf_cql.execute(
+                "SELECT count(*) FROM recent_conversations WHERE user_id = %s", (user,)
+            ).one()[0]
+            == n
+        )
 
 
 def test_dry_run_plans_and_counts_without_writing(
-        bf_keyspace: str, bf_cql: Session, pg_app: psycopg.Connection, tmp_path: Path,
-        rng: random.Random) -> None:
+    bf_keyspace: str,
+    bf_cql: Session,
+    pg_app: psycopg.Connection,
+    tmp_path: Path,
+    rng: random.Random,
+) -> None:
     d = generate(pg_app, rng, users=5)
     counts = pg_counts(pg_app, d)
-    result = backfill_flow(user_ids=d.users, chunk_size=7, dry_run=True,
-                           snapshot_root=str(tmp_path), keyspace=bf_keyspace)
+    result = backfill_flow(
+        user_ids=d.users,
+        chunk_size=7,
+        dry_run=True,
+        snapshot_root=str(tmp_path),
+        keyspace=bf_keyspace,
+    )
     assert result["dry_run"] is True
     assert {t: v["rows"] for t, v in result["tables"].items()} == counts
     assert {t: v["chunks"] for t, v in result["tables"].items()} == {
-        t: math.ceil(n / 7) for t, n in counts.items()}
+        t: math.ceil(n / 7) for t, n in counts.items()
+    }
     assert list(tmp_path.iterdir()) == []  # no snapshot written
     for sid in d.session_ids:  # nothing loaded
-        assert bf_cql.execute("SELECT * FROM sessions_by_id WHERE session_id = %s",
-                              (sid,)).one() is None
+        assert (
+            bf_cql.execute("SELECT * FROM sessions_by_id WHERE session_id = %s", (sid,)).one()
+            is None
+        )
 
 
 def test_created_at_filter_selects_rows_by_their_own_creation_time(
-        bf_keyspace: str, bf_cql: Session, pg_app: psycopg.Connection, tmp_path: Path,
-        rng: random.Random) -> None:
+    bf_keyspace: str,
+    bf_cql: Session,
+    pg_app: psycopg.Connection,
+    tmp_path: Path,
+    rng: random.Random,
+) -> None:
     d = generate(pg_app, rng, users=8, turns=(2, 6))
     start = datetime.now(UTC) - timedelta(days=20)
     end = start + timedelta(days=10)
-    result = backfill_flow(user_ids=d.users, created_from=start.isoformat(),
-                           created_to=end.isoformat(), read_models=["sessions_by_id"],
-                           snapshot_root=str(tmp_path), keyspace=bf_keyspace)
-    inside = {r[0] for r in pg_app.execute(
-        "SELECT id FROM sessions WHERE user_id = ANY(%s) AND created_at >= %s AND "
-        "created_at < %s", (d.user_ids, start, end)).fetchall()}
+    result = backfill_flow(
+        user_ids=d.users,
+        created_from=start.isoformat(),
+        created_to=end.isoformat(),
+        read_models=["sessions_by_id"],
+        snapshot_root=str(tmp_path),
+        keyspace=bf_keyspace,
+    )
+    inside = {
+        r[0]
+        for r in pg_app.execute(
+            "SELECT id FROM sessions WHERE user_id = ANY(%s) AND created_at >= %s AND "
+            "created_at < %s",
+            (d.user_ids, start, end),
+        ).fetchall()
+    }
     pg_app.commit()
     assert 0 < len(inside) < len(d.session_ids)  # the window cuts the data (30 days wide)
-    loaded = {sid for sid in d.session_ids if bf_cql.execute(
-        "SELECT session_id FROM sessions_by_id WHERE session_id = %s", (sid,)).one()}
+    loaded = {
+        sid
+        for sid in d.session_ids
+        if bf_cql.execute(
+            "SELECT session_id FROM sessions_by_id WHERE session_id = %s", (sid,)
+        ).one()
+    }
     assert loaded == inside
     assert result["rows_read"] == len(inside)
 
@@ -291,31 +384,53 @@ class Mutator(threading.Thread):
 
     def _op(self, cur: psycopg.Cursor[Any]) -> str | None:
         r, d = self.rng, self.d
-        kind = r.choices(["human", "agent", "title", "content", "payload", "del_turn",
-                          "del_agent", "del_session", "new_session"],
-                         weights=[5, 4, 4, 4, 3, 3, 2, 1, 1])[0]
+        kind = r.choices(
+            [
+                "human",
+                "agent",
+                "title",
+                "content",
+                "payload",
+                "del_turn",
+                "del_agent",
+                "del_session",
+                "new_session",
+            ],
+            weights=[5, 4, 4, 4, 3, 3, 2, 1, 1],
+        )[0]
         sid = r.choice(d.session_ids)
         if kind == "human":
             hid = uuid.uuid4()
-            cur.execute("INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, %s)",
-                        (hid, sid, _text(r)))
+            cur.execute(
+                "INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, %s)",
+                (hid, sid, _text(r)),
+            )
             d.human_turn_ids.append(hid)
         elif kind == "agent":
             aid = uuid.uuid4()
-            cur.execute("INSERT INTO agent_turns (id, session_id, content, model) VALUES "
-                        "(%s, %s, %s, 'm-3')", (aid, sid, _text(r)))
+            cur.execute(
+                "INSERT INTO agent_turns (id, session_id, content, model) VALUES "
+                "(%s, %s, %s, 'm-3')",
+                (aid, sid, _text(r)),
+            )
             d.agent_turn_ids.append(aid)
-            cur.execute("INSERT INTO steps (id, agent_turn_id, session_id, kind, payload) "
-                        "VALUES (%s, %s, %s, 'tool', %s)", (uuid.uuid4(), aid, sid,
-                                                           Jsonb({"new": True})))
+            cur.execute(
+                "INSERT INTO steps (id, agent_turn_id, session_id, kind, payload) "
+                "VALUES (%s, %s, %s, 'tool', %s)",
+                (uuid.uuid4(), aid, sid, Jsonb({"new": True})),
+            )
         elif kind == "title":
             cur.execute("UPDATE sessions SET title = %s WHERE id = %s", (_text(r, 1, 3), sid))
         elif kind == "content":
-            cur.execute("UPDATE agent_turns SET content = %s WHERE id = %s",
-                        (_text(r), r.choice(d.agent_turn_ids)))
+            cur.execute(
+                "UPDATE agent_turns SET content = %s WHERE id = %s",
+                (_text(r), r.choice(d.agent_turn_ids)),
+            )
         elif kind == "payload":
-            cur.execute("UPDATE steps SET payload = %s WHERE id = %s",
-                        (Jsonb({"edited": r.random()}), r.choice(d.step_ids)))
+            cur.execute(
+                "UPDATE steps SET payload = %s WHERE id = %s",
+                (Jsonb({"edited": r.random()}), r.choice(d.step_ids)),
+            )
         elif kind == "del_turn":
             cur.execute("DELETE FROM human_turns WHERE id = %s", (r.choice(d.human_turn_ids),))
         elif kind == "del_agent":  # cascades to its steps
@@ -324,8 +439,10 @@ class Mutator(threading.Thread):
             cur.execute("DELETE FROM sessions WHERE id = %s", (sid,))
         else:
             new = uuid.uuid4()
-            cur.execute("INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, 'new')",
-                        (new, r.choice(d.user_ids)))
+            cur.execute(
+                "INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, 'new')",
+                (new, r.choice(d.user_ids)),
+            )
             d.session_ids.append(new)
         return kind if cur.rowcount > 0 else None
 
@@ -345,8 +462,9 @@ class Mutator(threading.Thread):
             self.errors.append(exc)
 
 
-def _run_with_mutator(d: Dataset, seed: int, fn: Callable[[], dict[str, Any]]
-                      ) -> tuple[dict[str, Any], Mutator]:
+def _run_with_mutator(
+    d: Dataset, seed: int, fn: Callable[[], dict[str, Any]]
+) -> tuple[dict[str, Any], Mutator]:
     m = Mutator(d, seed)
     m.start()
     try:
@@ -362,40 +480,63 @@ def _run_with_mutator(d: Dataset, seed: int, fn: Callable[[], dict[str, Any]]
 
 @pytest.mark.parametrize("method", ["cql", "sstable"])
 def test_backfill_while_postgres_changes_and_cdc_runs_converges(
-        method: str, cdc_consumer: object, cql: Session, pg_app: psycopg.Connection,
-        tmp_path: Path, rng: random.Random) -> None:
+    method: str,
+    cdc_consumer: object,
+    cql: Session,
+    pg_app: psycopg.Connection,
+    tmp_path: Path,
+    rng: random.Random,
+) -> None:
     d = generate(pg_app, rng, users=25)
     # Rate-limited so that the load overlaps the changes for a few seconds.
-    result, m = _run_with_mutator(d, rng.randrange(1 << 30), lambda: backfill_flow(
-        user_ids=d.users, chunk_size=60, rate_limit_rows_per_s=1500, method=method,
-        snapshot_root=str(tmp_path)))
+    result, m = _run_with_mutator(
+        d,
+        rng.randrange(1 << 30),
+        lambda: backfill_flow(
+            user_ids=d.users,
+            chunk_size=60,
+            rate_limit_rows_per_s=1500,
+            method=method,
+            snapshot_root=str(tmp_path),
+        ),
+    )
     snapshot_at = datetime.fromisoformat(
-        Manifest.read(result["snapshot_dir"]).snapshot_time).timestamp()
+        Manifest.read(result["snapshot_dir"]).snapshot_time
+    ).timestamp()
     kinds_after = {k for t, k in m.done if t > snapshot_at}
     assert {"del_turn", "del_agent", "title", "content"} <= kinds_after, m.done
     assert any(t < snapshot_at for t, _ in m.done)
-    assert wait_for(lambda: differences(cql, d) == [], timeout=180, interval=1), \
-        differences(cql, d)
+    assert wait_for(lambda: differences(cql, d) == [], timeout=180, interval=1), differences(cql, d)
 
 
 @pytest.mark.parametrize("method", ["cql", "sstable"])
 def test_loading_an_old_snapshot_never_undoes_newer_changes(
-        method: str, cdc_consumer: object, cql: Session, pg_app: psycopg.Connection,
-        tmp_path: Path, rng: random.Random) -> None:
+    method: str,
+    cdc_consumer: object,
+    cql: Session,
+    pg_app: psycopg.Connection,
+    tmp_path: Path,
+    rng: random.Random,
+) -> None:
     d = generate(pg_app, rng, users=10, turns=(2, 10))
     first = backfill_flow(user_ids=d.users, chunk_size=50, snapshot_root=str(tmp_path))
     # After the snapshot: delete, update and insert, and let CDC apply it all.
     doomed = rng.sample(d.session_ids, len(d.session_ids) // 3)
     pg_app.execute("DELETE FROM sessions WHERE id = ANY(%s)", (doomed,))
-    pg_app.execute("UPDATE sessions SET title = 'renamed after the snapshot' WHERE id = ANY(%s)",
-                   (d.session_ids,))
-    pg_app.execute("DELETE FROM human_turns WHERE id = ANY(%s)",
-                   (rng.sample(d.human_turn_ids, len(d.human_turn_ids) // 4),))
-    pg_app.execute("UPDATE agent_turns SET content = 'edited after the snapshot' "
-                   "WHERE session_id = ANY(%s)", (d.session_ids,))
+    pg_app.execute(
+        "UPDATE sessions SET title = 'renamed after the snapshot' WHERE id = ANY(%s)",
+        (d.session_ids,),
+    )
+    pg_app.execute(
+        "DELETE FROM human_turns WHERE id = ANY(%s)",
+        (rng.sample(d.human_turn_ids, len(d.human_turn_ids) // 4),),
+    )
+    pg_app.execute(
+        "UPDATE agent_turns SET content = 'edited after the snapshot' WHERE session_id = ANY(%s)",
+        (d.session_ids,),
+    )
     pg_app.commit()
-    assert wait_for(lambda: differences(cql, d) == [], timeout=180, interval=1), \
-        differences(cql, d)
+    assert wait_for(lambda: differences(cql, d) == [], timeout=180, interval=1), differences(cql, d)
     # Replaying the older snapshot writes every row again, older versions all: they lose.
     again = backfill_flow(user_ids=d.users, snapshot_dir=first["snapshot_dir"], method=method)
     assert again["rows_written"] > 0 and again["snapshot_id"] == first["snapshot_id"]
@@ -404,48 +545,81 @@ def test_loading_an_old_snapshot_never_undoes_newer_changes(
 
 @pytest.mark.parametrize("method", ["cql", "sstable"])
 def test_rebuild_truncates_then_reloads_while_cdc_keeps_writing(
-        method: str, bf_keyspace: str, bf_cql: Session, pg_app: psycopg.Connection,
-        tmp_path: Path, rng: random.Random) -> None:
+    method: str,
+    bf_keyspace: str,
+    bf_cql: Session,
+    pg_app: psycopg.Connection,
+    tmp_path: Path,
+    rng: random.Random,
+) -> None:
     """A CDC consumer of this test's own applies changes to the test keyspace throughout the
     truncate, the snapshot and the load."""
     from tasks.cdc.consumer import CdcConsumer, CdcOptions
 
     d = generate(pg_app, rng, users=10)
     stale_user, stale_session = d.user_ids[0], uuid.uuid4()  # in no Postgres table
-    bf_cql.execute("INSERT INTO recent_conversations (user_id, created_at, session_id, title) "
-                   "VALUES (%s, toTimestamp(now()), %s, 'stale')", (stale_user, stale_session))
+    bf_cql.execute(
+        "INSERT INTO recent_conversations (user_id, created_at, session_id, title) "
+        "VALUES (%s, toTimestamp(now()), %s, 'stale')",
+        (stale_user, stale_session),
+    )
     settings = get_settings().kafka.model_copy(update={"consumer_group": f"bf-{uuid.uuid4()}"})
     session = scylla.connect(keyspace=bf_keyspace)
     # From the end of the topics (replaying their whole history would only cost time): a
     # marker change seen in the keyspace proves the consumer is positioned before anything
     # this test changes.
-    consumer = CdcConsumer(scylla.ScyllaWriter(session, keyspace=bf_keyspace),
-                           CdcOptions(report_interval_s=5), settings,
-                           consumer_overrides={"auto.offset.reset": "latest"})
+    consumer = CdcConsumer(
+        scylla.ScyllaWriter(session, keyspace=bf_keyspace),
+        CdcOptions(report_interval_s=5),
+        settings,
+        consumer_overrides={"auto.offset.reset": "latest"},
+    )
     thread = threading.Thread(target=consumer.run, daemon=True)
 
     def marker_seen() -> bool:
-        pg_app.execute("UPDATE sessions SET title = %s WHERE id = %s",
-                       (f"marker {time.time()}", d.session_ids[-1]))
+        pg_app.execute(
+            "UPDATE sessions SET title = %s WHERE id = %s",
+            (f"marker {time.time()}", d.session_ids[-1]),
+        )
         pg_app.commit()
-        return bf_cql.execute("SELECT title FROM sessions_by_id WHERE session_id = %s",
-                              (d.session_ids[-1],)).one() is not None
+        return (
+            bf_cql.execute(
+                "SELECT title FROM sessions_by_id WHERE session_id = %s", (d.session_ids[-1],)
+            ).one()
+            is not None
+        )
 
     thread.start()
     try:
         assert wait_for(marker_seen, timeout=120, interval=1), "private CDC consumer idle"
-        _run_with_mutator(d, rng.randrange(1 << 30), lambda: backfill_flow(
-            user_ids=d.users, rebuild=True, chunk_size=40, rate_limit_rows_per_s=2000,
-            method=method, snapshot_root=str(tmp_path), keyspace=bf_keyspace))
-        assert wait_for(lambda: differences(bf_cql, d) == [], timeout=240, interval=1), \
-            differences(bf_cql, d)
+        _run_with_mutator(
+            d,
+            rng.randrange(1 << 30),
+            lambda: backfill_flow(
+                user_ids=d.users,
+                rebuild=True,
+                chunk_size=40,
+                rate_limit_rows_per_s=2000,
+                method=method,
+                snapshot_root=str(tmp_path),
+                keyspace=bf_keyspace,
+            ),
+        )
+        assert wait_for(lambda: differences(bf_cql, d) == [], timeout=240, interval=1), differences(
+            bf_cql, d
+        )
     finally:
         consumer.stop()
         thread.join(30)
         scylla.close(session)
-    assert bf_cql.execute("SELECT * FROM recent_conversations WHERE user_id = %s AND "
-                          "session_id = %s ALLOW FILTERING", (stale_user, stale_session)
-                          ).one() is None
+    assert (
+        bf_cql.execute(
+            "SELECT * FROM recent_conversations WHERE user_id = %s AND "
+            "session_id = %s ALLOW FILTERING",
+            (stale_user, stale_session),
+        ).one()
+        is None
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,25 +656,56 @@ def descendants_of(pid: int) -> list[int]:
 
 @pytest.mark.parametrize("method", ["cql", "sstable"])
 def test_killed_backfill_resumes_without_reloading_finished_chunks(
-        method: str, bf_keyspace: str, bf_cql: Session, pg_app: psycopg.Connection,
-        tmp_path: Path, rng: random.Random) -> None:
+    method: str,
+    bf_keyspace: str,
+    bf_cql: Session,
+    pg_app: psycopg.Connection,
+    tmp_path: Path,
+    rng: random.Random,
+) -> None:
     d = generate(pg_app, rng, users=40)
-    env = {**os.environ, "PREFECT_API_URL": os.environ.get(
-        "PREFECT_API_URL", "http://127.0.0.1:4200/api")}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api"),
+    }
     proc = subprocess.Popen(
         # Two loader processes: killing the flow's process must stop them too (no checkpoint
         # may land after the kill, or the resume would skip a chunk nobody saw finish).
-        [sys.executable, "-m", "flows.backfill", "--user-ids", *d.users, "--chunk-size", "40",
-         "--workers", "2", "--rate-limit-rows-per-s", "800", "--snapshot-root", str(tmp_path),
-         "--keyspace", bf_keyspace, "--method", method], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "flows.backfill",
+            "--user-ids",
+            *d.users,
+            "--chunk-size",
+            "40",
+            "--workers",
+            "2",
+            "--rate-limit-rows-per-s",
+            "800",
+            "--snapshot-root",
+            str(tmp_path),
+            "--keyspace",
+            bf_keyspace,
+            "--method",
+            method,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        assert wait_for(lambda: any(tmp_path.glob("*/manifest.json")), timeout=120), \
+        assert wait_for(lambda: any(tmp_path.glob("*/manifest.json")), timeout=120), (
             "the snapshot never completed"
+        )
         manifest = Manifest.read(next(tmp_path.glob("*/manifest.json")).parent)
         checkpoints = Checkpoints(bf_cql, bf_keyspace)
-        assert wait_for(lambda: len(checkpoints.loaded(manifest.snapshot_id, READ_MODELS)) >= 8,
-                        timeout=120, interval=0.05)
+        assert wait_for(
+            lambda: len(checkpoints.loaded(manifest.snapshot_id, READ_MODELS)) >= 8,
+            timeout=120,
+            interval=0.05,
+        )
         # The loader workers (and the rate limit's manager) are the flow process's children;
         # with the sstable method each worker has its JVM.
         children = descendants_of(proc.pid)
@@ -509,17 +714,24 @@ def test_killed_backfill_resumes_without_reloading_finished_chunks(
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     # PR_SET_PDEATHSIG: they die with it, mid-chunk, instead of finishing their queue.
-    assert wait_for(lambda: not any(alive(pid) for pid in children), timeout=5, interval=0.1), \
-        [pid for pid in children if alive(pid)]
+    assert wait_for(lambda: not any(alive(pid) for pid in children), timeout=5, interval=0.1), [
+        pid for pid in children if alive(pid)
+    ]
     time.sleep(1)  # a checkpoint already sent by the dead process may still land
     before = checkpoints.loaded(manifest.snapshot_id, READ_MODELS)
     time.sleep(2)
-    assert checkpoints.loaded(manifest.snapshot_id, READ_MODELS) == before, \
+    assert checkpoints.loaded(manifest.snapshot_id, READ_MODELS) == before, (
         "a loader worker outlived the killed flow and kept loading"
+    )
     assert 8 <= len(before) < len(manifest.chunks), "killed too late to test anything"
 
-    result = backfill_flow(user_ids=d.users, resume=True, snapshot_root=str(tmp_path),
-                           keyspace=bf_keyspace, method=method)
+    result = backfill_flow(
+        user_ids=d.users,
+        resume=True,
+        snapshot_root=str(tmp_path),
+        keyspace=bf_keyspace,
+        method=method,
+    )
 
     assert result["snapshot_id"] == manifest.snapshot_id  # found the interrupted snapshot
     assert set(result["chunks_skipped"]) == set(before)
@@ -533,8 +745,12 @@ def test_killed_backfill_resumes_without_reloading_finished_chunks(
 
 
 def test_sstable_writer_killed_mid_load_is_retried_and_resumed(
-        bf_keyspace: str, bf_cql: Session, pg_app: psycopg.Connection, tmp_path: Path,
-        rng: random.Random) -> None:
+    bf_keyspace: str,
+    bf_cql: Session,
+    pg_app: psycopg.Connection,
+    tmp_path: Path,
+    rng: random.Random,
+) -> None:
     """The JVM that writes and streams SSTables dies (OOM killer, a kill -9): the load task
     fails with a transient error, Prefect retries it, the retry resumes from the chunks
     already checkpointed, and the read models end exact."""
@@ -559,46 +775,65 @@ def test_sstable_writer_killed_mid_load_is_retried_and_resumed(
         if not wait_for(lambda: bool(manifests()), timeout=120):
             return
         snapshot_id = Manifest.read(manifests()[0].parent).snapshot_id
-        if wait_for(lambda: len(checkpoints.loaded(snapshot_id, READ_MODELS)) >= 4,
-                    timeout=120, interval=0.05):
+        if wait_for(
+            lambda: len(checkpoints.loaded(snapshot_id, READ_MODELS)) >= 4,
+            timeout=120,
+            interval=0.05,
+        ):
             for pid in writer_jvms():
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
 
     killer = threading.Thread(target=kill_after_some_chunks, daemon=True)
     killer.start()
-    result = backfill_flow(user_ids=d.users, chunk_size=40, rate_limit_rows_per_s=1500,
-                           method="sstable", snapshot_root=str(tmp_path), keyspace=bf_keyspace)
+    result = backfill_flow(
+        user_ids=d.users,
+        chunk_size=40,
+        rate_limit_rows_per_s=1500,
+        method="sstable",
+        snapshot_root=str(tmp_path),
+        keyspace=bf_keyspace,
+    )
     killer.join(5)
     assert killed, "the SSTable writer was never seen to kill"
     manifest = Manifest.read(result["snapshot_dir"])
     # The retry skipped what the first attempt had checkpointed, and loaded the rest.
     assert result["chunks_skipped"] and result["chunks_loaded"]
-    assert set(result["chunks_skipped"]) | set(result["chunks_loaded"]) == \
-        {c.id for c in manifest.chunks}
+    assert set(result["chunks_skipped"]) | set(result["chunks_loaded"]) == {
+        c.id for c in manifest.chunks
+    }
     assert differences(bf_cql, d) == []
     assert not writer_jvms()  # the retry's JVM ended with its load
 
 
-def test_rate_limit_holds(bf_keyspace: str, pg_app: psycopg.Connection, tmp_path: Path,
-                          rng: random.Random) -> None:
+def test_rate_limit_holds(
+    bf_keyspace: str, pg_app: psycopg.Connection, tmp_path: Path, rng: random.Random
+) -> None:
     # Well under what this loader sustains on the 2-core test machine (~3,000 rows/s while
     # the rest of the stack runs), so that the limiter, not the machine, sets the pace: at
     # 1,000 rows/s a busy CI machine once measured 883 rows/s (start-up costs weigh on 5 s).
     limit = 500.0
     d = generate(pg_app, rng, users=20, sessions_per_user=(5, 5), turns=(50, 50), steps=(0, 0))
-    result = backfill_flow(user_ids=d.users, read_models=["conversation_timeline"],
-                           chunk_size=1000, rate_limit_rows_per_s=limit,
-                           snapshot_root=str(tmp_path), keyspace=bf_keyspace)
+    result = backfill_flow(
+        user_ids=d.users,
+        read_models=["conversation_timeline"],
+        chunk_size=1000,
+        rate_limit_rows_per_s=limit,
+        snapshot_root=str(tmp_path),
+        keyspace=bf_keyspace,
+    )
     assert result["rows_written"] == 5_000  # ~10 s at the limit
     rate = result["rows_written"] / result["load_seconds"]
-    print(f"rate limit {limit:.0f} rows/s: measured {rate:.0f} rows/s "
-          f"({100 * (rate / limit - 1):+.1f} %) over {result['load_seconds']:.2f} s")
+    print(
+        f"rate limit {limit:.0f} rows/s: measured {rate:.0f} rows/s "
+        f"({100 * (rate / limit - 1):+.1f} %) over {result['load_seconds']:.2f} s"
+    )
     assert abs(rate / limit - 1) <= 0.10
 
 
 def test_bad_parameters_fail_before_anything_is_read(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     def touched(*_: object, **__: object) -> None:
         raise AssertionError("a service was used before the parameters were validated")
 
@@ -619,28 +854,35 @@ def test_bad_parameters_fail_before_anything_is_read(
 
 
 def test_sstable_method_without_its_jars_fails_before_the_snapshot(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(get_settings().sstable, "classpath", str(tmp_path / "nothing") + "/*")
     with pytest.raises(ConfigurationError, match=r"no cassandra-all-\*\.jar .*CQRS_SSTABLE"):
-        backfill_flow(user_ids=[str(uuid.uuid4())], method="sstable",
-                      snapshot_root=str(tmp_path / "snapshots"))
+        backfill_flow(
+            user_ids=[str(uuid.uuid4())],
+            method="sstable",
+            snapshot_root=str(tmp_path / "snapshots"),
+        )
     assert not (tmp_path / "snapshots").exists()
 
 
-def test_gap_rule_refuses_without_the_cdc_slot(monkeypatch: pytest.MonkeyPatch,
-                                               tmp_path: Path) -> None:
+def test_gap_rule_refuses_without_the_cdc_slot(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(get_settings().postgres, "slot_name", f"missing_{uuid.uuid4().hex}")
     with pytest.raises(ConfigurationError, match=r"does not exist.*gap"):
         backfill_flow(user_ids=[str(uuid.uuid4())], snapshot_root=str(tmp_path))
     assert list(tmp_path.iterdir()) == []
     # Told there is no CDC, it goes ahead (here: a dry run of nobody's rows).
-    result = backfill_flow(user_ids=[str(uuid.uuid4())], no_cdc=True, dry_run=True,
-                           snapshot_root=str(tmp_path))
+    result = backfill_flow(
+        user_ids=[str(uuid.uuid4())], no_cdc=True, dry_run=True, snapshot_root=str(tmp_path)
+    )
     assert all(v["rows"] == 0 for v in result["tables"].values())
 
 
-def test_manifest_is_self_describing(pg_app: psycopg.Connection, tmp_path: Path,
-                                     rng: random.Random, bf_keyspace: str) -> None:
+def test_manifest_is_self_describing(
+    pg_app: psycopg.Connection, tmp_path: Path, rng: random.Random, bf_keyspace: str
+) -> None:
     d = generate(pg_app, rng, users=3)
     result = backfill_flow(user_ids=d.users, snapshot_root=str(tmp_path), keyspace=bf_keyspace)
     raw = json.loads((Path(result["snapshot_dir"]) / "manifest.json").read_text())

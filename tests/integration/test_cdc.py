@@ -29,8 +29,13 @@ from tests.integration.readmodels import agree, differences, wait_for
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def assert_converged(cql: Any, session_ids: list[uuid.UUID], user_ids: list[uuid.UUID],
-                     timeout: float = 60, agent_turns: tuple[uuid.UUID, ...] = ()) -> None:
+def assert_converged(
+    cql: Any,
+    session_ids: list[uuid.UUID],
+    user_ids: list[uuid.UUID],
+    timeout: float = 60,
+    agent_turns: tuple[uuid.UUID, ...] = (),
+) -> None:
     """The read models of these sessions and users (and of these agent turns' steps) equal
     the SQL oracle, within timeout."""
     if wait_for(lambda: agree(cql, user_ids, session_ids, agent_turns), timeout):
@@ -47,25 +52,35 @@ def test_every_table_insert_update_delete_reaches_read_models(cdc_consumer, pg_a
     # unchanged reaches Debezium as the unavailable-value placeholder.
     big = secrets.token_hex(10_000)
     with pg_app.transaction():
-        pg_app.execute("INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, 'one'), "
-                       "(%s, %s, 'two')", (s1, user, s2, user))
-    pg_app.execute("INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, 'hi')",
-                   (h1, s1))
-    pg_app.execute("INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, 'bye')",
-                   (h2, s1))
-    pg_app.execute("INSERT INTO agent_turns (id, session_id, content, model) "
-                   "VALUES (%s, %s, %s, 'm1')", (a1, s1, big))
-    pg_app.execute("INSERT INTO steps (id, agent_turn_id, session_id, kind, payload) VALUES "
-                   "(%s, %s, %s, 'tool_call', '{\"b\": 2, \"a\": [1, 2]}'), "
-                   "(%s, %s, %s, 'answer', '{}')", (st1, a1, s1, st2, a1, s1))
+        pg_app.execute(
+            "INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, 'one'), (%s, %s, 'two')",
+            (s1, user, s2, user),
+        )
+    pg_app.execute(
+        "INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, 'hi')", (h1, s1)
+    )
+    pg_app.execute(
+        "INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, 'bye')", (h2, s1)
+    )
+    pg_app.execute(
+        "INSERT INTO agent_turns (id, session_id, content, model) VALUES (%s, %s, %s, 'm1')",
+        (a1, s1, big),
+    )
+    pg_app.execute(
+        "INSERT INTO steps (id, agent_turn_id, session_id, kind, payload) VALUES "
+        "(%s, %s, %s, 'tool_call', '{\"b\": 2, \"a\": [1, 2]}'), "
+        "(%s, %s, %s, 'answer', '{}')",
+        (st1, a1, s1, st2, a1, s1),
+    )
     pg_app.commit()
     # Updates, including an unchanged TOASTed column (Debezium may send the placeholder)...
     pg_app.execute("UPDATE agent_turns SET model = 'm2' WHERE id = %s", (a1,))
     pg_app.execute("UPDATE sessions SET title = 'renamed' WHERE id = %s", (s1,))
     pg_app.execute("UPDATE steps SET payload = '{\"done\": true}' WHERE id = %s", (st1,))
     # ...key changes (the read-model row moves: delete + create)...
-    pg_app.execute("UPDATE human_turns SET created_at = created_at - interval '1 hour' "
-                   "WHERE id = %s", (h2,))
+    pg_app.execute(
+        "UPDATE human_turns SET created_at = created_at - interval '1 hour' WHERE id = %s", (h2,)
+    )
     pg_app.execute("UPDATE sessions SET user_id = %s WHERE id = %s", (other_user, s2))
     pg_app.commit()
     # ...and deletes, direct and cascaded.
@@ -74,25 +89,32 @@ def test_every_table_insert_update_delete_reaches_read_models(cdc_consumer, pg_a
     pg_app.commit()
     assert_converged(cql, [s1, s2], [user, other_user], agent_turns=(a1,))
 
-    timeline = {r.turn_id: r for r in cql.execute(
-        "SELECT * FROM conversation_timeline WHERE session_id = %s", (s1,))}
+    timeline = {
+        r.turn_id: r
+        for r in cql.execute("SELECT * FROM conversation_timeline WHERE session_id = %s", (s1,))
+    }
     assert set(timeline) == {h2, a1}
     assert timeline[a1].content == big and timeline[a1].model == "m2"
     header = cql.execute("SELECT * FROM sessions_by_id WHERE session_id = %s", (s1,)).one()
     assert (header.title, header.turn_count) == ("renamed", 2)
-    assert not list(cql.execute("SELECT * FROM recent_conversations WHERE user_id = %s "
-                                "AND created_at > '2000-01-01' AND session_id = %s ALLOW FILTERING",
-                                (user, s2)))
-    steps = {r.step_id: r for r in cql.execute(
-        "SELECT * FROM steps_by_turn WHERE agent_turn_id = %s", (a1,))}
+    assert not list(
+        cql.execute(
+            "SELECT * FROM recent_conversations WHERE user_id = %s "
+            "AND created_at > '2000-01-01' AND session_id = %s ALLOW FILTERING",
+            (user, s2),
+        )
+    )
+    steps = {
+        r.step_id: r
+        for r in cql.execute("SELECT * FROM steps_by_turn WHERE agent_turn_id = %s", (a1,))
+    }
     assert set(steps) == {st1} and json.loads(steps[st1].payload) == {"done": True}
 
     pg_app.execute("DELETE FROM sessions WHERE id = %s", (s1,))
     pg_app.commit()
     assert_converged(cql, [s1, s2], [user, other_user], agent_turns=(a1,))
     assert cql.execute("SELECT * FROM sessions_by_id WHERE session_id = %s", (s1,)).one() is None
-    assert not list(cql.execute("SELECT * FROM conversation_timeline WHERE session_id = %s",
-                                (s1,)))
+    assert not list(cql.execute("SELECT * FROM conversation_timeline WHERE session_id = %s", (s1,)))
     assert not list(cql.execute("SELECT * FROM steps_by_turn WHERE agent_turn_id = %s", (a1,)))
 
 
@@ -103,8 +125,12 @@ def _real_event() -> tuple[bytes, bytes]:
     """One genuine Debezium message from the sessions topic, to replay into a test topic."""
     topic = get_settings().kafka.topic("sessions")
     c = Consumer(kafka.consumer_config(**{"group.id": f"t-{uuid.uuid4()}"}))
-    c.assign([TopicPartition(topic, p, 0) for p in
-              c.list_topics(topic, timeout=10).topics[topic].partitions])
+    c.assign(
+        [
+            TopicPartition(topic, p, 0)
+            for p in c.list_topics(topic, timeout=10).topics[topic].partitions
+        ]
+    )
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -148,8 +174,9 @@ def test_poison_messages_go_to_dead_letter_topic_and_consumption_goes_on(cql) ->
     p.produce(topic, key=key, value=json.dumps(real).encode())
     assert p.flush(30) == 0
 
-    ks = settings.kafka.model_copy(update={"consumer_group": f"t-{suffix}",
-                                           "dead_letter_topic": dlq})
+    ks = settings.kafka.model_copy(
+        update={"consumer_group": f"t-{suffix}", "dead_letter_topic": dlq}
+    )
     session = scylla.connect(keyspace=settings.scylla.keyspace)
     consumer = CdcConsumer(scylla.ScyllaWriter(session), CdcOptions(max_messages=5), ks)
     result = consumer.run(topics=[topic])
@@ -158,8 +185,10 @@ def test_poison_messages_go_to_dead_letter_topic_and_consumption_goes_on(cql) ->
 
     # The valid event after the poison was applied.
     row_id = uuid.UUID(real["after"]["id"])
-    assert cql.execute("SELECT title FROM sessions_by_id WHERE session_id = %s",
-                       (row_id,)).one() is not None
+    assert (
+        cql.execute("SELECT title FROM sessions_by_id WHERE session_id = %s", (row_id,)).one()
+        is not None
+    )
     # Every poison message is in the DLQ, byte for byte, with the error and its origin.
     c = Consumer(kafka.consumer_config(**{"group.id": f"t-{uuid.uuid4()}"}))
     c.assign([TopicPartition(dlq, 0, 0)])
@@ -202,8 +231,10 @@ def group_lag(group: str) -> int:
     lag = 0
     try:
         for topic in kafka.change_topics():
-            parts = [TopicPartition(topic, p) for p in
-                     c.list_topics(topic, timeout=10).topics[topic].partitions]
+            parts = [
+                TopicPartition(topic, p)
+                for p in c.list_topics(topic, timeout=10).topics[topic].partitions
+            ]
             for tp in c.committed(parts, timeout=10):
                 _low, high = c.get_watermark_offsets(tp, timeout=10)
                 lag += high - max(tp.offset, 0)
@@ -215,9 +246,22 @@ def group_lag(group: str) -> int:
 def spawn_cdc(group: str, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "INFO"}
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cdc", "--consumer-group", group, "--batch-size", "500",
-         "--report-interval-s", "2"],
-        cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "flows.cdc",
+            "--consumer-group",
+            group,
+            "--batch-size",
+            "500",
+            "--report-interval-s",
+            "2",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def write_changes(n_changes: int, users: list[uuid.UUID]) -> list[uuid.UUID]:
@@ -237,8 +281,10 @@ def write_changes(n_changes: int, users: list[uuid.UUID]) -> list[uuid.UUID]:
                     r = rnd.random()
                     if r < 0.15 or not sessions:
                         sid = uuid.uuid4()
-                        conn.execute("INSERT INTO sessions (id, user_id, title) VALUES "
-                                     "(%s, %s, %s)", (sid, rnd.choice(users), f"s{done}"))
+                        conn.execute(
+                            "INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, %s)",
+                            (sid, rnd.choice(users), f"s{done}"),
+                        )
                         sessions.append(sid)
                         every_session.append(sid)
                         turns[sid] = []
@@ -247,23 +293,32 @@ def write_changes(n_changes: int, users: list[uuid.UUID]) -> list[uuid.UUID]:
                         sid = rnd.choice(sessions)
                         tid = uuid.uuid4()
                         table = rnd.choice(["human_turns", "agent_turns"])
-                        conn.execute(f"INSERT INTO {table} (id, session_id, content) "
-                                     f"VALUES (%s, %s, %s)", (tid, sid, f"turn {done}"))
+                        conn.execute(
+                            f"INSERT INTO {table} (id, session_id, content) VALUES (%s, %s, %s)",
+                            (tid, sid, f"turn {done}"),
+                        )
                         if table == "agent_turns":
                             turns[sid].append(tid)
                         done += 2  # the turn and the session header it updates
                     elif r < 0.75:
                         sid = rnd.choice(sessions)
                         if turns[sid]:
-                            conn.execute("INSERT INTO steps (id, agent_turn_id, session_id, "
-                                         "kind, payload) VALUES (%s, %s, %s, 'tool', %s)",
-                                         (uuid.uuid4(), rnd.choice(turns[sid]), sid,
-                                          json.dumps({"n": done})))
+                            conn.execute(
+                                "INSERT INTO steps (id, agent_turn_id, session_id, "
+                                "kind, payload) VALUES (%s, %s, %s, 'tool', %s)",
+                                (
+                                    uuid.uuid4(),
+                                    rnd.choice(turns[sid]),
+                                    sid,
+                                    json.dumps({"n": done}),
+                                ),
+                            )
                             done += 1
                     elif r < 0.95:
                         sid = rnd.choice(sessions)
-                        conn.execute("UPDATE sessions SET title = %s WHERE id = %s",
-                                     (f"t{done}", sid))
+                        conn.execute(
+                            "UPDATE sessions SET title = %s WHERE id = %s", (f"t{done}", sid)
+                        )
                         done += 1
                     else:
                         sid = sessions.pop(rnd.randrange(len(sessions)))
@@ -272,33 +327,51 @@ def write_changes(n_changes: int, users: list[uuid.UUID]) -> list[uuid.UUID]:
     return every_session
 
 
-def independent_mismatches(pg: psycopg.Connection, cql: Any,
-                           session_ids: list[uuid.UUID]) -> list[str]:
+def independent_mismatches(
+    pg: psycopg.Connection, cql: Any, session_ids: list[uuid.UUID]
+) -> list[str]:
     """Compare Postgres and Cassandra with plain queries, without the projection module."""
     problems = []
     for sid in session_ids:
-        srow = pg.execute("SELECT user_id, title, turn_count FROM sessions WHERE id = %s",
-                          (sid,)).fetchone()
-        header = cql.execute("SELECT user_id, title, turn_count FROM sessions_by_id "
-                             "WHERE session_id = %s", (sid,)).one()
+        srow = pg.execute(
+            "SELECT user_id, title, turn_count FROM sessions WHERE id = %s", (sid,)
+        ).fetchone()
+        header = cql.execute(
+            "SELECT user_id, title, turn_count FROM sessions_by_id WHERE session_id = %s", (sid,)
+        ).one()
         if srow is None:
             if header is not None:
                 problems.append(f"session {sid} deleted in Postgres but in sessions_by_id")
         elif header is None or tuple(header) != tuple(srow):
             problems.append(f"session {sid}: Postgres {srow} vs sessions_by_id {header}")
-        pg_turns = set(pg.execute(
-            "SELECT id, content FROM human_turns WHERE session_id = %(s)s UNION ALL "
-            "SELECT id, content FROM agent_turns WHERE session_id = %(s)s", {"s": sid}))
-        cql_turns = {(r.turn_id, r.content) for r in cql.execute(
-            "SELECT turn_id, content FROM conversation_timeline WHERE session_id = %s", (sid,))}
+        pg_turns = set(
+            pg.execute(
+                "SELECT id, content FROM human_turns WHERE session_id = %(s)s UNION ALL "
+                "SELECT id, content FROM agent_turns WHERE session_id = %(s)s",
+                {"s": sid},
+            )
+        )
+        cql_turns = {
+            (r.turn_id, r.content)
+            for r in cql.execute(
+                "SELECT turn_id, content FROM conversation_timeline WHERE session_id = %s", (sid,)
+            )
+        }
         if pg_turns != cql_turns:
-            problems.append(f"session {sid}: {len(pg_turns)} turns in Postgres, "
-                            f"{len(cql_turns)} in the timeline")
+            problems.append(
+                f"session {sid}: {len(pg_turns)} turns in Postgres, "
+                f"{len(cql_turns)} in the timeline"
+            )
         for (tid,) in pg.execute("SELECT id FROM agent_turns WHERE session_id = %s", (sid,)):
-            pg_steps = {r[0] for r in pg.execute(
-                "SELECT id FROM steps WHERE agent_turn_id = %s", (tid,))}
-            cql_steps = {r.step_id for r in cql.execute(
-                "SELECT step_id FROM steps_by_turn WHERE agent_turn_id = %s", (tid,))}
+            pg_steps = {
+                r[0] for r in pg.execute("SELECT id FROM steps WHERE agent_turn_id = %s", (tid,))
+            }
+            cql_steps = {
+                r.step_id
+                for r in cql.execute(
+                    "SELECT step_id FROM steps_by_turn WHERE agent_turn_id = %s", (tid,)
+                )
+            }
             if pg_steps != cql_steps:
                 problems.append(f"turn {tid}: steps differ")
     pg.commit()
@@ -316,16 +389,18 @@ def test_sigkill_mid_stream_then_restart_converges(pg_app, cql, tmp_path) -> Non
     writer.start()
     try:
         # Kill -9 once the consumer has committed some, but not all, of the stream.
-        assert wait_for(lambda: group_lag(group) > 0 and _committed_any(group), 120, 0.5), \
+        assert wait_for(lambda: group_lag(group) > 0 and _committed_any(group), 120, 0.5), (
             f"consumer made no progress; log:\n{log.read_text()[-3000:]}"
+        )
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
         lag_at_kill = group_lag(group)
         proc = spawn_cdc(group, log)
         writer.join(300)
         assert not writer.is_alive()
-        assert wait_for(lambda: group_lag(group) == 0, 240, 1), \
+        assert wait_for(lambda: group_lag(group) == 0, 240, 1), (
             f"consumer did not catch up; log:\n{log.read_text()[-3000:]}"
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -342,13 +417,16 @@ def _committed_any(group: str) -> bool:
     try:
         base = {}
         for topic in kafka.change_topics():
-            parts = [TopicPartition(topic, p) for p in
-                     c.list_topics(topic, timeout=10).topics[topic].partitions]
+            parts = [
+                TopicPartition(topic, p)
+                for p in c.list_topics(topic, timeout=10).topics[topic].partitions
+            ]
             for tp in c.committed(parts, timeout=10):
                 base[(tp.topic, tp.partition)] = tp.offset
         start = _START.setdefault(group, base)
-        return any(base[k] > start[k] for k in base) and sum(
-            base[k] - start[k] for k in base) >= 2000
+        return (
+            any(base[k] > start[k] for k in base) and sum(base[k] - start[k] for k in base) >= 2000
+        )
     finally:
         c.close()
 
@@ -404,8 +482,9 @@ def test_two_consumers_in_one_group_share_partitions_and_converge(pg_app, cql, m
     try:
         # Both members hold partitions before the changes arrive: one member alone drains
         # 3,000 changes in well under a second, before a late joiner's rebalance finishes.
-        assert wait_for(lambda: all(assigned), 90, 0.5), \
+        assert wait_for(lambda: all(assigned), 90, 0.5), (
             f"a member never got a partition: {assigned}"
+        )
         written = write_changes(3000, users)
         assert wait_for(lambda: group_lag(group) == 0, 120, 0.5)
     finally:
@@ -484,8 +563,10 @@ def _committed_total(group: str) -> int:
     try:
         total = 0
         for topic in kafka.change_topics():
-            parts = [TopicPartition(topic, p) for p in
-                     c.list_topics(topic, timeout=10).topics[topic].partitions]
+            parts = [
+                TopicPartition(topic, p)
+                for p in c.list_topics(topic, timeout=10).topics[topic].partitions
+            ]
             total += sum(max(tp.offset, 0) for tp in c.committed(parts, timeout=10))
         return total
     finally:
@@ -510,10 +591,13 @@ def test_rebalances_with_changes_in_flight_converge(pg_app, cql) -> None:
     errors: list[BaseException] = []
     sessions: list[Any] = []
 
-    def member(writer: scylla.ScyllaWriter, overrides: dict[str, Any] | None = None
-               ) -> CdcConsumer:
-        return CdcConsumer(writer, CdcOptions(batch_size=200, report_interval_s=1), ks,
-                           consumer_overrides=overrides)
+    def member(writer: scylla.ScyllaWriter, overrides: dict[str, Any] | None = None) -> CdcConsumer:
+        return CdcConsumer(
+            writer,
+            CdcOptions(batch_size=200, report_interval_s=1),
+            ks,
+            consumer_overrides=overrides,
+        )
 
     def start(name: str, consumer: CdcConsumer) -> threading.Thread:
         def run() -> None:
@@ -573,28 +657,32 @@ def test_rebalances_with_changes_in_flight_converge(pg_app, cql) -> None:
         assert wait_for(lambda: refusing.refused > 0, 60, 0.1), "A committed nothing more"
         b = member(b_writer, {"session.timeout.ms": 6000, "max.poll.interval.ms": 7000})
         b_thread = start("member-b", b)
-        assert wait_for(lambda: bool(lines.of("member-a", "partitions revoked")), 90, 0.2), \
+        assert wait_for(lambda: bool(lines.of("member-a", "partitions revoked")), 90, 0.2), (
             lines.lines[-20:]
+        )
         assert wait_for(lambda: b_writer.batches > 0, 90, 0.2), "B never applied a batch"
 
         # B's next batch outlasts max.poll.interval.ms: the group takes its partitions while
         # the batch is written, the commit after it is refused, and B's partitions are lost.
         b_writer.armed.set()
         assert wait_for(b_writer.stalled.is_set, 60, 0.2), "B got no batch to stall"
-        assert wait_for(lambda: bool(lines.of("member-b", "partitions lost")), 90, 0.5), \
+        assert wait_for(lambda: bool(lines.of("member-b", "partitions lost")), 90, 0.5), (
             lines.lines[-20:]
+        )
         # B rejoins, takes partitions again and works, then leaves mid-stream.
         b_batches = b_writer.batches
-        assert wait_for(lambda: b_writer.batches > b_batches, 90, 0.2), \
+        assert wait_for(lambda: b_writer.batches > b_batches, 90, 0.2), (
             f"B did not work again after it rejoined: {lines.lines[-20:]}"
+        )
         b.stop()
         b_thread.join(60)
         assert not b_thread.is_alive()
         assert _committed_total(group) > base  # all of this happened with changes in flight
         stop_writing.set()
         writer.join(120)
-        assert wait_for(lambda: group_lag(group) == 0, 180, 1), \
+        assert wait_for(lambda: group_lag(group) == 0, 180, 1), (
             f"the group did not catch up: {lines.lines[-20:]}"
+        )
     finally:
         stop_writing.set()
         writer.join(120)
@@ -616,8 +704,9 @@ def test_rebalances_with_changes_in_flight_converge(pg_app, cql) -> None:
     assert any(pending_at_revoke), f"no revoke of A found pending offsets: {pending_at_revoke}"
     assert not [m for _, m in lines.lines if "could not commit revoked partitions" in m]
     assert lines.of("member-b", "partitions lost")
-    assert lines.of("member-b", "commit deferred by a rebalance"), \
-        [m for _, m in lines.lines if "commit" in m]
+    assert lines.of("member-b", "commit deferred by a rebalance"), [
+        m for _, m in lines.lines if "commit" in m
+    ]
     assert lines.of("member-b", "partitions revoked")
     assert not [m for _, m in lines.lines if "commit kept failing" in m]
     assert written and independent_mismatches(pg_app, cql, written) == []

@@ -40,12 +40,21 @@ def human_turn_event(turn: uuid.UUID, session: uuid.UUID, content: str) -> bytes
     """A Debezium insert event of a human turn; ``ensure_ascii`` escapes a lone surrogate as
     JSON's \\ud800, which decodes to a Python str the driver cannot encode."""
     now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-    return json.dumps({
-        "before": None,
-        "after": {"id": str(turn), "session_id": str(session), "content": content,
-                  "created_at": now, "updated_at": now},
-        "source": {"table": "human_turns", "ts_us": int(time.time() * 1e6), "lsn": 1},
-        "op": "c"}, ensure_ascii=True).encode()
+    return json.dumps(
+        {
+            "before": None,
+            "after": {
+                "id": str(turn),
+                "session_id": str(session),
+                "content": content,
+                "created_at": now,
+                "updated_at": now,
+            },
+            "source": {"table": "human_turns", "ts_us": int(time.time() * 1e6), "lsn": 1},
+            "op": "c",
+        },
+        ensure_ascii=True,
+    ).encode()
 
 
 def new_topic(prefix: str) -> str:
@@ -65,11 +74,13 @@ def produce(topic: str, values: list[bytes]) -> None:
 
 def group_settings(**update: Any) -> KafkaSettings:
     return get_settings().kafka.model_copy(
-        update={"consumer_group": f"t-{uuid.uuid4().hex[:8]}", **update})
+        update={"consumer_group": f"t-{uuid.uuid4().hex[:8]}", **update}
+    )
 
 
-def dlq_messages(since: list[TopicPartition], match: Callable[[Message], bool],
-                 count: int, timeout_s: float = 30) -> list[Message]:
+def dlq_messages(
+    since: list[TopicPartition], match: Callable[[Message], bool], count: int, timeout_s: float = 30
+) -> list[Message]:
     c = Consumer(kafka.consumer_config(**{"group.id": f"t-{uuid.uuid4()}"}))
     c.assign(since)
     got: list[Message] = []
@@ -97,20 +108,29 @@ def dlq_end() -> list[TopicPartition]:
 
 
 def timeline_contents(cql: Any, session: uuid.UUID) -> dict[uuid.UUID, str]:
-    return {r.turn_id: r.content for r in cql.execute(
-        "SELECT turn_id, content FROM conversation_timeline WHERE session_id = %s", (session,))}
+    return {
+        r.turn_id: r.content
+        for r in cql.execute(
+            "SELECT turn_id, content FROM conversation_timeline WHERE session_id = %s", (session,)
+        )
+    }
 
 
 def test_a_change_that_decodes_but_cannot_be_written_is_dead_lettered(cql: Any, dlq_end) -> None:
     topic, session = new_topic("poison"), uuid.uuid4()
     turns = [uuid.uuid4() for _ in range(3)]
     poison = human_turn_event(turns[1], session, "lone \ud800 surrogate")
-    produce(topic, [human_turn_event(turns[0], session, "before"), poison,
-                    human_turn_event(turns[2], session, "after")])
+    produce(
+        topic,
+        [
+            human_turn_event(turns[0], session, "before"),
+            poison,
+            human_turn_event(turns[2], session, "after"),
+        ],
+    )
     s = scylla.connect(keyspace=get_settings().scylla.keyspace)
     try:
-        consumer = CdcConsumer(scylla.ScyllaWriter(s), CdcOptions(max_messages=3),
-                               group_settings())
+        consumer = CdcConsumer(scylla.ScyllaWriter(s), CdcOptions(max_messages=3), group_settings())
         result = consumer.run(topics=[topic])
     finally:
         scylla.close(s)
@@ -129,12 +149,15 @@ def test_a_systemic_write_error_stops_the_run_and_names_the_cause() -> None:
     produce(topic, [human_turn_event(uuid.uuid4(), uuid.uuid4(), "x")])
     ks = f"empty_{uuid.uuid4().hex[:10]}"
     s = scylla.connect()
-    s.execute(f"CREATE KEYSPACE {ks} WITH replication = "
-              "{'class': 'SimpleStrategy', 'replication_factor': 1}")
+    s.execute(
+        f"CREATE KEYSPACE {ks} WITH replication = "
+        "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+    )
     settings = group_settings()
     errors: list[BaseException] = []
-    consumer = CdcConsumer(scylla.ScyllaWriter(s, keyspace=ks), CdcOptions(max_messages=1),
-                           settings)
+    consumer = CdcConsumer(
+        scylla.ScyllaWriter(s, keyspace=ks), CdcOptions(max_messages=1), settings
+    )
 
     def run() -> None:
         try:
@@ -184,36 +207,46 @@ def test_offsets_deleted_by_retention_stop_the_run_with_the_missing_range() -> N
     # A new group starts at the oldest change still there, without complaint.
     s = scylla.connect(keyspace=get_settings().scylla.keyspace)
     try:
-        result = CdcConsumer(scylla.ScyllaWriter(s), CdcOptions(max_messages=4),
-                             group_settings()).run(topics=[topic])
+        result = CdcConsumer(
+            scylla.ScyllaWriter(s), CdcOptions(max_messages=4), group_settings()
+        ).run(topics=[topic])
     finally:
         scylla.close(s)
     assert result.messages == 4 and result.committed == {f"{topic}[0]": 10}
 
 
 def test_truncate_is_refused_loudly_and_a_rebuild_repairs(
-        cdc_consumer: LocalCdc, cql: Any, dlq_end, caplog: pytest.LogCaptureFixture) -> None:
+    cdc_consumer: LocalCdc, cql: Any, dlq_end, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.ERROR, logger="cqrs_sync.cdc")
     with postgres.connect("admin") as admin:
         admin.autocommit = True
         user, session, turn = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
         tap = ChangeTap()
         admin.execute("INSERT INTO sessions (id, user_id) VALUES (%s, %s)", (session, user))
-        admin.execute("INSERT INTO agent_turns (id, session_id) VALUES (%s, %s)",
-                      (turn, session))
-        admin.execute("INSERT INTO steps (id, agent_turn_id, session_id, kind) "
-                      "VALUES (gen_random_uuid(), %s, %s, 'tool')", (turn, session))
+        admin.execute("INSERT INTO agent_turns (id, session_id) VALUES (%s, %s)", (turn, session))
+        admin.execute(
+            "INSERT INTO steps (id, agent_turn_id, session_id, kind) "
+            "VALUES (gen_random_uuid(), %s, %s, 'tool')",
+            (turn, session),
+        )
         inserts = tap.collect(lambda e: e.change is not None and e.change.table == "steps", 1)
         tap.close()
         assert inserts and wait_for(lambda: cdc_consumer.applied(inserts))
         admin.execute("TRUNCATE steps")
-    (dead,) = dlq_messages(dlq_end, lambda m: headers_of(m).get("dlq.error.class")
-                           == "TruncateNotApplied", 1, timeout_s=60)
+    (dead,) = dlq_messages(
+        dlq_end,
+        lambda m: headers_of(m).get("dlq.error.class") == "TruncateNotApplied",
+        1,
+        timeout_s=60,
+    )
     assert "public.steps" in headers_of(dead)["dlq.error"]
     assert any("TRUNCATE of public.steps" in r.getMessage() for r in caplog.records)
     # Refused, not applied: the read model still has the step...
-    assert cql.execute("SELECT count(*) FROM steps_by_turn WHERE agent_turn_id = %s",
-                       (turn,)).one()[0] == 1
+    assert (
+        cql.execute("SELECT count(*) FROM steps_by_turn WHERE agent_turn_id = %s", (turn,)).one()[0]
+        == 1
+    )
     # ...until the rebuild the error names.
     from flows.backfill import backfill_flow
 
@@ -222,7 +255,8 @@ def test_truncate_is_refused_loudly_and_a_rebuild_repairs(
 
 
 def test_an_agent_turn_at_the_size_cap_reaches_the_read_model(
-        cdc_consumer: LocalCdc, cql: Any, pg_app: psycopg.Connection) -> None:
+    cdc_consumer: LocalCdc, cql: Any, pg_app: psycopg.Connection
+) -> None:
     """1 MiB of control characters, which JSON escapes sixfold: its update event carries it
     twice (before and after), 12 MiB, under the 16 MiB caps of Kafka and the consumer."""
     pg_app.autocommit = True
@@ -230,19 +264,29 @@ def test_an_agent_turn_at_the_size_cap_reaches_the_read_model(
     first, second = "\x01" * (1 << 20), "\x02" * (1 << 20)
     tap = ChangeTap()
     pg_app.execute("INSERT INTO sessions (id, user_id) VALUES (%s, %s)", (session, uuid.uuid4()))
-    pg_app.execute("INSERT INTO agent_turns (id, session_id, content) VALUES (%s, %s, %s)",
-                   (turn, session, first))
+    pg_app.execute(
+        "INSERT INTO agent_turns (id, session_id, content) VALUES (%s, %s, %s)",
+        (turn, session, first),
+    )
     pg_app.execute("UPDATE agent_turns SET content = %s WHERE id = %s", (second, turn))
-    events = tap.collect(lambda e: e.change is not None and e.change.table == "agent_turns"
-                         and str((e.change.after or {}).get("id")) == str(turn), 2, 60)
+    events = tap.collect(
+        lambda e: (
+            e.change is not None
+            and e.change.table == "agent_turns"
+            and str((e.change.after or {}).get("id")) == str(turn)
+        ),
+        2,
+        60,
+    )
     tap.close()
     assert [e.event.change.op for e in events if e.event.change] == ["c", "u"]
     assert wait_for(lambda: cdc_consumer.applied(events), 120)
     assert timeline_contents(cql, session) == {turn: second}
     # One byte over the cap is refused by Postgres, naming the constraint.
     with pytest.raises(psycopg.errors.CheckViolation, match="agent_turns_content_size"):
-        pg_app.execute("UPDATE agent_turns SET content = %s WHERE id = %s",
-                       ("\x03" * ((1 << 20) + 1), turn))
+        pg_app.execute(
+            "UPDATE agent_turns SET content = %s WHERE id = %s", ("\x03" * ((1 << 20) + 1), turn)
+        )
 
 
 # ------------------------------------------------------------------------ outages
@@ -275,14 +319,16 @@ def _session(pg: psycopg.Connection) -> uuid.UUID:
 
 def _turn(pg: psycopg.Connection, session: uuid.UUID, content: str) -> uuid.UUID:
     turn = uuid.uuid4()
-    pg.execute("INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, %s)",
-               (turn, session, content))
+    pg.execute(
+        "INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, %s)",
+        (turn, session, content),
+    )
     return turn
 
 
 def test_a_hung_scylla_is_reported_while_waiting_and_nothing_is_lost(
-        reporting_consumer, pg_app: psycopg.Connection, cql: Any,
-        caplog: pytest.LogCaptureFixture) -> None:
+    reporting_consumer, pg_app: psycopg.Connection, cql: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     _consumer, reports = reporting_consumer
     caplog.set_level(logging.WARNING, logger="cqrs_sync.cdc")
     session = _session(pg_app)
@@ -291,9 +337,9 @@ def test_a_hung_scylla_is_reported_while_waiting_and_nothing_is_lost(
     os.kill(pid, signal.SIGSTOP)  # a hung node: requests time out instead of being refused
     try:
         during = _turn(pg_app, session, "written while Scylla hangs")
-        assert wait_for(lambda: sum(1 for r in reports if r.waiting_for
-                                and "Scylla" in r.waiting_for) >= 2, 90), \
-            [r.waiting_for for r in reports[-5:]]
+        assert wait_for(
+            lambda: sum(1 for r in reports if r.waiting_for and "Scylla" in r.waiting_for) >= 2, 90
+        ), [r.waiting_for for r in reports[-5:]]
     finally:
         os.kill(pid, signal.SIGCONT)
     assert any("waiting for Scylla since" in r.getMessage() for r in caplog.records)
@@ -302,20 +348,22 @@ def test_a_hung_scylla_is_reported_while_waiting_and_nothing_is_lost(
 
 
 def test_kafka_down_is_reported_while_waiting_and_consumption_resumes(
-        reporting_consumer, pg_app: psycopg.Connection, cql: Any,
-        caplog: pytest.LogCaptureFixture) -> None:
+    reporting_consumer, pg_app: psycopg.Connection, cql: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     _consumer, reports = reporting_consumer
     caplog.set_level(logging.INFO, logger="cqrs_sync.cdc")
     session = _session(pg_app)
     cli = [sys.executable, "-m", "infra.stack"]
     subprocess.run([*cli, "down", "kafka"], cwd=ROOT, check=True, timeout=180)
     try:
-        assert wait_for(lambda: any(r.waiting_for and "Kafka" in r.waiting_for for r in reports),
-                    60), [r.waiting_for for r in reports[-5:]]
+        assert wait_for(
+            lambda: any(r.waiting_for and "Kafka" in r.waiting_for for r in reports), 60
+        ), [r.waiting_for for r in reports[-5:]]
         assert any("waiting for Kafka since" in r.getMessage() for r in caplog.records)
     finally:
         subprocess.run([*cli, "up", "kafka"], cwd=ROOT, check=True, timeout=300)
-    assert wait_for(lambda: any("Kafka is reachable again" in r.getMessage()
-                            for r in caplog.records), 60)
+    assert wait_for(
+        lambda: any("Kafka is reachable again" in r.getMessage() for r in caplog.records), 60
+    )
     after = _turn(pg_app, session, "written after Kafka came back")
     assert wait_for(lambda: timeline_contents(cql, session).get(after) is not None, 180)

@@ -59,34 +59,60 @@ def with_flags(deps: dw.DualWriteDeps, **flags: bool) -> dw.DualWriteDeps:
     return deps.with_policy(deps.policy.model_copy(update=flags))
 
 
-def agree(cql: Session, sids: list[uuid.UUID], uids: list[uuid.UUID],
-          models: tuple[str, ...] = HEADER_MODELS) -> bool:
+def agree(
+    cql: Session,
+    sids: list[uuid.UUID],
+    uids: list[uuid.UUID],
+    models: tuple[str, ...] = HEADER_MODELS,
+) -> bool:
     """The read models of these sessions equal the SQL oracle (schemas/postgres/0008)."""
     return readmodels.agree(cql, uids, sids, read_models=models)
 
 
 def timeline_row(cql: Session, sid: uuid.UUID, turn_id: uuid.UUID) -> Any:
-    return next((r for r in cql.execute(
-        "SELECT turn_id, content FROM conversation_timeline WHERE session_id = %s", (sid,))
-        if r.turn_id == turn_id), None)
+    return next(
+        (
+            r
+            for r in cql.execute(
+                "SELECT turn_id, content FROM conversation_timeline WHERE session_id = %s", (sid,)
+            )
+            if r.turn_id == turn_id
+        ),
+        None,
+    )
 
 
 def cells(cql: Session, sid: uuid.UUID, uid: uuid.UUID) -> dict[str, list[tuple[Any, ...]]]:
     """Every value and its WRITETIME in the session's read-model rows."""
     return {
-        "timeline": sorted(tuple(r) for r in cql.execute(
-            "SELECT turn_id, created_at, role, content, model, WRITETIME(role), "
-            "WRITETIME(content), WRITETIME(model) FROM conversation_timeline "
-            "WHERE session_id = %s", (sid,))),
-        "header": [tuple(r) for r in cql.execute(
-            "SELECT user_id, title, created_at, last_message, last_message_at, turn_count, "
-            "WRITETIME(user_id), WRITETIME(title), WRITETIME(created_at), "
-            "WRITETIME(last_message), WRITETIME(turn_count) FROM sessions_by_id "
-            "WHERE session_id = %s", (sid,))],
-        "recent": sorted(tuple(r) for r in cql.execute(
-            "SELECT session_id, created_at, title, last_message, turn_count, WRITETIME(title), "
-            "WRITETIME(last_message), WRITETIME(turn_count) FROM recent_conversations "
-            "WHERE user_id = %s", (uid,))),
+        "timeline": sorted(
+            tuple(r)
+            for r in cql.execute(
+                "SELECT turn_id, created_at, role, content, model, WRITETIME(role), "
+                "WRITETIME(content), WRITETIME(model) FROM conversation_timeline "
+                "WHERE session_id = %s",
+                (sid,),
+            )
+        ),
+        "header": [
+            tuple(r)
+            for r in cql.execute(
+                "SELECT user_id, title, created_at, last_message, last_message_at, turn_count, "
+                "WRITETIME(user_id), WRITETIME(title), WRITETIME(created_at), "
+                "WRITETIME(last_message), WRITETIME(turn_count) FROM sessions_by_id "
+                "WHERE session_id = %s",
+                (sid,),
+            )
+        ],
+        "recent": sorted(
+            tuple(r)
+            for r in cql.execute(
+                "SELECT session_id, created_at, title, last_message, turn_count, WRITETIME(title), "
+                "WRITETIME(last_message), WRITETIME(turn_count) FROM recent_conversations "
+                "WHERE user_id = %s",
+                (uid,),
+            )
+        ),
     }
 
 
@@ -108,6 +134,7 @@ def of_results(results: list[dw.WriteResult]) -> Callable[[Any], bool]:
         if c.op == "d":
             return (c.table, (c.before or {}).get("id")) in deleted
         return (c.table, (c.after or {}).get("id"), c.version_us) in written
+
     return match
 
 
@@ -123,8 +150,11 @@ def stored_writetimes(cql: Session, mutations: tuple[Mutation, ...]) -> list[tup
             continue
         cols = [c for c, v in m.values if v is not None]
         where = " AND ".join(f"{c} = %s" for c, _ in m.key)
-        row = cql.execute(f"SELECT {', '.join(f'WRITETIME({c})' for c in cols)} "
-                          f"FROM {m.read_model} WHERE {where}", [v for _, v in m.key]).one()
+        row = cql.execute(
+            f"SELECT {', '.join(f'WRITETIME({c})' for c in cols)} "
+            f"FROM {m.read_model} WHERE {where}",
+            [v for _, v in m.key],
+        ).one()
         out.extend((m.timestamp_us, w) for w in (row or [None] * len(cols)))
     return out
 
@@ -145,11 +175,14 @@ def collect_all(tap: ChangeTap, results: list[dw.WriteResult]) -> list[TappedEve
 
 # A short message goes to Scylla as one unlogged batch, a long one as separate concurrent
 # writes (over the batch byte budget): both must be visible when the call returns.
-@pytest.mark.parametrize("content", ["Where should I eat tonight?",
-                                     "Where should I eat tonight? " + "é" * 10_000],
-                         ids=["short (one batch)", "20 KiB (concurrent writes)"])
-def test_dual_written_message_is_in_the_read_models_when_the_call_returns(content, deps, cql,
-                                                                          pg_app):
+@pytest.mark.parametrize(
+    "content",
+    ["Where should I eat tonight?", "Where should I eat tonight? " + "é" * 10_000],
+    ids=["short (one batch)", "20 KiB (concurrent writes)"],
+)
+def test_dual_written_message_is_in_the_read_models_when_the_call_returns(
+    content, deps, cql, pg_app
+):
     uid = uuid.uuid4()
     created = dw.create_session(uid, "Trip to Porto", deps=deps)
     sid = created.session_id
@@ -159,10 +192,14 @@ def test_dual_written_message_is_in_the_read_models_when_the_call_returns(conten
     # Read right after the call returns: zero staleness, no waiting.
     row = timeline_row(cql, sid, turn.ids("human_turns")[0])
     assert row is not None and row.content == content
-    header = cql.execute("SELECT title, last_message, turn_count FROM sessions_by_id "
-                         "WHERE session_id = %s", (sid,)).one()
+    header = cql.execute(
+        "SELECT title, last_message, turn_count FROM sessions_by_id WHERE session_id = %s", (sid,)
+    ).one()
     assert (header.title, header.last_message, header.turn_count) == (
-        "Trip to Porto", turn.rows["sessions"][0]["last_message"], 1)
+        "Trip to Porto",
+        turn.rows["sessions"][0]["last_message"],
+        1,
+    )
     assert content.startswith(header.last_message)
     assert agree(cql, [sid], [uid])  # every cell as Postgres has it, at once
 
@@ -174,8 +211,9 @@ def test_dual_written_message_is_in_the_read_models_when_the_call_returns(conten
 
 
 @pytest.mark.parametrize("path", ["policy off", "direct SQL", "agent turn (default policy)"])
-def test_write_that_skips_dual_write_is_visible_only_through_cdc(path, deps, cql, pg_app,
-                                                                 local_cdc):
+def test_write_that_skips_dual_write_is_visible_only_through_cdc(
+    path, deps, cql, pg_app, local_cdc
+):
     # No wall-clock race: whether the row is absent "right after the commit" depends on how
     # fast CDC is that instant. What is asserted instead: the call sent nothing to Scylla,
     # the turn's change event went through Kafka, and the row is there once CDC applied it.
@@ -184,22 +222,32 @@ def test_write_that_skips_dual_write_is_visible_only_through_cdc(path, deps, cql
     turn_id = uuid.uuid4()
     tap = ChangeTap()
     if path == "policy off":
-        r = dw.record_human_turn(sid, "via CDC", turn_id=turn_id,
-                                 deps=with_flags(deps, record_human_turn=False))
+        r = dw.record_human_turn(
+            sid, "via CDC", turn_id=turn_id, deps=with_flags(deps, record_human_turn=False)
+        )
     elif path == "direct SQL":
-        pg_app.execute("INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, %s)",
-                       (turn_id, sid, "via CDC"))
+        pg_app.execute(
+            "INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, %s)",
+            (turn_id, sid, "via CDC"),
+        )
         pg_app.commit()
     else:
-        r = dw.record_agent_turn(sid, "via CDC", model="m", turn_id=turn_id,
-                                 steps=[StepInput("tool_call", {"q": 1})], deps=deps)
+        r = dw.record_agent_turn(
+            sid,
+            "via CDC",
+            model="m",
+            turn_id=turn_id,
+            steps=[StepInput("tool_call", {"q": 1})],
+            deps=deps,
+        )
     returned = time.monotonic()
     if path != "direct SQL":
         # Skipped: no mutation was projected, no Scylla request made.
         assert r.dual_write == "skipped" and not r.read_model_updated, r
         assert r.mutations == () and r.scylla_ms is None, r
-    events = tap.collect(lambda e: e.change is not None
-                         and (e.change.after or {}).get("id") == turn_id, 1, 60)
+    events = tap.collect(
+        lambda e: e.change is not None and (e.change.after or {}).get("id") == turn_id, 1, 60
+    )
     tap.close()
     assert len(events) == 1, "the turn's change event never reached Kafka"
     assert wait_for(lambda: local_cdc.applied(events), timeout=60), "CDC did not apply it"
@@ -219,10 +267,13 @@ def _human_turn(deps: dw.DualWriteDeps, sid: uuid.UUID) -> dw.WriteResult:
 
 
 def _agent_turn_dual_written(deps: dw.DualWriteDeps, sid: uuid.UUID) -> dw.WriteResult:
-    return dw.record_agent_turn(sid, "here you go", model="m1",
-                                steps=[{"kind": "tool_call", "payload": {"q": "x"}},
-                                       {"kind": "answer"}],
-                                deps=with_flags(deps, record_agent_turn=True))
+    return dw.record_agent_turn(
+        sid,
+        "here you go",
+        model="m1",
+        steps=[{"kind": "tool_call", "payload": {"q": "x"}}, {"kind": "answer"}],
+        deps=with_flags(deps, record_agent_turn=True),
+    )
 
 
 def _rename(deps: dw.DualWriteDeps, sid: uuid.UUID) -> dw.WriteResult:
@@ -233,8 +284,11 @@ def _delete(deps: dw.DualWriteDeps, sid: uuid.UUID) -> dw.WriteResult:
     return dw.delete_session(sid, deps=deps)
 
 
-@pytest.mark.parametrize("operation", [_human_turn, _agent_turn_dual_written, _rename, _delete],
-                         ids=["human turn", "agent turn", "rename", "delete"])
+@pytest.mark.parametrize(
+    "operation",
+    [_human_turn, _agent_turn_dual_written, _rename, _delete],
+    ids=["human turn", "agent turn", "rename", "delete"],
+)
 def test_cdc_arriving_after_the_dual_write_changes_nothing(operation, deps, cql, local_cdc):
     uid = uuid.uuid4()
     sid = dw.create_session(uid, "t", deps=deps).session_id
@@ -260,8 +314,9 @@ def test_cdc_arriving_after_the_dual_write_changes_nothing(operation, deps, cql,
         # A late event (the pre-delete state) cannot resurrect the rows.
         writer = deps.scylla.writer()
         assert writer is not None
-        late = [m for t, rs in result.rows.items() for r in rs
-                for m in project(change_from_row(t, r))]
+        late = [
+            m for t, rs in result.rows.items() for r in rs for m in project(change_from_row(t, r))
+        ]
         writer.write(late)
         assert cells(cql, sid, uid) == before
     else:
@@ -273,8 +328,7 @@ def test_cdc_arriving_after_the_dual_write_changes_nothing(operation, deps, cql,
 # Failures of the Scylla step never fail the call
 
 
-def test_scylla_timeout_or_absence_never_fails_the_call(deps, cql, pg_app, cdc_consumer,
-                                                        caplog):
+def test_scylla_timeout_or_absence_never_fails_the_call(deps, cql, pg_app, cdc_consumer, caplog):
     uid = uuid.uuid4()
     sid = dw.create_session(uid, "slow read model", deps=deps).session_id
     secret = f"my card number is {uuid.uuid4()}"
@@ -305,8 +359,7 @@ def test_scylla_timeout_or_absence_never_fails_the_call(deps, cql, pg_app, cdc_c
 
 
 # Stops and restarts the stack's Cassandra: `make test` owns its stack, so this always runs.
-def test_cassandra_stopped_calls_succeed_and_cdc_converges(cql, pg_app, cdc_consumer,
-                                                           local_cdc):
+def test_cassandra_stopped_calls_succeed_and_cdc_converges(cql, pg_app, cdc_consumer, local_cdc):
     # local_cdc starts at the topics' end: convergence then does not wait for cdc_consumer's
     # replay of the whole topic history (2 min on the shared stack when this was written).
     policy = DualWritePolicy()  # the default 50 ms budget
@@ -327,21 +380,31 @@ def test_cassandra_stopped_calls_succeed_and_cdc_converges(cql, pg_app, cdc_cons
             r = dw.record_human_turn(sid, f"during the outage {i}", deps=d)
             results.append((r, (time.monotonic() - t0) * 1000))
         t0 = time.monotonic()
-        results.append((dw.rename_session(sid, "renamed in the outage", deps=d),
-                        (time.monotonic() - t0) * 1000))
+        results.append(
+            (
+                dw.rename_session(sid, "renamed in the outage", deps=d),
+                (time.monotonic() - t0) * 1000,
+            )
+        )
         for r, ms in results:
-            print(f"{r.operation.value}: {ms:.1f} ms (postgres {r.postgres_ms:.1f}, "
-                  f"scylla {r.scylla_ms}) {r.error}")
-        report = [(r.dual_write, round(ms, 1), round(r.postgres_ms, 1), r.scylla_ms, r.error)
-                  for r, ms in results]
+            print(
+                f"{r.operation.value}: {ms:.1f} ms (postgres {r.postgres_ms:.1f}, "
+                f"scylla {r.scylla_ms}) {r.error}"
+            )
+        report = [
+            (r.dual_write, round(ms, 1), round(r.postgres_ms, 1), r.scylla_ms, r.error)
+            for r, ms in results
+        ]
         assert all(r.dual_write == "failed" and r.error for r, _ in results), report
         # The Scylla step gives up within its deadline; the whole call costs Postgres's time
         # plus at most the deadline and a small margin.
-        assert all(r.scylla_ms is not None
-                   and r.scylla_ms <= policy.deadline_ms + SCHEDULING_SLACK_MS
-                   for r, _ in results), report
-        assert all(ms <= r.postgres_ms + policy.deadline_ms + SCHEDULING_SLACK_MS
-                   for r, ms in results), report
+        assert all(
+            r.scylla_ms is not None and r.scylla_ms <= policy.deadline_ms + SCHEDULING_SLACK_MS
+            for r, _ in results
+        ), report
+        assert all(
+            ms <= r.postgres_ms + policy.deadline_ms + SCHEDULING_SLACK_MS for r, ms in results
+        ), report
     finally:
         subprocess.run([*stack, "up", "cassandra"], cwd=ROOT, check=True, timeout=600)
     pg = postgres_rows(pg_app, [sid])
@@ -352,10 +415,12 @@ def test_cassandra_stopped_calls_succeed_and_cdc_converges(cql, pg_app, cdc_cons
             return agree(cql, [sid], [uid])
         except Exception:  # the driver reconnects on its own schedule
             return False
+
     assert wait_for(converged, timeout=400, interval=1), "CDC did not converge after restart"
     # And the dual-write path comes back by itself.
-    assert wait_for(lambda: dw.rename_session(sid, "after", deps=d).read_model_updated,
-                    timeout=400, interval=2)
+    assert wait_for(
+        lambda: dw.rename_session(sid, "after", deps=d).read_model_updated, timeout=400, interval=2
+    )
     d.close()
 
 
@@ -395,6 +460,7 @@ def test_two_writers_racing_on_one_session_converge_to_postgres(deps, cql, pg_ap
                 results.append(dw.record_human_turn(sid, f"{name} {i}", deps=deps))
                 if i % 5 == 4:
                     results.append(dw.rename_session(sid, f"title by {name} {i}", deps=deps))
+
         return work
 
     assert _race([writer("A"), writer("B")]) == []
@@ -443,8 +509,9 @@ def test_delete_racing_with_writes_leaves_nothing_behind(deps, cql, pg_app, loca
     assert _race([chatter, deleter]) == []
     assert written and rejected, "the delete should land in the middle of the chatter"
     assert all("unknown session" in str(e) for e in rejected)
-    assert postgres_rows(pg_app, [sid]) == {t: [] for t in
-                                            ("sessions", "human_turns", "agent_turns", "steps")}
+    assert postgres_rows(pg_app, [sid]) == {
+        t: [] for t in ("sessions", "human_turns", "agent_turns", "steps")
+    }
     empty: dict[str, list[Any]] = {"timeline": [], "header": [], "recent": []}
     assert cells(cql, sid, uid) == empty  # at once: late dual-writes lose to the tombstones
     # And CDC, arriving later with every event of the race, does not resurrect anything.
@@ -467,20 +534,27 @@ def test_bad_input_is_rejected_before_anything_is_written(deps, cql, pg_app):
     unknown, turn_id = uuid.uuid4(), uuid.uuid4()
 
     cases: list[tuple[str, Callable[[], Any]]] = [
-        ("unknown session", lambda: dw.record_human_turn(unknown, "hi", turn_id=turn_id,
-                                                         deps=deps)),
-        ("unknown session", lambda: dw.record_agent_turn(unknown, "hi", turn_id=turn_id,
-                                                         steps=[{"kind": "k"}], deps=deps)),
+        (
+            "unknown session",
+            lambda: dw.record_human_turn(unknown, "hi", turn_id=turn_id, deps=deps),
+        ),
+        (
+            "unknown session",
+            lambda: dw.record_agent_turn(
+                unknown, "hi", turn_id=turn_id, steps=[{"kind": "k"}], deps=deps
+            ),
+        ),
         ("unknown session", lambda: dw.rename_session(unknown, "x", deps=deps)),
         ("unknown session", lambda: dw.delete_session(unknown, deps=deps)),
         ("content is empty", lambda: dw.record_human_turn(sid, "", turn_id=turn_id, deps=deps)),
         ("content is empty", lambda: dw.record_human_turn(sid, "  ", deps=deps)),
-        ("1001 bytes, over the limit of 1000",
-         lambda: dw.record_human_turn(sid, "x" * 1001, turn_id=turn_id, deps=strict)),
+        (
+            "1001 bytes, over the limit of 1000",
+            lambda: dw.record_human_turn(sid, "x" * 1001, turn_id=turn_id, deps=strict),
+        ),
         ("1002 bytes", lambda: dw.record_agent_turn(sid, "é" * 501, deps=strict)),
         ("session_id must be a UUID", lambda: dw.record_human_turn("s-1", "hi", deps=deps)),
-        ("turn_id must be a UUID", lambda: dw.record_human_turn(sid, "hi", turn_id="t",
-                                                                deps=deps)),
+        ("turn_id must be a UUID", lambda: dw.record_human_turn(sid, "hi", turn_id="t", deps=deps)),
         ("user_id must be a UUID", lambda: dw.create_session(12, deps=deps)),  # type: ignore[arg-type]
         ("title is 501 characters", lambda: dw.rename_session(sid, "t" * 501, deps=deps)),
     ]
@@ -491,25 +565,32 @@ def test_bad_input_is_rejected_before_anything_is_written(deps, cql, pg_app):
     # A step id that collides with an existing step fails in Postgres, after validation:
     # the transaction rolls back as a whole, the agent turn included.
     # Dual-written, so CDC's later copy of it cannot move the cells compared below.
-    first = dw.record_agent_turn(sid, "a", steps=[{"kind": "k"}],
-                                 deps=with_flags(deps, record_agent_turn=True))
+    first = dw.record_agent_turn(
+        sid, "a", steps=[{"kind": "k"}], deps=with_flags(deps, record_agent_turn=True)
+    )
     # If its Scylla step missed the deadline (a busy machine), CDC writes the same cells
     # later: wait until the read models agree with Postgres, after which nothing moves them.
-    assert first.read_model_updated or wait_for(lambda: agree(cql, [sid], [uid]),
-                                                timeout=60)
+    assert first.read_model_updated or wait_for(lambda: agree(cql, [sid], [uid]), timeout=60)
     pg_before = postgres_rows(pg_app, [sid])
     cells_before = cells(cql, sid, uid)
     with pytest.raises(InvalidInput, match="Postgres refused"):
-        dw.record_agent_turn(sid, "b", turn_id=turn_id, deps=deps,
-                             steps=[{"kind": "k", "step_id": first.ids("steps")[0]}])
+        dw.record_agent_turn(
+            sid,
+            "b",
+            turn_id=turn_id,
+            deps=deps,
+            steps=[{"kind": "k", "step_id": first.ids("steps")[0]}],
+        )
 
     assert postgres_rows(pg_app, [sid]) == pg_before  # no row, no version bump
     assert cells(cql, sid, uid) == cells_before
     assert postgres_rows(pg_app, [unknown]) == {t: [] for t in pg_before}
-    assert pg_app.execute("SELECT count(*) FROM human_turns WHERE id = %s", (turn_id,)
-                          ).fetchone() == (0,)
-    assert pg_app.execute("SELECT count(*) FROM agent_turns WHERE id = %s", (turn_id,)
-                          ).fetchone() == (0,)
+    assert pg_app.execute(
+        "SELECT count(*) FROM human_turns WHERE id = %s", (turn_id,)
+    ).fetchone() == (0,)
+    assert pg_app.execute(
+        "SELECT count(*) FROM agent_turns WHERE id = %s", (turn_id,)
+    ).fetchone() == (0,)
     pg_app.commit()
 
 
@@ -546,12 +627,13 @@ def test_prefect_tasks_write_through_the_same_path(cql, pg_app, monkeypatch):
 
     @flow(name="dual-write-tasks-test")
     def chat() -> list[dict[str, Any]]:
-        return [t.create_session_task(sid, uid, "from a flow"),
-                t.record_human_turn_task(human, sid, "hello from a flow"),
-                t.record_agent_turn_task(agent, sid, "hi", model="m",
-                                         steps=[{"kind": "answer"}]),
-                # The retry of a committed write finds it and writes nothing new.
-                t.record_human_turn_task(human, sid, "hello from a flow")]
+        return [
+            t.create_session_task(sid, uid, "from a flow"),
+            t.record_human_turn_task(human, sid, "hello from a flow"),
+            t.record_agent_turn_task(agent, sid, "hi", model="m", steps=[{"kind": "answer"}]),
+            # The retry of a committed write finds it and writes nothing new.
+            t.record_human_turn_task(human, sid, "hello from a flow"),
+        ]
 
     try:
         summaries = chat()

@@ -41,8 +41,7 @@ def committed(group: str) -> dict[tuple[str, int], int]:
     client = kafka.admin()
     futures = client.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])
     result = futures[group].result(timeout=30)
-    return {(tp.topic, tp.partition): tp.offset for tp in result.topic_partitions
-            if tp.offset >= 0}
+    return {(tp.topic, tp.partition): tp.offset for tp in result.topic_partitions if tp.offset >= 0}
 
 
 def delete_groups(*groups: str) -> None:
@@ -71,21 +70,29 @@ def test_a_subset_of_read_models_commits_in_a_group_of_its_own(shared_group: str
 
 def test_a_subset_in_the_shared_group_is_refused_before_consuming(shared_group: str) -> None:
     with pytest.raises(ConfigurationError, match=r"is the shared CDC group.*subset"):
-        cdc_flow(read_models=["conversation_timeline"], consumer_group=shared_group,
-                 max_messages=1, max_seconds=60)
+        cdc_flow(
+            read_models=["conversation_timeline"],
+            consumer_group=shared_group,
+            max_messages=1,
+            max_seconds=60,
+        )
     assert committed(shared_group) == {}
 
 
-@pytest.mark.parametrize(("params", "named"), [
-    ({"report_interval_s": math.nan}, "report_interval_s: .*finite"),
-    ({"idle_exit_s": 0}, "idle_exit_s: Input should be greater than 0"),
-    ({"retry_initial_s": -1.0}, "retry_initial_s: Input should be greater than 0"),
-    ({"batch_size": True}, "batch_size: Input should be a valid integer"),
-    ({"read_models": []}, "read_models: must name at least one"),
-    ({"max_seconds": math.inf}, "max_seconds: .*finite"),
-])
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"report_interval_s": math.nan}, "report_interval_s: .*finite"),
+        ({"idle_exit_s": 0}, "idle_exit_s: Input should be greater than 0"),
+        ({"retry_initial_s": -1.0}, "retry_initial_s: Input should be greater than 0"),
+        ({"batch_size": True}, "batch_size: Input should be a valid integer"),
+        ({"read_models": []}, "read_models: must name at least one"),
+        ({"max_seconds": math.inf}, "max_seconds: .*finite"),
+    ],
+)
 def test_bad_cdc_options_fail_before_anything_is_touched(
-        params: dict[str, Any], named: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    params: dict[str, Any], named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def touched(*_: object, **__: object) -> None:
         raise AssertionError("a service was used before the options were validated")
 
@@ -113,26 +120,33 @@ def _snapshot(root: Path, keyspace: str) -> tuple[str, Path]:
     return user, Path(result["snapshot_dir"])
 
 
-def test_a_snapshot_older_than_gc_grace_seconds_is_refused(fs_keyspace: str,
-                                                           tmp_path: Path) -> None:
+def test_a_snapshot_older_than_gc_grace_seconds_is_refused(
+    fs_keyspace: str, tmp_path: Path
+) -> None:
     user, directory = _snapshot(tmp_path, fs_keyspace)
     session = scylla.connect()
     try:
-        session.execute(f"ALTER TABLE {fs_keyspace}.conversation_timeline "
-                        f"WITH gc_grace_seconds = 1")
+        session.execute(
+            f"ALTER TABLE {fs_keyspace}.conversation_timeline WITH gc_grace_seconds = 1"
+        )
         time.sleep(2.5)  # the snapshot is now older than the table's gc_grace_seconds
-        for params in ({"snapshot_dir": str(directory)},
-                       {"resume": True, "user_ids": [user], "snapshot_root": str(tmp_path)}):
-            with pytest.raises(ConfigurationError,
-                               match=r"older than gc_grace_seconds of conversation_timeline"):
+        for params in (
+            {"snapshot_dir": str(directory)},
+            {"resume": True, "user_ids": [user], "snapshot_root": str(tmp_path)},
+        ):
+            with pytest.raises(
+                ConfigurationError, match=r"older than gc_grace_seconds of conversation_timeline"
+            ):
                 backfill_flow(keyspace=fs_keyspace, **params)
         # Said explicitly, it is loaded.
-        done = backfill_flow(snapshot_dir=str(directory), keyspace=fs_keyspace,
-                             allow_old_snapshot=True)
+        done = backfill_flow(
+            snapshot_dir=str(directory), keyspace=fs_keyspace, allow_old_snapshot=True
+        )
         assert done["snapshot_dir"] == str(directory)
     finally:
-        session.execute(f"ALTER TABLE {fs_keyspace}.conversation_timeline "
-                        f"WITH gc_grace_seconds = 864000")
+        session.execute(
+            f"ALTER TABLE {fs_keyspace}.conversation_timeline WITH gc_grace_seconds = 864000"
+        )
         scylla.close(session)
 
 
@@ -143,7 +157,8 @@ def test_a_fresh_snapshot_against_the_same_slot_loads(fs_keyspace: str, tmp_path
 
 
 def test_a_slot_recreated_after_the_snapshot_is_refused(
-        fs_keyspace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fs_keyspace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, directory = _snapshot(tmp_path, fs_keyspace)
     # A slot recreated since starts past Debezium's last offset: what slot_gap detects.
     with monkeypatch.context() as m:
@@ -175,22 +190,32 @@ def _flow_run_of(group: str) -> Any:
     from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["cdc"])),
-                                     sort=FlowRunSort.START_TIME_DESC, limit=50)
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["cdc"])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=50,
+        )
     mine = [r for r in runs if r.parameters.get("consumer_group") == group]
     return mine[0] if mine else None
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_requested_stop_exits_0_and_the_run_ends_cancelled(sig: signal.Signals,
-                                                             tmp_path: Path) -> None:
+def test_a_requested_stop_exits_0_and_the_run_ends_cancelled(
+    sig: signal.Signals, tmp_path: Path
+) -> None:
     group = f"test-stop-{uuid.uuid4().hex[:10]}"
-    env = {**os.environ, "PREFECT_API_URL": os.environ.get("PREFECT_API_URL",
-                                                           "http://127.0.0.1:4200/api")}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api"),
+    }
     out = (tmp_path / "cdc.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cdc", "--consumer-group", group,
-                             "--report-interval-s", "1"], cwd=ROOT, env=env, stdout=out,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cdc", "--consumer-group", group, "--report-interval-s", "1"],
+        cwd=ROOT,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 180
         while not committed(group):  # it consumed (from the topics' start) and committed

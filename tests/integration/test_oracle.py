@@ -39,10 +39,21 @@ PAYLOADS: list[Any] = [
     None,
     "a bare string",
     True,
-    {"float": 0.1, "int_like": 100.0, "tiny": 1e-7, "big": 1e16, "neg": -2.5e-5,
-     "edge": 1000000000000000.5, "many": 123456789.123456789, "huge_int": 10**30},
-    {"esc": "quote \" backslash \\ nl \n tab \t ctrl \u0001 del \u007f sep \u2028",
-     "emoji 🚀": "日本語", "": "empty key"},
+    {
+        "float": 0.1,
+        "int_like": 100.0,
+        "tiny": 1e-7,
+        "big": 1e16,
+        "neg": -2.5e-5,
+        "edge": 1000000000000000.5,
+        "many": 123456789.123456789,
+        "huge_int": 10**30,
+    },
+    {
+        "esc": 'quote " backslash \\ nl \n tab \t ctrl \u0001 del \u007f sep \u2028',
+        "emoji 🚀": "日本語",
+        "": "empty key",
+    },
     {"nested": [[[]], [{}], [1, [2, [3.25]]]], "x": {"y": {"z": []}}},
 ]
 
@@ -65,43 +76,67 @@ def write_varied_data(conn: psycopg.Connection[Any]) -> Data:
     ms = datetime(2024, 2, 29, 23, 59, 59, 998_000, tzinfo=UTC)
     old = datetime(1969, 12, 31, 23, 59, 59, 999_500, tzinfo=UTC)
     cur = conn.cursor()
-    cur.executemany("INSERT INTO sessions (id, user_id, title, created_at) VALUES (%s, %s, %s, %s)",
-                    [(s[0], d.users[0], "Trip to Köln 🚀 «quotes» 'single' \"double\"", ms),
-                     (s[1], d.users[0], "", ms),  # same instant as s[0]: two rows
-                     (s[2], d.users[1], "before the epoch", old),
-                     (s[3], d.users[1], "no turns at all", ms + timedelta(days=1))])
+    cur.executemany(
+        "INSERT INTO sessions (id, user_id, title, created_at) VALUES (%s, %s, %s, %s)",
+        [
+            (s[0], d.users[0], "Trip to Köln 🚀 «quotes» 'single' \"double\"", ms),
+            (s[1], d.users[0], "", ms),  # same instant as s[0]: two rows
+            (s[2], d.users[1], "before the epoch", old),
+            (s[3], d.users[1], "no turns at all", ms + timedelta(days=1)),
+        ],
+    )
     humans = [uuid.uuid4() for _ in range(5)]
     cur.executemany(
         "INSERT INTO human_turns (id, session_id, content, created_at) VALUES (%s, %s, %s, %s)",
-        [(humans[0], s[0], "hi ü", ms + timedelta(microseconds=1)),
-         (humans[1], s[0], "moves to another session", ms + timedelta(microseconds=1)),
-         (humans[2], s[0], "__debezium_unavailable_value", ms + timedelta(microseconds=999)),
-         (humans[3], s[2], "before 1970\nline two\ttab", old + timedelta(microseconds=1)),
-         (humans[4], s[0], "same µs as hi, other id", ms + timedelta(microseconds=1))])
+        [
+            (humans[0], s[0], "hi ü", ms + timedelta(microseconds=1)),
+            (humans[1], s[0], "moves to another session", ms + timedelta(microseconds=1)),
+            (humans[2], s[0], "__debezium_unavailable_value", ms + timedelta(microseconds=999)),
+            (humans[3], s[2], "before 1970\nline two\ttab", old + timedelta(microseconds=1)),
+            (humans[4], s[0], "same µs as hi, other id", ms + timedelta(microseconds=1)),
+        ],
+    )
     agents = [uuid.uuid4() for _ in range(3)]
     d.agent_turns = agents
     cur.executemany(
         "INSERT INTO agent_turns (id, session_id, content, model, created_at) "
         "VALUES (%s, %s, %s, %s, %s)",
-        [(agents[0], s[0], LONG, "m-1", ms + timedelta(microseconds=1000)),  # s[0]'s latest
-         (agents[1], s[1], "", "", ms + timedelta(microseconds=2)),  # empty strings, not NULL
-         (agents[2], s[2], "à" * 501, "m-2", old + timedelta(microseconds=3))])
+        [
+            (agents[0], s[0], LONG, "m-1", ms + timedelta(microseconds=1000)),  # s[0]'s latest
+            (agents[1], s[1], "", "", ms + timedelta(microseconds=2)),  # empty strings, not NULL
+            (agents[2], s[2], "à" * 501, "m-2", old + timedelta(microseconds=3)),
+        ],
+    )
     steps = [uuid.uuid4() for _ in PAYLOADS]
     cur.executemany(
         "INSERT INTO steps (id, agent_turn_id, session_id, kind, payload, created_at) "
         "VALUES (%s, %s, %s, %s, %s, %s)",
-        [(sid, agents[i % 2], s[i % 2], f"kind {i} ✓", Jsonb(p),
-          ms + timedelta(microseconds=i % 3))  # several steps per millisecond
-         for i, (sid, p) in enumerate(zip(steps, PAYLOADS, strict=True))])
+        [
+            (
+                sid,
+                agents[i % 2],
+                s[i % 2],
+                f"kind {i} ✓",
+                Jsonb(p),
+                ms + timedelta(microseconds=i % 3),
+            )  # several steps per millisecond
+            for i, (sid, p) in enumerate(zip(steps, PAYLOADS, strict=True))
+        ],
+    )
     conn.commit()
     # Moves: a turn to another session, a turn and a step to another time, a step to another
     # agent turn; each moves its read-model row to another key.
     cur.execute("UPDATE human_turns SET session_id = %s WHERE id = %s", (s[1], humans[1]))
-    cur.execute("UPDATE human_turns SET created_at = created_at - interval '1 day 1 microsecond'"
-                " WHERE id = %s", (humans[3],))
-    cur.execute("UPDATE steps SET agent_turn_id = %s, "
-                "created_at = created_at + interval '7 microseconds' WHERE id = %s",
-                (agents[2], steps[0]))
+    cur.execute(
+        "UPDATE human_turns SET created_at = created_at - interval '1 day 1 microsecond'"
+        " WHERE id = %s",
+        (humans[3],),
+    )
+    cur.execute(
+        "UPDATE steps SET agent_turn_id = %s, "
+        "created_at = created_at + interval '7 microseconds' WHERE id = %s",
+        (agents[2], steps[0]),
+    )
     cur.execute("UPDATE sessions SET user_id = %s WHERE id = %s", (d.users[1], s[1]))
     conn.commit()
     return d
@@ -129,8 +164,9 @@ def from_views(d: Data, read_model: str) -> Rows:
 
 
 @pytest.mark.parametrize("read_model", READ_MODELS)
-def test_sql_views_equal_the_python_projection(read_model: str, data: Data,
-                                               pg_app: psycopg.Connection[Any]) -> None:
+def test_sql_views_equal_the_python_projection(
+    read_model: str, data: Data, pg_app: psycopg.Connection[Any]
+) -> None:
     got, want = from_views(data, read_model), projected(pg_app, data, read_model)
     assert got, "the data set should reach every read model"
     assert readmodels.compare(want, got, read_model) is None
@@ -162,17 +198,22 @@ def test_the_views_do_not_depend_on_the_session_time_zone(data: Data) -> None:
             col = readmodels.PARTITION_COLUMN[rm]
             parts = list(readmodels.partitions(rm, data.users, data.sessions, data.agent_turns))
             with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-                rows = cur.execute(f"SELECT * FROM expected_{rm} WHERE {col} = ANY(%s)",
-                                   (parts,)).fetchall()
+                rows = cur.execute(
+                    f"SELECT * FROM expected_{rm} WHERE {col} = ANY(%s)", (parts,)
+                ).fetchall()
             assert readmodels._keyed(rows, KEY_COLUMNS[rm]) == from_views(data, rm)
 
 
 _TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=6)
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
     | _TEXT,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
@@ -180,23 +221,48 @@ _JSON = st.recursive(
 def test_sql_canonical_json_equals_the_projections(values: list[Any]) -> None:
     """Any JSON value, stored as jsonb: the SQL canonical text is the projection's."""
     texts = [json.dumps(v, ensure_ascii=False) for v in values]
-    rows = readmodels.reader().execute(
-        "SELECT t::jsonb::text AS stored, cqrs_canonical_json(t::jsonb) AS canonical "
-        "FROM unnest(%s::text[]) AS t", (texts,)).fetchall()
+    rows = (
+        readmodels.reader()
+        .execute(
+            "SELECT t::jsonb::text AS stored, cqrs_canonical_json(t::jsonb) AS canonical "
+            "FROM unnest(%s::text[]) AS t",
+            (texts,),
+        )
+        .fetchall()
+    )
     for r in rows:
         assert r["canonical"] == canonical_json(json.loads(r["stored"])), r["stored"]
 
 
 def test_sql_canonical_json_of_numbers_jsonb_keeps_as_written() -> None:
     """jsonb keeps a number's decimal text (1.10, 1E+2, 1e400...); Python parses that text."""
-    raw = ["1.10", "1.0", "1E+2", "1e400", "1.5e-3", "0.000", "-0.0", "0.1e1", "5e-324",
-           "123456789.123456789123456789", "9007199254740993.0", "1" + "0" * 400 + ".5",
-           "-1" + "0" * 400 + ".5", "0." + "0" * 400 + "1", "-0." + "0" * 400 + "1"]
-    rows = readmodels.reader().execute(
-        "SELECT t::jsonb::text AS stored, cqrs_canonical_json(t::jsonb) AS canonical "
-        "FROM unnest(%s::text[]) AS t", (raw,)).fetchall()
-    assert [r["canonical"] for r in rows] == [canonical_json(json.loads(r["stored"]))
-                                              for r in rows]
+    raw = [
+        "1.10",
+        "1.0",
+        "1E+2",
+        "1e400",
+        "1.5e-3",
+        "0.000",
+        "-0.0",
+        "0.1e1",
+        "5e-324",
+        "123456789.123456789123456789",
+        "9007199254740993.0",
+        "1" + "0" * 400 + ".5",
+        "-1" + "0" * 400 + ".5",
+        "0." + "0" * 400 + "1",
+        "-0." + "0" * 400 + "1",
+    ]
+    rows = (
+        readmodels.reader()
+        .execute(
+            "SELECT t::jsonb::text AS stored, cqrs_canonical_json(t::jsonb) AS canonical "
+            "FROM unnest(%s::text[]) AS t",
+            (raw,),
+        )
+        .fetchall()
+    )
+    assert [r["canonical"] for r in rows] == [canonical_json(json.loads(r["stored"])) for r in rows]
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,71 +287,92 @@ def load_with_projection(session: Session, conn: psycopg.Connection[Any], d: Dat
     scylla.ScyllaWriter(session, keyspace=session.keyspace).write(mutations)
 
 
-def old_oracle_agrees(session: Session, conn: psycopg.Connection[Any], d: Data,
-                      read_model: str) -> bool:
+def old_oracle_agrees(
+    session: Session, conn: psycopg.Connection[Any], d: Data, read_model: str
+) -> bool:
     """What the integration tests compared before: Cassandra vs the projection's own
     expected_rows."""
     parts = readmodels.partitions(read_model, d.users, d.sessions, d.agent_turns)
     key_cols = readmodels.primary_key(session, read_model)
-    return readmodels.actual(session, read_model, parts, key_cols) == projected(
-        conn, d, read_model)
+    return readmodels.actual(session, read_model, parts, key_cols) == projected(conn, d, read_model)
 
 
 def test_rows_stored_by_the_real_projection_equal_the_oracle(
-        oracle_keyspace: Session, data: Data, pg_app: psycopg.Connection[Any]) -> None:
+    oracle_keyspace: Session, data: Data, pg_app: psycopg.Connection[Any]
+) -> None:
     load_with_projection(oracle_keyspace, pg_app, data)
-    assert readmodels.differences(oracle_keyspace, data.users, data.sessions,
-                                  data.agent_turns) == []
+    assert (
+        readmodels.differences(oracle_keyspace, data.users, data.sessions, data.agent_turns) == []
+    )
 
 
 def _swap_title_and_preview(monkeypatch: pytest.MonkeyPatch) -> None:
     specs = dict(projection._SPECS)
     header = specs["sessions"][1]
     assert header.read_model == "sessions_by_id"
-    values = tuple(("title", "last_message") if dst == "title" else (dst, src)
-                   for dst, src in header.values)
-    specs["sessions"] = (specs["sessions"][0],
-                         projection._Spec(header.read_model, header.key, values))
+    values = tuple(
+        ("title", "last_message") if dst == "title" else (dst, src) for dst, src in header.values
+    )
+    specs["sessions"] = (
+        specs["sessions"][0],
+        projection._Spec(header.read_model, header.key, values),
+    )
     monkeypatch.setattr(projection, "_SPECS", specs)
 
 
 def _agent_turns_as_human(monkeypatch: pytest.MonkeyPatch) -> None:
     specs = dict(projection._SPECS)
     (spec,) = specs["agent_turns"]
-    specs["agent_turns"] = (projection._Spec(spec.read_model, spec.key, spec.values,
-                                             (("role", "human"),)),)
+    specs["agent_turns"] = (
+        projection._Spec(spec.read_model, spec.key, spec.values, (("role", "human"),)),
+    )
     monkeypatch.setattr(projection, "_SPECS", specs)
 
 
 def _payload_with_spaces(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(projection, "canonical_json",
-                        lambda obj: json.dumps(obj, sort_keys=True, ensure_ascii=False))
+    monkeypatch.setattr(
+        projection,
+        "canonical_json",
+        lambda obj: json.dumps(obj, sort_keys=True, ensure_ascii=False),
+    )
 
 
 def _micros_from_the_version(monkeypatch: pytest.MonkeyPatch) -> None:
     specs = dict(projection._SPECS)
     (spec,) = specs["steps"]
-    key = tuple((dst, "updated_at") if dst == "created_at_micros" else (dst, src)
-                for dst, src in spec.key)
+    key = tuple(
+        (dst, "updated_at") if dst == "created_at_micros" else (dst, src) for dst, src in spec.key
+    )
     specs["steps"] = (projection._Spec(spec.read_model, key, spec.values),)
     monkeypatch.setattr(projection, "_SPECS", specs)
 
 
-@pytest.mark.parametrize(("breakage", "read_model"), [
-    (_swap_title_and_preview, "sessions_by_id"),
-    (_agent_turns_as_human, "conversation_timeline"),
-    (_payload_with_spaces, "steps_by_turn"),
-    (_micros_from_the_version, "steps_by_turn"),
-], ids=["title from the preview", "agent turns as human", "payload not canonical",
-        "micros from updated_at"])
+@pytest.mark.parametrize(
+    ("breakage", "read_model"),
+    [
+        (_swap_title_and_preview, "sessions_by_id"),
+        (_agent_turns_as_human, "conversation_timeline"),
+        (_payload_with_spaces, "steps_by_turn"),
+        (_micros_from_the_version, "steps_by_turn"),
+    ],
+    ids=[
+        "title from the preview",
+        "agent turns as human",
+        "payload not canonical",
+        "micros from updated_at",
+    ],
+)
 def test_a_wrong_projection_is_caught_by_the_oracle(
-        breakage: Callable[[pytest.MonkeyPatch], None], read_model: str,
-        oracle_keyspace: Session, data: Data, pg_app: psycopg.Connection[Any],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    breakage: Callable[[pytest.MonkeyPatch], None],
+    read_model: str,
+    oracle_keyspace: Session,
+    data: Data,
+    pg_app: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     breakage(monkeypatch)
     load_with_projection(oracle_keyspace, pg_app, data)
-    problems = readmodels.differences(oracle_keyspace, data.users, data.sessions,
-                                      data.agent_turns)
+    problems = readmodels.differences(oracle_keyspace, data.users, data.sessions, data.agent_turns)
     assert [p.split(":")[0] for p in problems] == [read_model], problems
     # The projection's own expectation has the same bug, so it saw nothing wrong.
     assert old_oracle_agrees(oracle_keyspace, pg_app, data, read_model)

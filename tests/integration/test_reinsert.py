@@ -28,13 +28,13 @@ TABLES = ("sessions", "human_turns", "agent_turns", "steps")
 def _insert_sql(table: str) -> str:
     return {
         "sessions": "INSERT INTO sessions (id, user_id, title, created_at) "
-                    "VALUES (%(id)s, %(user)s, %(text)s, %(at)s)",
+        "VALUES (%(id)s, %(user)s, %(text)s, %(at)s)",
         "human_turns": "INSERT INTO human_turns (id, session_id, content, created_at) "
-                       "VALUES (%(id)s, %(session)s, %(text)s, %(at)s)",
+        "VALUES (%(id)s, %(session)s, %(text)s, %(at)s)",
         "agent_turns": "INSERT INTO agent_turns (id, session_id, content, model, created_at) "
-                       "VALUES (%(id)s, %(session)s, %(text)s, 'm', %(at)s)",
+        "VALUES (%(id)s, %(session)s, %(text)s, 'm', %(at)s)",
         "steps": "INSERT INTO steps (id, agent_turn_id, session_id, kind, payload, created_at) "
-                 "VALUES (%(id)s, %(turn)s, %(session)s, %(text)s, '{}', %(at)s)",
+        "VALUES (%(id)s, %(turn)s, %(session)s, %(text)s, '{}', %(at)s)",
     }[table]
 
 
@@ -44,19 +44,30 @@ class World:
     def __init__(self, conn: psycopg.Connection) -> None:
         self.user, self.session, self.turn = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
         self.ids = {t: uuid.uuid4() for t in TABLES}
-        self.created = conn.execute("SELECT date_trunc('milliseconds', now()) "
-                                    "- interval '1 hour'").fetchone()[0]  # type: ignore[index]
+        self.created = conn.execute(
+            "SELECT date_trunc('milliseconds', now()) - interval '1 hour'"
+        ).fetchone()[0]  # type: ignore[index]
         with conn.transaction():
-            conn.execute("INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, 'parent')",
-                         (self.session, self.user))
-            conn.execute("INSERT INTO agent_turns (id, session_id, content) "
-                         "VALUES (%s, %s, 'parent turn')", (self.turn, self.session))
+            conn.execute(
+                "INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, 'parent')",
+                (self.session, self.user),
+            )
+            conn.execute(
+                "INSERT INTO agent_turns (id, session_id, content) VALUES (%s, %s, 'parent turn')",
+                (self.turn, self.session),
+            )
             for t in TABLES:
                 conn.execute(_insert_sql(t), self.params(t, "first"))
 
     def params(self, table: str, text: str) -> dict[str, Any]:
-        return {"id": self.ids[table], "user": self.user, "session": self.session,
-                "turn": self.turn, "text": text, "at": self.created}
+        return {
+            "id": self.ids[table],
+            "user": self.user,
+            "session": self.session,
+            "turn": self.turn,
+            "text": text,
+            "at": self.created,
+        }
 
 
 def visible_text(cql: Any, w: World, table: str) -> str | None:
@@ -65,19 +76,32 @@ def visible_text(cql: Any, w: World, table: str) -> str | None:
     i = w.ids[table]
     if table == "sessions":
         a = cql.execute("SELECT title FROM sessions_by_id WHERE session_id = %s", (i,)).one()
-        b = [r.title for r in cql.execute(
-            "SELECT session_id, title FROM recent_conversations WHERE user_id = %s",
-            (w.user,)) if r.session_id == i]
+        b = [
+            r.title
+            for r in cql.execute(
+                "SELECT session_id, title FROM recent_conversations WHERE user_id = %s", (w.user,)
+            )
+            if r.session_id == i
+        ]
         got = {a.title if a else None, b[0] if b else None}
         return got.pop() if len(got) == 1 else "disagree"
     if table == "steps":
-        rows = [r.kind for r in cql.execute(
-            "SELECT step_id, kind FROM steps_by_turn WHERE agent_turn_id = %s", (w.turn,))
-            if r.step_id == i]
+        rows = [
+            r.kind
+            for r in cql.execute(
+                "SELECT step_id, kind FROM steps_by_turn WHERE agent_turn_id = %s", (w.turn,)
+            )
+            if r.step_id == i
+        ]
     else:
-        rows = [r.content for r in cql.execute(
-            "SELECT turn_id, content FROM conversation_timeline WHERE session_id = %s",
-            (w.session,)) if r.turn_id == i]
+        rows = [
+            r.content
+            for r in cql.execute(
+                "SELECT turn_id, content FROM conversation_timeline WHERE session_id = %s",
+                (w.session,),
+            )
+            if r.turn_id == i
+        ]
     return rows[0] if rows else None
 
 
@@ -113,7 +137,8 @@ FORMS: dict[str, Callable[[psycopg.Connection, World, str], None]] = {
 
 @pytest.mark.parametrize("form", FORMS)
 def test_reinserted_rows_are_visible_after_cdc_and_after_a_backfill(
-        form: str, cdc_consumer: LocalCdc, cql: Any) -> None:
+    form: str, cdc_consumer: LocalCdc, cql: Any
+) -> None:
     tap = ChangeTap()
     try:
         with postgres.connect("app") as conn:
@@ -124,19 +149,27 @@ def test_reinserted_rows_are_visible_after_cdc_and_after_a_backfill(
             # Plain SQL: every row exists again with the new text.
             for table in TABLES:
                 col = {"sessions": "title", "steps": "kind"}.get(table, "content")
-                got = conn.execute(f"SELECT {col} FROM {table} WHERE id = %s",
-                                   (w.ids[table],)).fetchone()
+                got = conn.execute(
+                    f"SELECT {col} FROM {table} WHERE id = %s", (w.ids[table],)
+                ).fetchone()
                 assert got == ("again",), (table, got)
         ids = {str(i) for i in w.ids.values()}
-        deletes = tap.collect(lambda e: e.change is not None and e.change.op == "d"
-                              and str((e.change.before or {}).get("id")) in ids, 4)
+        deletes = tap.collect(
+            lambda e: (
+                e.change is not None
+                and e.change.op == "d"
+                and str((e.change.before or {}).get("id")) in ids
+            ),
+            4,
+        )
         assert len(deletes) == 4, [d.event.change for d in deletes]
     finally:
         tap.close()
 
     # CDC: the consumer applies the delete and the insert (and any order of them converges).
-    assert wait_for(lambda: all(visible_text(cql, w, t) == "again" for t in TABLES)), \
-        {t: visible_text(cql, w, t) for t in TABLES}
+    assert wait_for(lambda: all(visible_text(cql, w, t) == "again" for t in TABLES)), {
+        t: visible_text(cql, w, t) for t in TABLES
+    }
 
     # Backfill: a keyspace that holds CDC's tombstones of the deletes (the real events,
     # decoded and projected as the consumer does) and nothing else gets the rows back.
@@ -149,7 +182,8 @@ def test_reinserted_rows_are_visible_after_cdc_and_after_a_backfill(
 
             backfill_flow(user_ids=[str(w.user)], keyspace=ks, chunk_size=1000)
             assert {t: visible_text(session, w, t) for t in TABLES} == dict.fromkeys(
-                TABLES, "again")
+                TABLES, "again"
+            )
         finally:
             scylla.close(session)
 
@@ -159,8 +193,9 @@ def _change(e: TappedEvent) -> Any:
     return e.event.change
 
 
-def test_dual_write_create_racing_delete_session_is_visible(cdc_consumer: LocalCdc,
-                                                            cql: Any) -> None:
+def test_dual_write_create_racing_delete_session_is_visible(
+    cdc_consumer: LocalCdc, cql: Any
+) -> None:
     """create_session(S) issued while delete_session(S) holds S deleted, uncommitted."""
     deps = dual_write.connect_deps()
     tap = ChangeTap()
@@ -172,22 +207,33 @@ def test_dual_write_create_racing_delete_session_is_visible(cdc_consumer: LocalC
             # A test-only trigger holds this one delete open for 1.5 s after the session row
             # is deleted (uncommitted): the create below then races it, every time.
             trigger = f"cqrs_test_slow_delete_{sid.hex}"
-            admin.execute("CREATE OR REPLACE FUNCTION cqrs_test_slow_delete() RETURNS trigger "
-                          "LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; "
-                          "END $$")
-            admin.execute(f"CREATE TRIGGER {trigger} AFTER DELETE ON sessions FOR EACH ROW "
-                          f"WHEN (OLD.id = '{sid}') EXECUTE FUNCTION cqrs_test_slow_delete()")
+            admin.execute(
+                "CREATE OR REPLACE FUNCTION cqrs_test_slow_delete() RETURNS trigger "
+                "LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; "
+                "END $$"
+            )
+            admin.execute(
+                f"CREATE TRIGGER {trigger} AFTER DELETE ON sessions FOR EACH ROW "
+                f"WHEN (OLD.id = '{sid}') EXECUTE FUNCTION cqrs_test_slow_delete()"
+            )
             try:
                 results: dict[str, dual_write.WriteResult] = {}
-                d = threading.Thread(target=lambda: results.__setitem__(
-                    "delete", dual_write.delete_session(sid, deps=deps)))
+                d = threading.Thread(
+                    target=lambda: results.__setitem__(
+                        "delete", dual_write.delete_session(sid, deps=deps)
+                    )
+                )
                 d.start()
-                sleeping = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
-                            "AND query LIKE 'DELETE FROM sessions WHERE id%%'")
-                assert wait_for(lambda: admin.execute(sleeping).fetchone() != (0,), 20, 0.01), \
+                sleeping = (
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
+                    "AND query LIKE 'DELETE FROM sessions WHERE id%%'"
+                )
+                assert wait_for(lambda: admin.execute(sleeping).fetchone() != (0,), 20, 0.01), (
                     "the delete never started"
-                results["create"] = dual_write.create_session(user, "again", session_id=sid,
-                                                              deps=deps)
+                )
+                results["create"] = dual_write.create_session(
+                    user, "again", session_id=sid, deps=deps
+                )
                 d.join(60)
             finally:
                 admin.execute(f"DROP TRIGGER IF EXISTS {trigger} ON sessions")
@@ -208,10 +254,15 @@ def test_dual_write_create_racing_delete_session_is_visible(cdc_consumer: LocalC
             finally:
                 scylla.close(session)
         # ...and after CDC applied the delete and both creates of the session:
-        events = tap.collect(lambda e: e.change is not None and e.change.table == "sessions"
-                             and e.change.op in ("c", "d")
-                             and str((e.change.after or e.change.before or {}).get("id"))
-                             == str(sid), 3)
+        events = tap.collect(
+            lambda e: (
+                e.change is not None
+                and e.change.table == "sessions"
+                and e.change.op in ("c", "d")
+                and str((e.change.after or e.change.before or {}).get("id")) == str(sid)
+            ),
+            3,
+        )
         assert len(events) == 3, events
         assert wait_for(lambda: cdc_consumer.applied(events))
         assert visible_text(cql, w, "sessions") == "again"

@@ -67,12 +67,17 @@ _T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 
 def _turn(content: str, session_id: uuid.UUID | None = None, n: int = 0) -> Upsert:
-    return Upsert("conversation_timeline",
-                  (("session_id", session_id or uuid.uuid4()),
-                   ("created_at", _T0 + timedelta(milliseconds=n)), ("created_at_micros", n),
-                   ("turn_id", uuid.uuid4())),
-                  (("role", "agent"), ("content", content), ("model", "m-" * (n % 7))),
-                  1_700_000_000_000_000 + n)
+    return Upsert(
+        "conversation_timeline",
+        (
+            ("session_id", session_id or uuid.uuid4()),
+            ("created_at", _T0 + timedelta(milliseconds=n)),
+            ("created_at_micros", n),
+            ("turn_id", uuid.uuid4()),
+        ),
+        (("role", "agent"), ("content", content), ("model", "m-" * (n % 7))),
+        1_700_000_000_000_000 + n,
+    )
 
 
 def _contents(rng: random.Random, n: int) -> list[str]:
@@ -96,15 +101,32 @@ def _mixed(rng: random.Random, n: int) -> list[Mutation]:
         u, t = uuid.uuid4(), _T0 + timedelta(seconds=i)
         text = "é" * (rng.choice(sizes) // 2)
         base = {"id": u, "session_id": u, "created_at": t, "updated_at": t + timedelta(1)}
-        table, row = rng.choice([
-            ("sessions", {**base, "user_id": user, "title": text[:200],
-                          "last_message": text,
-                          "last_message_at": None if i % 2 else t, "turn_count": i}),
-            ("human_turns", {**base, "content": text}),
-            ("agent_turns", {**base, "content": text, "model": "m" * (i % 30)}),
-            ("steps", {**base, "agent_turn_id": user, "kind": "tool",
-                        "payload": json.dumps({"text": text})}),
-        ])
+        table, row = rng.choice(
+            [
+                (
+                    "sessions",
+                    {
+                        **base,
+                        "user_id": user,
+                        "title": text[:200],
+                        "last_message": text,
+                        "last_message_at": None if i % 2 else t,
+                        "turn_count": i,
+                    },
+                ),
+                ("human_turns", {**base, "content": text}),
+                ("agent_turns", {**base, "content": text, "model": "m" * (i % 30)}),
+                (
+                    "steps",
+                    {
+                        **base,
+                        "agent_turn_id": user,
+                        "kind": "tool",
+                        "payload": json.dumps({"text": text}),
+                    },
+                ),
+            ]
+        )
         for m in project_row(table, row):
             out.append(m)
             if i % 5 == 0:
@@ -118,10 +140,21 @@ def _headers(rng: random.Random, n: int) -> list[Upsert]:
     out: list[Upsert] = []
     for i in range(n):
         u, t = uuid.uuid4(), _T0 + timedelta(seconds=i)
-        out.extend(project_row("sessions", {
-            "id": u, "user_id": uuid.uuid4(), "created_at": t, "updated_at": t,
-            "title": "t" * rng.randint(0, 40), "last_message": "m" * rng.randint(0, 150),
-            "last_message_at": t, "turn_count": i}))
+        out.extend(
+            project_row(
+                "sessions",
+                {
+                    "id": u,
+                    "user_id": uuid.uuid4(),
+                    "created_at": t,
+                    "updated_at": t,
+                    "title": "t" * rng.randint(0, 40),
+                    "last_message": "m" * rng.randint(0, 150),
+                    "last_message_at": t,
+                    "turn_count": i,
+                },
+            )
+        )
     return out
 
 
@@ -130,7 +163,8 @@ def _stored(session: Session, ks: str, m: Upsert) -> str | None:
     row = session.execute(
         f"SELECT content FROM {ks}.conversation_timeline WHERE session_id = %s AND "
         f"created_at = %s AND created_at_micros = %s AND turn_id = %s",
-        (key["session_id"], key["created_at"], key["created_at_micros"], key["turn_id"])).one()
+        (key["session_id"], key["created_at"], key["created_at_micros"], key["turn_id"]),
+    ).one()
     return None if row is None else str(row.content)
 
 
@@ -140,8 +174,10 @@ def _stored(session: Session, ks: str, m: Upsert) -> str | None:
 
 def test_write_to_an_unconfigured_table_is_terminal_and_names_it(session: Session) -> None:
     bare = f"adapter_bare_{uuid.uuid4().hex[:8]}"  # a keyspace whose migrations never ran
-    session.execute(f"CREATE KEYSPACE {bare} WITH replication = "
-                    "{'class': 'SimpleStrategy', 'replication_factor': 1}")
+    session.execute(
+        f"CREATE KEYSPACE {bare} WITH replication = "
+        "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+    )
     try:
         for call in ("write", "write_batch"):
             writer = ScyllaWriter(session, bare)
@@ -157,8 +193,9 @@ def test_write_to_an_unconfigured_table_is_terminal_and_names_it(session: Sessio
 
 
 @pytest.mark.parametrize("call", ["write", "write_batch", "write_with_timeout"])
-def test_a_lone_surrogate_is_rejected_data_and_nothing_is_sent(session: Session, ks: str,
-                                                               call: str) -> None:
+def test_a_lone_surrogate_is_rejected_data_and_nothing_is_sent(
+    session: Session, ks: str, call: str
+) -> None:
     writer = ScyllaWriter(session, ks)
     good, bad = _turn("fine"), _turn("half a pair: \ud800")
     method = writer.write if call == "write_with_timeout" else getattr(writer, call)
@@ -186,8 +223,9 @@ def test_the_estimate_bounds_what_the_server_counts(session: Session, ks: str) -
         for request in writer.requests(writer.bound(mutations)):
             if not isinstance(request, BatchStatement):
                 continue
-            estimate = sum(_bound_bytes(values) for _, _, values in
-                           request._statements_and_parameters)
+            estimate = sum(
+                _bound_bytes(values) for _, _, values in request._statements_and_parameters
+            )
             future = session.execute_async(request)
             future.result()
             for warning in future.warnings or []:
@@ -202,15 +240,15 @@ def test_the_estimate_bounds_what_the_server_counts(session: Session, ks: str) -
 
 # The default, and the largest a backfill may ask for (CQRS_SCYLLA_BATCH_ROWS allows 500).
 @pytest.mark.parametrize("batch_rows", [20, 500])
-def test_cdc_writes_raise_no_batch_size_warning(session: Session, ks: str, batch_rows: int,
-                                                server_warnings: list[str]) -> None:
+def test_cdc_writes_raise_no_batch_size_warning(
+    session: Session, ks: str, batch_rows: int, server_warnings: list[str]
+) -> None:
     writer = ScyllaWriter(session, ks, batch_rows=batch_rows)  # as the CDC consumer's
     rng = random.Random(11)
     for _ in range(3):
         sid = uuid.uuid4()
         # Several rows of one partition and many partitions, of many sizes.
-        turns = [_turn(c, sid if i % 4 == 0 else None, i)
-                 for i, c in enumerate(_contents(rng, 60))]
+        turns = [_turn(c, sid if i % 4 == 0 else None, i) for i, c in enumerate(_contents(rng, 60))]
         mutations = turns + _mixed(rng, 150) + _headers(rng, 100)
         assert writer.write(mutations) == len(mutations)
         assert _stored(session, ks, turns[-1]) == dict(turns[-1].values)["content"]
@@ -221,14 +259,14 @@ def test_cdc_writes_raise_no_batch_size_warning(session: Session, ks: str, batch
 
 
 @pytest.mark.parametrize("batch_rows", [20, 500])
-def test_backfill_writes_raise_no_batch_size_warning(session: Session, ks: str, batch_rows: int,
-                                                     server_warnings: list[str]) -> None:
+def test_backfill_writes_raise_no_batch_size_warning(
+    session: Session, ks: str, batch_rows: int, server_warnings: list[str]
+) -> None:
     batching = BatchingWriter(ScyllaWriter(session, ks, batch_rows=batch_rows))
     rng = random.Random(13)
     turns = [_turn(c, n=i) for i, c in enumerate(_contents(rng, 300))]
     # The backfill writes current rows only: upserts, one statement text at a time.
-    mutations = turns + [m for m in _mixed(rng, 400) if isinstance(m, Upsert)] + \
-        _headers(rng, 200)
+    mutations = turns + [m for m in _mixed(rng, 400) if isinstance(m, Upsert)] + _headers(rng, 200)
     by_cql: dict[str, list[Sequence[Any]]] = {}
     for m in mutations:
         cql, params = to_cql(m, ks)
@@ -240,9 +278,9 @@ def test_backfill_writes_raise_no_batch_size_warning(session: Session, ks: str, 
     assert not [w for w in server_warnings if BATCH_WARNING in w], server_warnings
 
 
-def test_a_1_mib_turn_is_written_by_cdc_backfill_and_dual_write(session: Session, ks: str,
-                                                                server_warnings: list[str]
-                                                                ) -> None:
+def test_a_1_mib_turn_is_written_by_cdc_backfill_and_dual_write(
+    session: Session, ks: str, server_warnings: list[str]
+) -> None:
     big = "t" * (1 << 20)
     writer = ScyllaWriter(session, ks)
     # CDC: among small rows of the same replicas.

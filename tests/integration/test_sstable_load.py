@@ -33,18 +33,35 @@ def chunk_file(tmp_path: Path, table: str, n: int) -> tuple[Path, pa.RecordBatch
     now = datetime.now(UTC)
     rows: list[dict[str, Any]] = []
     for i in range(n):
-        r: dict[str, Any] = {"id": uuid.uuid4().bytes, "created_at": now - timedelta(seconds=i),
-                             "updated_at": now + timedelta(microseconds=i)}
+        r: dict[str, Any] = {
+            "id": uuid.uuid4().bytes,
+            "created_at": now - timedelta(seconds=i),
+            "updated_at": now + timedelta(microseconds=i),
+        }
         if table == "sessions":
-            r.update(user_id=uuid.uuid4().bytes, title=f"t{i}", last_message="",
-                     last_message_at=None if i % 2 else now, turn_count=i)
+            r.update(
+                user_id=uuid.uuid4().bytes,
+                title=f"t{i}",
+                last_message="",
+                last_message_at=None if i % 2 else now,
+                turn_count=i,
+            )
         else:  # steps
-            r.update(agent_turn_id=uuid.uuid4().bytes, session_id=uuid.uuid4().bytes,
-                     kind="tool", payload=json.dumps({"i": i}))
+            r.update(
+                agent_turn_id=uuid.uuid4().bytes,
+                session_id=uuid.uuid4().bytes,
+                kind="tool",
+                payload=json.dumps({"i": i}),
+            )
         rows.append(r)
     schema = arrow_schema(table)
-    cols = [pa.array([r[f.name] for r in rows], type=f.type.storage_type
-                     if isinstance(f.type, pa.BaseExtensionType) else f.type) for f in schema]
+    cols = [
+        pa.array(
+            [r[f.name] for r in rows],
+            type=f.type.storage_type if isinstance(f.type, pa.BaseExtensionType) else f.type,
+        )
+        for f in schema
+    ]
     batch = pa.RecordBatch.from_arrays(cols, names=schema.names)
     path = tmp_path / f"{table}.parquet"
     pq.write_table(pa.Table.from_batches([batch]), path)
@@ -59,19 +76,25 @@ def stored(session: Session, keyspace: str, batch: pa.RecordBatch, table: str) -
             key = dict(zip(up.cql.split("(")[1].split(")")[0].split(", "), params, strict=False))
             rm = up.read_model
             where, value = {
-                "steps_by_turn": (("agent_turn_id", "created_at", "created_at_micros",
-                                   "step_id"), "kind"),
+                "steps_by_turn": (
+                    ("agent_turn_id", "created_at", "created_at_micros", "step_id"),
+                    "kind",
+                ),
                 "recent_conversations": (("user_id", "created_at", "session_id"), "title"),
-                "sessions_by_id": (("session_id",), "title")}[rm]
+                "sessions_by_id": (("session_id",), "title"),
+            }[rm]
             row = session.execute(
                 f"SELECT writetime({value}) AS wt FROM {keyspace}.{rm} WHERE "
-                + " AND ".join(f"{c} = %s" for c in where), [key[c] for c in where]).one()
+                + " AND ".join(f"{c} = %s" for c in where),
+                [key[c] for c in where],
+            ).one()
             found += row is not None and row.wt == params[-1]
     return found
 
 
 def test_a_table_the_writer_did_not_know_fails_the_chunk_then_loads(
-        keyspace: str, tmp_path: Path) -> None:
+    keyspace: str, tmp_path: Path
+) -> None:
     """SSTableLoader skips SSTables of a table missing from the ring answer it cached and
     still reports success: the writer must report that chunk as failed (never checkpointed),
     and the retry must load it."""

@@ -30,8 +30,10 @@ def test_insert_in_postgres_arrives_as_debezium_event(pg_app) -> None:
     consumer.assign(end_offsets(consumer, [topic]))
 
     session_id, user_id = uuid.uuid4(), uuid.uuid4()
-    pg_app.execute("INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, %s)",
-                   (session_id, user_id, "stack test"))
+    pg_app.execute(
+        "INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, %s)",
+        (session_id, user_id, "stack test"),
+    )
     pg_app.commit()
 
     event = None
@@ -59,11 +61,16 @@ def test_insert_in_postgres_arrives_as_debezium_event(pg_app) -> None:
 def test_scylla_driver_write_reads_back(cql) -> None:
     session_id, user_id = uuid.uuid4(), uuid.uuid4()
     created = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
-    cql.execute("INSERT INTO sessions_by_id (session_id, user_id, title, created_at, turn_count) "
-                "VALUES (%s, %s, %s, %s, %s) USING TIMESTAMP 1000",
-                (session_id, user_id, "hello", created, 3))
-    row = cql.execute("SELECT user_id, title, created_at, turn_count, WRITETIME(title) AS wt "
-                      "FROM sessions_by_id WHERE session_id = %s", (session_id,)).one()
+    cql.execute(
+        "INSERT INTO sessions_by_id (session_id, user_id, title, created_at, turn_count) "
+        "VALUES (%s, %s, %s, %s, %s) USING TIMESTAMP 1000",
+        (session_id, user_id, "hello", created, 3),
+    )
+    row = cql.execute(
+        "SELECT user_id, title, created_at, turn_count, WRITETIME(title) AS wt "
+        "FROM sessions_by_id WHERE session_id = %s",
+        (session_id,),
+    ).one()
     assert row.user_id == user_id
     assert row.title == "hello"
     assert row.created_at.replace(tzinfo=UTC) == created

@@ -14,14 +14,19 @@ from tests.unit.core.test_errors import FakeSession, _turn, _writer
 
 
 @given(st.text(max_size=3000), st.text(max_size=50), st.booleans())
-def test_the_estimate_before_binding_bounds_the_one_after(content: str, model: str,
-                                                          empty: bool) -> None:
+def test_the_estimate_before_binding_bounds_the_one_after(
+    content: str, model: str, empty: bool
+) -> None:
     content = content.encode("utf-8", "replace").decode("utf-8", "replace")  # encodable
     model = model.encode("utf-8", "replace").decode("utf-8", "replace")
     writer = _writer(FakeSession())
     m = _turn("" if empty else content)
-    m = type(m)(m.read_model, m.key, (("role", "user"), ("content", m.values[1][1]),
-                                      ("model", model)), m.timestamp_us)
+    m = type(m)(
+        m.read_model,
+        m.key,
+        (("role", "user"), ("content", m.values[1][1]), ("model", model)),
+        m.timestamp_us,
+    )
     [(prepared, params)] = writer.bound([m])
     bound = prepared.bind(params)
     assert _approx_bytes(params) >= _bound_bytes(bound.values)

@@ -7,14 +7,17 @@ from hypothesis import strategies as st
 
 from tasks.adapters.scylla import replica_batches
 
-_member = st.tuples(st.sampled_from([(1, 2), (2, 3), (3, 1)]), st.binary(min_size=1, max_size=2),
-                    st.integers(1, 300))
+_member = st.tuples(
+    st.sampled_from([(1, 2), (2, 3), (3, 1)]),
+    st.binary(min_size=1, max_size=2),
+    st.integers(1, 300),
+)
 
 
 @given(st.lists(_member, max_size=60), st.integers(1, 25), st.integers(1, 2000))
 def test_every_row_once_one_replica_set_per_batch_within_limits(
-        members: list[tuple[tuple[int, ...], bytes, int]], max_rows: int,
-        max_bytes: int) -> None:
+    members: list[tuple[tuple[int, ...], bytes, int]], max_rows: int, max_bytes: int
+) -> None:
     items = [(replicas, key, size, n) for n, (replicas, key, size) in enumerate(members)]
     batches = replica_batches(items, max_rows, max_bytes)
     assert sorted(n for b in batches for n in b) == list(range(len(items)))
@@ -27,7 +30,12 @@ def test_every_row_once_one_replica_set_per_batch_within_limits(
 
 
 def test_a_partitions_rows_stay_in_order_and_side_by_side() -> None:
-    items = [((1,), b"b", 10, "b1"), ((1,), b"a", 10, "a1"), ((1,), b"b", 10, "b2"),
-             ((1,), b"a", 10, "a2"), ((2,), b"c", 10, "c1")]
+    items = [
+        ((1,), b"b", 10, "b1"),
+        ((1,), b"a", 10, "a1"),
+        ((1,), b"b", 10, "b2"),
+        ((1,), b"a", 10, "a2"),
+        ((2,), b"c", 10, "c1"),
+    ]
     assert replica_batches(items, 3, 1000) == [["a1", "a2", "b1"], ["b2"], ["c1"]]
     assert replica_batches(items, 1, 1000) == [["a1"], ["a2"], ["b1"], ["b2"], ["c1"]]

@@ -39,7 +39,7 @@ def decode(payload: bytes, types: list[pa.DataType], rows: int) -> list[tuple[An
             if n < 0:
                 values.append(None)
                 continue
-            raw = payload[pos:pos + n]
+            raw = payload[pos : pos + n]
             pos += n
             if pa.types.is_fixed_size_binary(typ):
                 values.append(uuid.UUID(bytes=raw))
@@ -60,11 +60,16 @@ def as_cql(v: Any) -> Any:
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.sampled_from(SOURCE_TABLES).flatmap(
-    lambda t: st.tuples(st.just(t), st.lists(_row(t), min_size=1, max_size=12))),
-    st.sets(st.sampled_from(READ_MODELS), min_size=1), st.integers(0, 3))
-def test_sstable_rows_are_the_cql_parameters(table_rows: tuple[str, list[dict[str, Any]]],
-                                             models: set[str], skip: int) -> None:
+@given(
+    st.sampled_from(SOURCE_TABLES).flatmap(
+        lambda t: st.tuples(st.just(t), st.lists(_row(t), min_size=1, max_size=12))
+    ),
+    st.sets(st.sampled_from(READ_MODELS), min_size=1),
+    st.integers(0, 3),
+)
+def test_sstable_rows_are_the_cql_parameters(
+    table_rows: tuple[str, list[dict[str, Any]]], models: set[str], skip: int
+) -> None:
     table, rows = table_rows
     # A slice too: Arrow arrays that do not start at their buffers' beginning.
     batch = _batch(table, rows).slice(min(skip, len(rows) - 1))
@@ -88,23 +93,42 @@ def test_nulls_and_empty_strings_stay_apart() -> None:
 
 def test_typed_columns_refuse_what_the_row_path_refuses() -> None:
     now = datetime.now(UTC)
-    row = {"id": uuid.uuid4(), "session_id": uuid.uuid4(), "content": "x", "created_at": now,
-           "updated_at": now}
+    row = {
+        "id": uuid.uuid4(),
+        "session_id": uuid.uuid4(),
+        "content": "x",
+        "created_at": now,
+        "updated_at": now,
+    }
     batch = _batch("human_turns", [row])
     with pytest.raises(DecodeError, match=r"human_turns.content: NULL"):
-        project_arrow_columns("human_turns", batch.set_column(
-            2, "content", pa.array([None], pa.string())), KS)
+        project_arrow_columns(
+            "human_turns", batch.set_column(2, "content", pa.array([None], pa.string())), KS
+        )
     with pytest.raises(DecodeError, match=r"created_at: expected timestamp\[us\] with a time"):
-        project_arrow_columns("human_turns", batch.set_column(
-            3, "created_at", pa.array([now.replace(tzinfo=None)], pa.timestamp("us"))), KS)
-    session = {"id": uuid.uuid4(), "user_id": uuid.uuid4(), "title": "t", "created_at": now,
-               "updated_at": now, "last_message": "", "last_message_at": None,
-               "turn_count": 1}
+        project_arrow_columns(
+            "human_turns",
+            batch.set_column(
+                3, "created_at", pa.array([now.replace(tzinfo=None)], pa.timestamp("us"))
+            ),
+            KS,
+        )
+    session = {
+        "id": uuid.uuid4(),
+        "user_id": uuid.uuid4(),
+        "title": "t",
+        "created_at": now,
+        "updated_at": now,
+        "last_message": "",
+        "last_message_at": None,
+        "turn_count": 1,
+    }
     big = _batch("sessions", [session])
     i = big.schema.get_field_index("turn_count")
     with pytest.raises(DecodeError, match=r"turn_count: out of range"):
-        project_arrow_columns("sessions", big.set_column(
-            i, "turn_count", pa.array([2**31], pa.int64())), KS)
+        project_arrow_columns(
+            "sessions", big.set_column(i, "turn_count", pa.array([2**31], pa.int64())), KS
+        )
 
 
 def test_split_cuts_rows_into_zero_copy_pieces_under_the_byte_cap() -> None:

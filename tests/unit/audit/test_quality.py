@@ -44,33 +44,91 @@ def good_rows(read_model: str) -> list[Row]:
     naive = {t: t.replace(tzinfo=None) for t in (T1, T2, T3)}
     if read_model == "recent_conversations":
         return [
-            {"user_id": USER, "created_at": naive[T2], "session_id": S2, "title": "",
-             "last_message": "", "last_message_at": None, "turn_count": 0},
-            {"user_id": USER, "created_at": naive[T1], "session_id": S1, "title": "Trip",
-             "last_message": "x" * 500, "last_message_at": naive[T3], "turn_count": 3},
+            {
+                "user_id": USER,
+                "created_at": naive[T2],
+                "session_id": S2,
+                "title": "",
+                "last_message": "",
+                "last_message_at": None,
+                "turn_count": 0,
+            },
+            {
+                "user_id": USER,
+                "created_at": naive[T1],
+                "session_id": S1,
+                "title": "Trip",
+                "last_message": "x" * 500,
+                "last_message_at": naive[T3],
+                "turn_count": 3,
+            },
         ]
     if read_model == "sessions_by_id":
         return [
-            {"session_id": S1, "user_id": USER, "title": "Trip", "created_at": naive[T1],
-             "last_message": "Sure: Lisbon.", "last_message_at": naive[T3], "turn_count": 3},
-            {"session_id": S2, "user_id": USER, "title": "", "created_at": naive[T2],
-             "last_message": "", "last_message_at": None, "turn_count": 0},
+            {
+                "session_id": S1,
+                "user_id": USER,
+                "title": "Trip",
+                "created_at": naive[T1],
+                "last_message": "Sure: Lisbon.",
+                "last_message_at": naive[T3],
+                "turn_count": 3,
+            },
+            {
+                "session_id": S2,
+                "user_id": USER,
+                "title": "",
+                "created_at": naive[T2],
+                "last_message": "",
+                "last_message_at": None,
+                "turn_count": 0,
+            },
         ]
     if read_model == "conversation_timeline":
         return [
-            {"session_id": S1, "created_at": naive[T1], "turn_id": H1, "role": "human",
-             "content": "Where to?", "model": None},
-            {"session_id": S1, "created_at": naive[T2], "turn_id": A1, "role": "agent",
-             "content": "", "model": ""},  # agent content and model may be empty
-            {"session_id": S1, "created_at": naive[T3], "turn_id": H2, "role": "human",
-             "content": "Lisbon?", "model": None},
+            {
+                "session_id": S1,
+                "created_at": naive[T1],
+                "turn_id": H1,
+                "role": "human",
+                "content": "Where to?",
+                "model": None,
+            },
+            {
+                "session_id": S1,
+                "created_at": naive[T2],
+                "turn_id": A1,
+                "role": "agent",
+                "content": "",
+                "model": "",
+            },  # agent content and model may be empty
+            {
+                "session_id": S1,
+                "created_at": naive[T3],
+                "turn_id": H2,
+                "role": "human",
+                "content": "Lisbon?",
+                "model": None,
+            },
         ]
     if read_model == "steps_by_turn":
         return [
-            {"agent_turn_id": A1, "created_at": naive[T2], "step_id": ST1, "session_id": S1,
-             "kind": "tool_call", "payload": '{"args":{"q":"lisbon"},"tool":"search"}'},
-            {"agent_turn_id": A1, "created_at": naive[T2], "step_id": ST2, "session_id": S1,
-             "kind": "answer", "payload": "null"},
+            {
+                "agent_turn_id": A1,
+                "created_at": naive[T2],
+                "step_id": ST1,
+                "session_id": S1,
+                "kind": "tool_call",
+                "payload": '{"args":{"q":"lisbon"},"tool":"search"}',
+            },
+            {
+                "agent_turn_id": A1,
+                "created_at": naive[T2],
+                "step_id": ST2,
+                "session_id": S1,
+                "kind": "answer",
+                "payload": "null",
+            },
         ]
     raise AssertionError(read_model)
 
@@ -115,8 +173,10 @@ def test_a_new_column_does_not_break_the_suites(read_model: str) -> None:
 
 @pytest.mark.parametrize("read_model", READ_MODELS)
 def test_timestamps_may_be_tz_aware(read_model: str) -> None:
-    rows = [{k: v.replace(tzinfo=UTC) if isinstance(v, datetime) else v for k, v in r.items()}
-            for r in good_rows(read_model)]
+    rows = [
+        {k: v.replace(tzinfo=UTC) if isinstance(v, datetime) else v for k, v in r.items()}
+        for r in good_rows(read_model)
+    ]
     assert validate(read_model, rows).success
 
 
@@ -149,12 +209,14 @@ Mutation = Callable[[list[Row]], None]
 def set_(i: int, **values: Any) -> Mutation:
     def apply(rows: list[Row]) -> None:
         rows[i].update(values)
+
     return apply
 
 
 def dup(i: int, **values: Any) -> Mutation:
     def apply(rows: list[Row]) -> None:
         rows.append(copy.copy(rows[i]) | values)
+
     return apply
 
 
@@ -176,10 +238,16 @@ def _header_violations(rm: str, first: str) -> list[tuple[str, str, Mutation]]:
         (rm, f"{LEN}(last_message)", set_(with_turns, last_message="m" * 501)),
         (rm, f"{NN}(turn_count)", set_(with_turns, turn_count=None)),
         (rm, f"{BETWEEN}(turn_count)", set_(with_turns, turn_count=-1)),
-        (rm, "expect_column_values_to_be_null(last_message_at where turn_count == 0)",
-         set_(no_turns, last_message_at=T3.replace(tzinfo=None))),
-        (rm, "expect_column_value_lengths_to_equal(last_message where turn_count == 0)",
-         set_(no_turns, last_message="hello")),
+        (
+            rm,
+            "expect_column_values_to_be_null(last_message_at where turn_count == 0)",
+            set_(no_turns, last_message_at=T3.replace(tzinfo=None)),
+        ),
+        (
+            rm,
+            "expect_column_value_lengths_to_equal(last_message where turn_count == 0)",
+            set_(no_turns, last_message="hello"),
+        ),
         (rm, f"{NN}(last_message_at where turn_count > 0)", set_(with_turns, last_message_at=None)),
         (rm, f"{BETWEEN}(created_at)", set_(0, created_at=FUTURE)),
         (rm, f"{BETWEEN}(last_message_at)", set_(with_turns, last_message_at=FUTURE)),
@@ -192,10 +260,16 @@ VIOLATIONS: list[tuple[str, str, Mutation]] = [
     # recent_conversations
     *_header_violations("recent_conversations", "user_id"),
     ("recent_conversations", f"{NN}(session_id)", set_(0, session_id=None)),
-    ("recent_conversations",
-     "expect_compound_columns_to_be_unique(user_id, created_at, session_id)", dup(0)),
-    ("recent_conversations", "expect_column_values_to_be_unique(session_id)",
-     dup(1, created_at=OTHER)),  # a moved session left a copy behind
+    (
+        "recent_conversations",
+        "expect_compound_columns_to_be_unique(user_id, created_at, session_id)",
+        dup(0),
+    ),
+    (
+        "recent_conversations",
+        "expect_column_values_to_be_unique(session_id)",
+        dup(1, created_at=OTHER),
+    ),  # a moved session left a copy behind
     # sessions_by_id
     *_header_violations("sessions_by_id", "session_id"),
     ("sessions_by_id", "expect_column_values_to_be_unique(session_id)", dup(0)),
@@ -204,26 +278,37 @@ VIOLATIONS: list[tuple[str, str, Mutation]] = [
     ("conversation_timeline", f"{NN}(session_id)", set_(0, session_id=None)),
     ("conversation_timeline", f"{NN}(created_at)", set_(1, created_at=None)),
     ("conversation_timeline", f"{NN}(turn_id)", set_(2, turn_id=None)),
-    ("conversation_timeline",
-     "expect_compound_columns_to_be_unique(session_id, created_at, turn_id)", dup(1)),
-    ("conversation_timeline", "expect_column_values_to_be_unique(turn_id)",
-     dup(0, created_at=OTHER)),
+    (
+        "conversation_timeline",
+        "expect_compound_columns_to_be_unique(session_id, created_at, turn_id)",
+        dup(1),
+    ),
+    (
+        "conversation_timeline",
+        "expect_column_values_to_be_unique(turn_id)",
+        dup(0, created_at=OTHER),
+    ),
     ("conversation_timeline", f"{NN}(role)", set_(0, role=None)),
     ("conversation_timeline", "expect_column_values_to_be_in_set(role)", set_(1, role="robot")),
     ("conversation_timeline", f"{NN}(content)", set_(1, content=None)),
     ("conversation_timeline", f"{LEN}(content where role == 'human')", set_(0, content="")),
-    ("conversation_timeline", "expect_column_values_to_be_null(model where role == 'human')",
-     set_(2, model="gpt-x")),
+    (
+        "conversation_timeline",
+        "expect_column_values_to_be_null(model where role == 'human')",
+        set_(2, model="gpt-x"),
+    ),
     ("conversation_timeline", f"{NN}(model where role == 'agent')", set_(1, model=None)),
-    ("conversation_timeline", f"{LEN}(model)",
-     set_(1, model="m" * (POLICY.max_model_chars + 1))),
+    ("conversation_timeline", f"{LEN}(model)", set_(1, model="m" * (POLICY.max_model_chars + 1))),
     ("conversation_timeline", f"{BETWEEN}(created_at)", set_(2, created_at=FUTURE)),
     # steps_by_turn
     ("steps_by_turn", f"{NN}(agent_turn_id)", set_(0, agent_turn_id=None)),
     ("steps_by_turn", f"{NN}(created_at)", set_(0, created_at=None)),
     ("steps_by_turn", f"{NN}(step_id)", set_(1, step_id=None)),
-    ("steps_by_turn", "expect_compound_columns_to_be_unique(agent_turn_id, created_at, step_id)",
-     dup(0)),
+    (
+        "steps_by_turn",
+        "expect_compound_columns_to_be_unique(agent_turn_id, created_at, step_id)",
+        dup(0),
+    ),
     ("steps_by_turn", "expect_column_values_to_be_unique(step_id)", dup(0, created_at=OTHER)),
     ("steps_by_turn", f"{NN}(session_id)", set_(1, session_id=None)),
     ("steps_by_turn", f"{NN}(kind)", set_(0, kind=None)),
@@ -231,16 +316,23 @@ VIOLATIONS: list[tuple[str, str, Mutation]] = [
     ("steps_by_turn", f"{LEN}(kind)", set_(0, kind="k" * (POLICY.max_kind_chars + 1))),
     ("steps_by_turn", "expect_column_values_to_match_regex(kind)", set_(1, kind=" \t")),
     ("steps_by_turn", f"{NN}(payload)", set_(0, payload=None)),
-    ("steps_by_turn", "expect_column_values_to_be_json_parseable(payload)",
-     set_(1, payload='{"tool": "search",')),
+    (
+        "steps_by_turn",
+        "expect_column_values_to_be_json_parseable(payload)",
+        set_(1, payload='{"tool": "search",'),
+    ),
     ("steps_by_turn", f"{BETWEEN}(created_at)", set_(1, created_at=FUTURE)),
 ]
 
 
-@pytest.mark.parametrize(("read_model", "expectation", "mutate"), VIOLATIONS,
-                         ids=[f"{rm}-{name}" for rm, name, _ in VIOLATIONS])
-def test_a_violation_fails_naming_the_expectation(read_model: str, expectation: str,
-                                                  mutate: Mutation) -> None:
+@pytest.mark.parametrize(
+    ("read_model", "expectation", "mutate"),
+    VIOLATIONS,
+    ids=[f"{rm}-{name}" for rm, name, _ in VIOLATIONS],
+)
+def test_a_violation_fails_naming_the_expectation(
+    read_model: str, expectation: str, mutate: Mutation
+) -> None:
     rows = copy.deepcopy(good_rows(read_model))
     mutate(rows)
     result = validate(read_model, rows)
@@ -262,8 +354,17 @@ def test_every_expectation_is_exercised() -> None:
 
 def test_failure_details_count_and_show_the_offending_values() -> None:
     rows = good_rows("conversation_timeline")
-    rows += [{"session_id": S1, "created_at": T3.replace(tzinfo=None), "turn_id": uid(100 + i),
-              "role": "robot", "content": "beep", "model": None} for i in range(8)]
+    rows += [
+        {
+            "session_id": S1,
+            "created_at": T3.replace(tzinfo=None),
+            "turn_id": uid(100 + i),
+            "role": "robot",
+            "content": "beep",
+            "model": None,
+        }
+        for i in range(8)
+    ]
     result = validate("conversation_timeline", rows)
     f = result.failure("expect_column_values_to_be_in_set", "role")
     assert f is not None
@@ -338,15 +439,29 @@ def test_a_misnamed_or_broken_suite_is_a_configuration_error(tmp_path: Path) -> 
         quality.load_suite("steps_by_turn", tmp_path)
     with pytest.raises(ConfigurationError, match="no expectation suite"):
         quality.load_suite("conversation_timeline", tmp_path)
-    (tmp_path / "recent_conversations.json").write_text(json.dumps(
-        {"name": "recent_conversations",
-         "expectations": [{"type": "expect_no_such_thing", "kwargs": {}}]}))
+    (tmp_path / "recent_conversations.json").write_text(
+        json.dumps(
+            {
+                "name": "recent_conversations",
+                "expectations": [{"type": "expect_no_such_thing", "kwargs": {}}],
+            }
+        )
+    )
     # GX's ExpectationSuite would log and drop these; load_suite refuses them
     with pytest.raises(ConfigurationError, match=r"expectations\[0\] \(expect_no_such_thing"):
         quality.load_suite("recent_conversations", tmp_path)
-    (tmp_path / "recent_conversations.json").write_text(json.dumps(
-        {"name": "recent_conversations",
-         "expectations": [{"type": "expect_column_values_to_be_in_set",
-                           "kwargs": {"column": "role", "value_sett": ["human"]}}]}))
+    (tmp_path / "recent_conversations.json").write_text(
+        json.dumps(
+            {
+                "name": "recent_conversations",
+                "expectations": [
+                    {
+                        "type": "expect_column_values_to_be_in_set",
+                        "kwargs": {"column": "role", "value_sett": ["human"]},
+                    }
+                ],
+            }
+        )
+    )
     with pytest.raises(ConfigurationError, match="invalid expectation suite"):
         quality.load_suite("recent_conversations", tmp_path)

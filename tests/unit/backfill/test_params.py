@@ -45,27 +45,32 @@ def test_defaults_are_valid_and_cover_every_read_model() -> None:
     assert not (p.resume or p.dry_run or p.rebuild or p.no_cdc)
 
 
-@pytest.mark.parametrize(("params", "named"), [
-    ({"read_models": ["conversation_timeline", "nope"]}, "read_models: unknown read model"),
-    ({"read_models": []}, "read_models: must name at least one"),
-    ({"chunk_size": 0}, "chunk_size: Input should be greater than 0"),
-    ({"chunk_size": -5}, "chunk_size: Input should be greater than 0"),
-    ({"concurrency": 0}, "concurrency: Input should be greater than 0"),
-    ({"readers": -1}, "readers: Input should be greater than 0"),
-    ({"rate_limit_rows_per_s": 0}, "rate_limit_rows_per_s: Input should be greater than 0"),
-    ({"rate_limit_rows_per_s": -100.0}, "rate_limit_rows_per_s: Input should be greater"),
-    ({"user_ids": ["not-a-uuid"]}, "user_ids.0: Input should be a valid UUID"),
-    ({"user_ids": [str(uuid.uuid4()), "1234"]}, "user_ids.1: Input should be a valid UUID"),
-    ({"user_ids": []}, "user_ids: an empty list would select nothing"),
-    ({"created_from": "2026-01-01T00:00:00"}, "created_from: Input should have timezone"),
-    ({"created_from": "yesterday"}, "created_from: Input should be a valid datetime"),
-    ({"created_from": "2026-02-01T00:00:00Z", "created_to": "2026-01-01T00:00:00Z"},
-     "created_from .* must be before created_to"),
-    ({"rebuild": True, "resume": True}, "rebuild and resume together"),
-    ({"keyspace": "drop table; --"}, "keyspace: must be a CQL identifier"),
-    ({"chunk_size": "ten"}, "chunk_size: Input should be a valid integer"),
-    ({"bogus": 1}, "bogus: Extra inputs are not permitted"),
-])
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"read_models": ["conversation_timeline", "nope"]}, "read_models: unknown read model"),
+        ({"read_models": []}, "read_models: must name at least one"),
+        ({"chunk_size": 0}, "chunk_size: Input should be greater than 0"),
+        ({"chunk_size": -5}, "chunk_size: Input should be greater than 0"),
+        ({"concurrency": 0}, "concurrency: Input should be greater than 0"),
+        ({"readers": -1}, "readers: Input should be greater than 0"),
+        ({"rate_limit_rows_per_s": 0}, "rate_limit_rows_per_s: Input should be greater than 0"),
+        ({"rate_limit_rows_per_s": -100.0}, "rate_limit_rows_per_s: Input should be greater"),
+        ({"user_ids": ["not-a-uuid"]}, "user_ids.0: Input should be a valid UUID"),
+        ({"user_ids": [str(uuid.uuid4()), "1234"]}, "user_ids.1: Input should be a valid UUID"),
+        ({"user_ids": []}, "user_ids: an empty list would select nothing"),
+        ({"created_from": "2026-01-01T00:00:00"}, "created_from: Input should have timezone"),
+        ({"created_from": "yesterday"}, "created_from: Input should be a valid datetime"),
+        (
+            {"created_from": "2026-02-01T00:00:00Z", "created_to": "2026-01-01T00:00:00Z"},
+            "created_from .* must be before created_to",
+        ),
+        ({"rebuild": True, "resume": True}, "rebuild and resume together"),
+        ({"keyspace": "drop table; --"}, "keyspace: must be a CQL identifier"),
+        ({"chunk_size": "ten"}, "chunk_size: Input should be a valid integer"),
+        ({"bogus": 1}, "bogus: Extra inputs are not permitted"),
+    ],
+)
 def test_bad_parameters_name_themselves(params: dict[str, object], named: str) -> None:
     with pytest.raises(ConfigurationError, match=named):
         validate(params)
@@ -91,8 +96,15 @@ def test_snapshot_dir_must_be_a_complete_snapshot(tmp_path: Path) -> None:
 
 def test_strings_from_the_command_line_are_parsed() -> None:
     u = uuid.uuid4()
-    p = validate({"user_ids": [str(u)], "chunk_size": "1000", "rate_limit_rows_per_s": "2.5",
-                  "created_from": "2026-01-01T00:00:00+02:00", "read_models": "sessions_by_id"})
+    p = validate(
+        {
+            "user_ids": [str(u)],
+            "chunk_size": "1000",
+            "rate_limit_rows_per_s": "2.5",
+            "created_from": "2026-01-01T00:00:00+02:00",
+            "read_models": "sessions_by_id",
+        }
+    )
     assert p.user_ids == (u,)
     assert p.chunk_size == 1000 and p.rate_limit_rows_per_s == 2.5
     assert p.created_from == datetime(2025, 12, 31, 22, tzinfo=UTC)
@@ -106,9 +118,9 @@ def test_cli_flow_and_model_have_the_same_parameters() -> None:
     assert flow_params == set(BackfillParams.model_fields) == cli
 
 
-def test_cli_rejects_bad_parameters_before_starting_a_flow(capsys: pytest.CaptureFixture[str],
-                                                           monkeypatch: pytest.MonkeyPatch
-                                                           ) -> None:
+def test_cli_rejects_bad_parameters_before_starting_a_flow(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     def must_not_run(**_: object) -> None:
         raise AssertionError("the flow was started")
 
@@ -255,13 +267,16 @@ def test_one_rate_limit_holds_for_several_worker_processes() -> None:
     limiter = RowRateLimiter.shared(limit)
     ctx = multiprocessing.get_context("spawn")
     try:
-        with ProcessPoolExecutor(3, mp_context=ctx, initializer=limiter_worker.join,
-                                 initargs=(limiter.for_worker(),)) as pool:
+        with ProcessPoolExecutor(
+            3, mp_context=ctx, initializer=limiter_worker.join, initargs=(limiter.for_worker(),)
+        ) as pool:
             # All three processes started and imported before the clock starts.
             pids: set[int] = set()
             for _ in range(20):
-                pids |= {f.result(timeout=120) for f in
-                         [pool.submit(limiter_worker.ready, 0.3) for _ in range(3)]}
+                pids |= {
+                    f.result(timeout=120)
+                    for f in [pool.submit(limiter_worker.ready, 0.3) for _ in range(3)]
+                }
                 if len(pids) == 3:
                     break
             assert len(pids) == 3, pids
@@ -279,7 +294,8 @@ def test_one_rate_limit_holds_for_several_worker_processes() -> None:
 
 
 def test_batching_writer_drops_only_the_replica_batch_warning(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # The server warns on every batch over 10 partitions; the loader's batches span
     # partitions of one replica set on purpose. Other server warnings still get through.
     from cassandra.protocol import log as driver_log
@@ -288,30 +304,35 @@ def test_batching_writer_drops_only_the_replica_batch_warning(
 
     ScyllaWriter(object(), "ks", batch_rows=20)  # type: ignore[arg-type]
     with caplog.at_level("WARNING", logger="cassandra.protocol"):
-        driver_log.warning("Server warning: %s", "Unlogged batch covering 13 partitions "
-                                                 "detected against table [ks.t].")
+        driver_log.warning(
+            "Server warning: %s",
+            "Unlogged batch covering 13 partitions detected against table [ks.t].",
+        )
         driver_log.warning("Server warning: %s", "Batch for [ks.t] is of size 6.1KiB")
     assert [r.getMessage() for r in caplog.records] == [
-        "Server warning: Batch for [ks.t] is of size 6.1KiB"]
+        "Server warning: Batch for [ks.t] is of size 6.1KiB"
+    ]
 
 
 # --------------------------------------------------------------------------------------------
 # Values that used to pass: each now stops the run with a message naming it
 
 
-@pytest.mark.parametrize(("params", "named"), [
-    ({"rate_limit_rows_per_s": float("inf")}, "rate_limit_rows_per_s: .*finite"),
-    ({"rate_limit_rows_per_s": "inf"}, "rate_limit_rows_per_s: .*finite"),
-    ({"rate_limit_rows_per_s": float("nan")}, "rate_limit_rows_per_s: .*finite"),
-    ({"readers": 10_000}, "readers: Input should be less than or equal to"),
-    ({"concurrency": 10**9}, "concurrency: Input should be less than or equal to"),
-    ({"chunk_size": 10**12}, "chunk_size: Input should be less than or equal to"),
-    ({"write_batch_rows": 10**6}, "write_batch_rows: Input should be less than or equal to"),
-    ({"chunk_size": True}, "chunk_size: Input should be a valid integer"),
-    ({"readers": False}, "readers: Input should be a valid integer"),
-])
-def test_unbounded_or_non_numeric_values_are_refused(params: dict[str, object],
-                                                     named: str) -> None:
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"rate_limit_rows_per_s": float("inf")}, "rate_limit_rows_per_s: .*finite"),
+        ({"rate_limit_rows_per_s": "inf"}, "rate_limit_rows_per_s: .*finite"),
+        ({"rate_limit_rows_per_s": float("nan")}, "rate_limit_rows_per_s: .*finite"),
+        ({"readers": 10_000}, "readers: Input should be less than or equal to"),
+        ({"concurrency": 10**9}, "concurrency: Input should be less than or equal to"),
+        ({"chunk_size": 10**12}, "chunk_size: Input should be less than or equal to"),
+        ({"write_batch_rows": 10**6}, "write_batch_rows: Input should be less than or equal to"),
+        ({"chunk_size": True}, "chunk_size: Input should be a valid integer"),
+        ({"readers": False}, "readers: Input should be a valid integer"),
+    ],
+)
+def test_unbounded_or_non_numeric_values_are_refused(params: dict[str, object], named: str) -> None:
     with pytest.raises(ConfigurationError, match=named):
         validate(params)
 
@@ -319,11 +340,23 @@ def test_unbounded_or_non_numeric_values_are_refused(params: dict[str, object],
 def _snapshot(tmp_path: Path, filt: SnapshotFilter | None = None) -> Path:
     d = tmp_path / "snap"
     d.mkdir()
-    (d / "manifest.json").write_text(json.dumps({
-        "snapshot_id": "s", "snapshot_time": datetime.now(UTC).isoformat(), "wal_lsn": "0/1",
-        "slot": {"exists": True}, "filter": (filt or SnapshotFilter()).to_json(),
-        "read_models": list(READ_MODELS), "chunk_size": 10, "tables": {}, "chunks": [],
-        "seconds": 0.0, "format": 1}))
+    (d / "manifest.json").write_text(
+        json.dumps(
+            {
+                "snapshot_id": "s",
+                "snapshot_time": datetime.now(UTC).isoformat(),
+                "wal_lsn": "0/1",
+                "slot": {"exists": True},
+                "filter": (filt or SnapshotFilter()).to_json(),
+                "read_models": list(READ_MODELS),
+                "chunk_size": 10,
+                "tables": {},
+                "chunks": [],
+                "seconds": 0.0,
+                "format": 1,
+            }
+        )
+    )
     return d
 
 
@@ -338,8 +371,11 @@ def test_snapshot_dir_with_other_filters_is_refused(tmp_path: Path) -> None:
         validate({"snapshot_dir": str(d), "created_from": "2026-01-01T00:00:00Z"})
     unfiltered = tmp_path / "other"
     unfiltered.mkdir()
-    (unfiltered / "manifest.json").write_text((d / "manifest.json").read_text().replace(
-        f'"{u}"', '"00000000-0000-0000-0000-000000000001"'))
+    (unfiltered / "manifest.json").write_text(
+        (d / "manifest.json")
+        .read_text()
+        .replace(f'"{u}"', '"00000000-0000-0000-0000-000000000001"')
+    )
     with pytest.raises(ConfigurationError, match=r"snapshot_dir .* filter"):
         validate({"snapshot_dir": str(unfiltered), "user_ids": [str(u)]})
 
@@ -361,7 +397,9 @@ def test_snapshot_age_against_gc_grace_seconds() -> None:
     taken = datetime(2026, 1, 1, tzinfo=UTC)
     grace = {"conversation_timeline": 864_000, "sessions_by_id": 3_600}
     check_snapshot_age(taken, grace, now=taken + timedelta(seconds=3_599))
-    with pytest.raises(ConfigurationError,
-                       match=r"older than .*gc_grace_seconds.*sessions_by_id.*allow_old_snapshot"):
+    with pytest.raises(
+        ConfigurationError,
+        match=r"older than .*gc_grace_seconds.*sessions_by_id.*allow_old_snapshot",
+    ):
         check_snapshot_age(taken, grace, now=taken + timedelta(seconds=3_601))
     check_snapshot_age(taken, grace, now=taken + timedelta(days=30), allow=True)

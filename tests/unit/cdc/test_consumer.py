@@ -21,16 +21,27 @@ T0 = "2026-11-28T08:15:21.518631Z"
 
 
 def event(content: str, op: str = "c") -> bytes:
-    return json.dumps({
-        "before": None, "op": op,
-        "after": {"id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()),
-                  "content": content, "created_at": T0, "updated_at": T0},
-        "source": {"table": "human_turns", "ts_us": 1, "lsn": 1}}).encode()
+    return json.dumps(
+        {
+            "before": None,
+            "op": op,
+            "after": {
+                "id": str(uuid.uuid4()),
+                "session_id": str(uuid.uuid4()),
+                "content": content,
+                "created_at": T0,
+                "updated_at": T0,
+            },
+            "source": {"table": "human_turns", "ts_us": 1, "lsn": 1},
+        }
+    ).encode()
 
 
 def messages(*values: bytes) -> list[Message]:
-    return [Message(topic="cqrs.public.human_turns", partition=0, offset=i, key=b"k", value=v)
-            for i, v in enumerate(values)]
+    return [
+        Message(topic="cqrs.public.human_turns", partition=0, offset=i, key=b"k", value=v)
+        for i, v in enumerate(values)
+    ]
 
 
 class FakeWriter:
@@ -61,8 +72,11 @@ class FakeDeadLetters:
 
 
 def consumer(writer: FakeWriter) -> CdcConsumer:
-    c = CdcConsumer(writer, CdcOptions(retry_initial_s=0.001, retry_max_s=0.002),  # type: ignore[arg-type]
-                    KafkaSettings(bootstrap_servers="127.0.0.1:1"))
+    c = CdcConsumer(
+        writer,
+        CdcOptions(retry_initial_s=0.001, retry_max_s=0.002),  # type: ignore[arg-type]
+        KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+    )
     c.dead_letters = FakeDeadLetters()  # type: ignore[assignment]
     return c
 

@@ -17,7 +17,10 @@ def test_committed_offsets_inside_the_log_are_kept_and_a_new_partition_starts_at
     positions, gaps = start_positions(committed(150, OFFSET_INVALID, 10), MARKS)
     assert gaps == []
     assert [(tp.partition, tp.offset) for tp in positions] == [
-        (0, 150), (1, OFFSET_BEGINNING), (2, 10)]
+        (0, 150),
+        (1, OFFSET_BEGINNING),
+        (2, 10),
+    ]
     # The bounds themselves are inside: the log's first offset, and caught up at its end.
     assert start_positions(committed(100, 50, 10), MARKS)[1] == []
     assert start_positions(committed(200, 0, 10), MARKS)[1] == []

@@ -22,32 +22,43 @@ def test_keyword_construction_and_defaults() -> None:
     assert o.read_models == READ_MODELS and isinstance(o.read_models, tuple)
     # After an outage a latency-minded consumer must not wait 10 s before retrying.
     assert o.retry_max_s == 2.0
-    for name in ("batch_size", "batch_timeout_s", "max_messages", "max_seconds",
-                 "report_interval_s", "read_models", "retry_initial_s", "retry_max_s",
-                 "idle_exit_s"):
+    for name in (
+        "batch_size",
+        "batch_timeout_s",
+        "max_messages",
+        "max_seconds",
+        "report_interval_s",
+        "read_models",
+        "retry_initial_s",
+        "retry_max_s",
+        "idle_exit_s",
+    ):
         assert hasattr(o, name)
     with pytest.raises(Exception):  # noqa: B017 - frozen, whatever the exception class
         o.batch_size = 3  # type: ignore[misc]
 
 
-@pytest.mark.parametrize(("params", "named"), [
-    ({"report_interval_s": math.nan}, "report_interval_s: .*finite"),
-    ({"report_interval_s": math.inf}, "report_interval_s: .*finite"),
-    ({"max_seconds": math.inf}, "max_seconds: .*finite"),
-    ({"idle_exit_s": 0}, "idle_exit_s: Input should be greater than 0"),
-    ({"idle_exit_s": -1.0}, "idle_exit_s: Input should be greater than 0"),
-    ({"retry_initial_s": 0}, "retry_initial_s: Input should be greater than 0"),
-    ({"retry_max_s": -2.0}, "retry_max_s: Input should be greater than 0"),
-    ({"retry_initial_s": 5.0, "retry_max_s": 1.0}, "retry_initial_s .* must not exceed"),
-    ({"batch_size": True}, "batch_size: Input should be a valid integer"),
-    ({"max_messages": False}, "max_messages: Input should be a valid integer"),
-    ({"batch_size": 10**9}, "batch_size: Input should be less than or equal to"),
-    ({"batch_size": "10"}, "batch_size: Input should be a valid integer"),
-    ({"batch_timeout_s": 0.0}, "batch_timeout_s: Input should be greater than 0"),
-    ({"read_models": []}, "read_models: must name at least one read model"),
-    ({"read_models": ("conversation_timeline", "nope")}, "read_models: unknown read model"),
-    ({"bogus": 1}, "bogus: Extra inputs are not permitted"),
-])
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"report_interval_s": math.nan}, "report_interval_s: .*finite"),
+        ({"report_interval_s": math.inf}, "report_interval_s: .*finite"),
+        ({"max_seconds": math.inf}, "max_seconds: .*finite"),
+        ({"idle_exit_s": 0}, "idle_exit_s: Input should be greater than 0"),
+        ({"idle_exit_s": -1.0}, "idle_exit_s: Input should be greater than 0"),
+        ({"retry_initial_s": 0}, "retry_initial_s: Input should be greater than 0"),
+        ({"retry_max_s": -2.0}, "retry_max_s: Input should be greater than 0"),
+        ({"retry_initial_s": 5.0, "retry_max_s": 1.0}, "retry_initial_s .* must not exceed"),
+        ({"batch_size": True}, "batch_size: Input should be a valid integer"),
+        ({"max_messages": False}, "max_messages: Input should be a valid integer"),
+        ({"batch_size": 10**9}, "batch_size: Input should be less than or equal to"),
+        ({"batch_size": "10"}, "batch_size: Input should be a valid integer"),
+        ({"batch_timeout_s": 0.0}, "batch_timeout_s: Input should be greater than 0"),
+        ({"read_models": []}, "read_models: must name at least one read model"),
+        ({"read_models": ("conversation_timeline", "nope")}, "read_models: unknown read model"),
+        ({"bogus": 1}, "bogus: Extra inputs are not permitted"),
+    ],
+)
 def test_bad_options_name_themselves(params: dict[str, object], named: str) -> None:
     with pytest.raises(ConfigurationError, match=named):
         CdcOptions(**params)  # type: ignore[arg-type]
@@ -69,12 +80,17 @@ def test_a_subset_gets_a_consumer_group_of_its_own() -> None:
 
     assert consumer_group_for(SHARED, READ_MODELS) == SHARED
     assert consumer_group_for(SHARED, READ_MODELS, "mine") == "mine"
-    assert consumer_group_for(SHARED, ("conversation_timeline",)) == \
-        "cqrs-sync-cdc.conversation_timeline"
-    assert consumer_group_for(SHARED, ("steps_by_turn", "conversation_timeline")) == \
-        "cqrs-sync-cdc.conversation_timeline.steps_by_turn"
-    assert consumer_group_for(SHARED, ("conversation_timeline",), "timeline-only") == \
-        "timeline-only"
+    assert (
+        consumer_group_for(SHARED, ("conversation_timeline",))
+        == "cqrs-sync-cdc.conversation_timeline"
+    )
+    assert (
+        consumer_group_for(SHARED, ("steps_by_turn", "conversation_timeline"))
+        == "cqrs-sync-cdc.conversation_timeline.steps_by_turn"
+    )
+    assert (
+        consumer_group_for(SHARED, ("conversation_timeline",), "timeline-only") == "timeline-only"
+    )
     with pytest.raises(ConfigurationError, match="consumer_group 'cqrs-sync-cdc' is the shared"):
         consumer_group_for(SHARED, ("conversation_timeline",), SHARED)
     with pytest.raises(ConfigurationError, match="consumer_group ''"):
@@ -101,17 +117,22 @@ def test_cli_flow_and_model_have_the_same_parameters() -> None:
     assert flow_params == set(Model.model_fields) | {"consumer_group"} == cli
 
 
-@pytest.mark.parametrize(("argv", "named"), [
-    (["--report-interval-s", "nan"], "report_interval_s: .*finite"),
-    (["--idle-exit-s", "0"], "idle_exit_s: Input should be greater than 0"),
-    (["--retry-initial-s", "-1"], "retry_initial_s: Input should be greater than 0"),
-    (["--max-seconds", "inf"], "max_seconds: .*finite"),
-    (["--read-models", "conversation_timeline", "--consumer-group", SHARED],
-     "consumer_group 'cqrs-sync-cdc' is the shared"),
-])
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--report-interval-s", "nan"], "report_interval_s: .*finite"),
+        (["--idle-exit-s", "0"], "idle_exit_s: Input should be greater than 0"),
+        (["--retry-initial-s", "-1"], "retry_initial_s: Input should be greater than 0"),
+        (["--max-seconds", "inf"], "max_seconds: .*finite"),
+        (
+            ["--read-models", "conversation_timeline", "--consumer-group", SHARED],
+            "consumer_group 'cqrs-sync-cdc' is the shared",
+        ),
+    ],
+)
 def test_cli_rejects_bad_options_before_starting_a_flow(
-        argv: list[str], named: str, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     def must_not_run(**_: object) -> None:
         raise AssertionError("the flow was started")
 

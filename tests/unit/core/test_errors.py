@@ -42,8 +42,13 @@ TRANSIENT: list[BaseException] = [
     NoHostAvailable("Unable to connect", {"127.0.0.1:9042": ConnectionRefusedError(111, "no")}),
     NoHostAvailable("Unable to complete the operation against any hosts", {}),
     cassandra.OperationTimedOut("timed out"),
-    cassandra.WriteTimeout("write timeout", consistency=ConsistencyLevel.LOCAL_QUORUM,
-                           required_responses=2, received_responses=1, write_type=1),
+    cassandra.WriteTimeout(
+        "write timeout",
+        consistency=ConsistencyLevel.LOCAL_QUORUM,
+        required_responses=2,
+        received_responses=1,
+        write_type=1,
+    ),
     cassandra.ReadTimeout("read timeout"),
     cassandra.Unavailable("not enough replicas"),
     cassandra.WriteFailure("replica failed"),
@@ -66,17 +71,21 @@ TRANSIENT: list[BaseException] = [
     KafkaException(KafkaError(KafkaError.NOT_COORDINATOR, "retry", retriable=True)),
     httpx.ConnectError("connection refused"),
     httpx.ReadTimeout("read timed out"),
-    httpx.HTTPStatusError("503", request=httpx.Request("GET", "http://x"),
-                          response=httpx.Response(503)),
+    httpx.HTTPStatusError(
+        "503", request=httpx.Request("GET", "http://x"), response=httpx.Response(503)
+    ),
 ]
 
 REJECTED: list[BaseException] = [
     UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"),
     struct.error("required argument is not an integer"),
-    cassandra.InvalidRequest("Error from server: code=2200 [Invalid query] message=\"Key "
-                             "length of 70000 is longer than maximum of 65535\""),
-    cassandra.InvalidRequest("Error from server: code=2200 [Invalid query] message=\"Batch "
-                             "too large\""),
+    cassandra.InvalidRequest(
+        'Error from server: code=2200 [Invalid query] message="Key '
+        'length of 70000 is longer than maximum of 65535"'
+    ),
+    cassandra.InvalidRequest(
+        'Error from server: code=2200 [Invalid query] message="Batch too large"'
+    ),
     psycopg.errors.lookup("22001")("value too long for type character varying(10)"),
     psycopg.errors.lookup("23505")("duplicate key value violates unique constraint"),
     psycopg.errors.lookup("23514")("new row violates check constraint"),
@@ -84,31 +93,41 @@ REJECTED: list[BaseException] = [
 ]
 
 TERMINAL: list[BaseException] = [
-    cassandra.InvalidRequest("Error from server: code=2200 [Invalid query] message="
-                             "\"unconfigured table conversation_timelinez\""),
-    cassandra.InvalidRequest("Error from server: code=2200 [Invalid query] message="
-                             "\"Keyspace nope does not exist\""),
+    cassandra.InvalidRequest(
+        "Error from server: code=2200 [Invalid query] message="
+        '"unconfigured table conversation_timelinez"'
+    ),
+    cassandra.InvalidRequest(
+        'Error from server: code=2200 [Invalid query] message="Keyspace nope does not exist"'
+    ),
     cassandra.Unauthorized("User cqrs has no MODIFY permission"),
     cassandra.AuthenticationFailed("Failed to authenticate: bad credentials"),
     protocol.SyntaxException(0x2000, "line 1:0 no viable alternative", None),
     cassandra.ConfigurationException("bad table option"),
     cassandra.AlreadyExists(keyspace="cqrs", table="t"),
     protocol.ServerError(0x0000, "java.lang.AssertionError", None),
-    NoHostAvailable("Unable to connect", {"127.0.0.1:9042": cassandra.AuthenticationFailed(
-        "Failed to authenticate: bad credentials")}),
-    psycopg.OperationalError('connection failed: FATAL:  password authentication failed for '
-                             'user "cqrs_app"'),
+    NoHostAvailable(
+        "Unable to connect",
+        {
+            "127.0.0.1:9042": cassandra.AuthenticationFailed(
+                "Failed to authenticate: bad credentials"
+            )
+        },
+    ),
+    psycopg.OperationalError(
+        'connection failed: FATAL:  password authentication failed for user "cqrs_app"'
+    ),
     psycopg.errors.lookup("28P01")("password authentication failed"),
     psycopg.errors.lookup("42501")("permission denied for table sessions"),
     psycopg.errors.lookup("42P01")('relation "sessionz" does not exist'),
     psycopg.ProgrammingError("syntax error"),
-    KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, "unknown topic",
-                              retriable=True)),
+    KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, "unknown topic", retriable=True)),
     KafkaException(KafkaError(KafkaError._UNKNOWN_TOPIC, "unknown topic")),
     KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "not authorized")),
     KafkaException(KafkaError(KafkaError._FATAL, "fatal", fatal=True)),
-    httpx.HTTPStatusError("400", request=httpx.Request("GET", "http://x"),
-                          response=httpx.Response(400)),
+    httpx.HTTPStatusError(
+        "400", request=httpx.Request("GET", "http://x"), response=httpx.Response(400)
+    ),
     FileNotFoundError(2, "No such file or directory"),
     RuntimeError("something nobody thought of"),
     KeyError("id"),
@@ -149,8 +168,12 @@ def test_the_message_names_the_cause() -> None:
 
 
 def test_our_own_errors_pass_through() -> None:
-    for exc in (ServiceUnavailable("Kafka", "down"), InvalidInput("bad"), DecodeError("x"),
-                RejectedData("y", index=3)):
+    for exc in (
+        ServiceUnavailable("Kafka", "down"),
+        InvalidInput("bad"),
+        DecodeError("x"),
+        RejectedData("y", index=3),
+    ):
         assert classify(exc, "anything") is exc
     assert is_transient(ServiceUnavailable("Kafka", "down"))
     assert not is_transient(InvalidInput("bad"))
@@ -172,14 +195,19 @@ def test_prefect_retry_condition_and_tenacity_share_is_transient() -> None:
                 raise self.exc
 
     assert retry_if_transient(None, None, State(cassandra.OperationTimedOut("slow")))
-    assert not retry_if_transient(None, None, State(cassandra.InvalidRequest(
-        "unconfigured table x")))
+    assert not retry_if_transient(
+        None, None, State(cassandra.InvalidRequest("unconfigured table x"))
+    )
     assert not retry_if_transient(None, None, State(None))
 
     calls: list[int] = []
 
-    @retry(retry=retry_if_exception(is_transient), stop=stop_after_attempt(5), wait=wait_none(),
-           reraise=True)
+    @retry(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_attempt(5),
+        wait=wait_none(),
+        reraise=True,
+    )
     def flaky(exc: Exception) -> None:
         calls.append(1)
         raise exc
@@ -209,8 +237,9 @@ class FakeSession:
 
     cluster = FakeCluster()
 
-    def __init__(self, error: BaseException | None = None,
-                 prepare_error: BaseException | None = None) -> None:
+    def __init__(
+        self, error: BaseException | None = None, prepare_error: BaseException | None = None
+    ) -> None:
         self.error, self.prepare_error = error, prepare_error
         self.executed: list[Any] = []
 
@@ -220,8 +249,7 @@ class FakeSession:
         from cassandra.cqltypes import DateType, Int32Type, LongType, UTF8Type, UUIDType
 
         # conversation_timeline's INSERT: the only statement these tests write.
-        types = [UUIDType, DateType, Int32Type, UUIDType, UTF8Type, UTF8Type, UTF8Type,
-                 LongType]
+        types = [UUIDType, DateType, Int32Type, UUIDType, UTF8Type, UTF8Type, UTF8Type, LongType]
         assert cql.count("?") == len(types), cql
         cols = [protocol.ColumnMetadata("ks", "t", f"c{i}", t) for i, t in enumerate(types)]
         return PreparedStatement(cols, b"id", [0], cql, "ks", 4, None, None)
@@ -246,8 +274,9 @@ class FakeSession:
                     raise session.error
                 return []
 
-            def add_callbacks(self, callback: Any, errback: Any, callback_args: Any = (),
-                              errback_args: Any = ()) -> None:
+            def add_callbacks(
+                self, callback: Any, errback: Any, callback_args: Any = (), errback_args: Any = ()
+            ) -> None:
                 if session.error:
                     errback(session.error, *errback_args)
                 else:
@@ -262,10 +291,17 @@ class FakeSession:
 def _turn(content: str) -> Upsert:
     sid = uuid.uuid4()
     now = datetime.now(UTC)
-    return Upsert("conversation_timeline",
-                  (("session_id", sid), ("created_at", now), ("created_at_micros", 0),
-                   ("turn_id", uuid.uuid4())),
-                  (("role", "user"), ("content", content), ("model", "")), 1)
+    return Upsert(
+        "conversation_timeline",
+        (
+            ("session_id", sid),
+            ("created_at", now),
+            ("created_at_micros", 0),
+            ("turn_id", uuid.uuid4()),
+        ),
+        (("role", "user"), ("content", content), ("model", "")),
+        1,
+    )
 
 
 def _writer(session: FakeSession, **kw: Any) -> Any:
@@ -276,8 +312,10 @@ def _writer(session: FakeSession, **kw: Any) -> Any:
 
 @pytest.mark.parametrize("method", ["write", "write_batch"])
 def test_writer_schema_mistake_is_terminal_not_transient(method: str) -> None:
-    error = cassandra.InvalidRequest("Error from server: code=2200 [Invalid query] "
-                                     "message=\"unconfigured table conversation_timeline\"")
+    error = cassandra.InvalidRequest(
+        "Error from server: code=2200 [Invalid query] "
+        'message="unconfigured table conversation_timeline"'
+    )
     writer = _writer(FakeSession(error=error))
     with pytest.raises(TerminalError, match="unconfigured table conversation_timeline") as info:
         getattr(writer, method)([_turn("a"), _turn("b")])
@@ -314,8 +352,9 @@ def test_a_row_over_the_byte_limit_goes_as_a_plain_statement() -> None:
     requests = writer.requests(statements)
     plain = [r for r in requests if isinstance(r, BoundStatement)]
     assert len(requests) == 3 and len(plain) == 1 and len(plain[0].values[5]) == 1 << 20
-    assert all(len(r._statements_and_parameters) <= 20 for r in requests
-               if isinstance(r, BatchStatement))
+    assert all(
+        len(r._statements_and_parameters) <= 20 for r in requests if isinstance(r, BatchStatement)
+    )
     writer.write_batch([big])
     assert isinstance(session.executed[-1], BoundStatement)
 
@@ -352,16 +391,23 @@ def test_default_consistency_is_local_quorum_for_writes_and_reads() -> None:
     assert cfg.write_consistency_level == ConsistencyLevel.LOCAL_QUORUM
     assert cfg.read_consistency_level == ConsistencyLevel.LOCAL_QUORUM
     assert execution_profile(cfg).consistency_level == ConsistencyLevel.LOCAL_QUORUM
-    assert execution_profile(ScyllaSettings(read_consistency="one")).consistency_level == \
-        ConsistencyLevel.ONE
+    assert (
+        execution_profile(ScyllaSettings(read_consistency="one")).consistency_level
+        == ConsistencyLevel.ONE
+    )
     writer = _writer(FakeSession())
     assert writer.consistency == ConsistencyLevel.LOCAL_QUORUM
 
 
-@pytest.mark.parametrize("field,value", [("write_consistency", "QUORUMS"),
-                                         ("write_consistency", "SERIAL"),
-                                         ("read_consistency", "ANY"),
-                                         ("read_consistency", "LOCAL_SERIAL")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("write_consistency", "QUORUMS"),
+        ("write_consistency", "SERIAL"),
+        ("read_consistency", "ANY"),
+        ("read_consistency", "LOCAL_SERIAL"),
+    ],
+)
 def test_consistency_settings_are_validated(field: str, value: str) -> None:
     from tasks.settings import ScyllaSettings
 

@@ -52,15 +52,27 @@ def at(micros: int) -> datetime:
 
 
 def session(**kw: Any) -> dict[str, Any]:
-    row = {"id": uid(1), "user_id": uid(10), "title": "Trip", "created_at": T0,
-           "updated_at": T0 + timedelta(seconds=1), "last_message": "hello",
-           "last_message_at": T0 + timedelta(microseconds=1500), "turn_count": 2}
+    row = {
+        "id": uid(1),
+        "user_id": uid(10),
+        "title": "Trip",
+        "created_at": T0,
+        "updated_at": T0 + timedelta(seconds=1),
+        "last_message": "hello",
+        "last_message_at": T0 + timedelta(microseconds=1500),
+        "turn_count": 2,
+    }
     return row | kw
 
 
 def human(**kw: Any) -> dict[str, Any]:
-    row = {"id": uid(2), "session_id": uid(1), "content": "hello", "created_at": T0,
-           "updated_at": T0 + timedelta(seconds=1)}
+    row = {
+        "id": uid(2),
+        "session_id": uid(1),
+        "content": "hello",
+        "created_at": T0,
+        "updated_at": T0 + timedelta(seconds=1),
+    }
     return row | kw
 
 
@@ -69,9 +81,15 @@ def agent(**kw: Any) -> dict[str, Any]:
 
 
 def step(**kw: Any) -> dict[str, Any]:
-    row = {"id": uid(4), "agent_turn_id": uid(3), "session_id": uid(1), "kind": "tool",
-           "payload": {"b": [1, 2], "a": "é"}, "created_at": T0,
-           "updated_at": T0 + timedelta(seconds=1)}
+    row = {
+        "id": uid(4),
+        "agent_turn_id": uid(3),
+        "session_id": uid(1),
+        "kind": "tool",
+        "payload": {"b": [1, 2], "a": "é"},
+        "created_at": T0,
+        "updated_at": T0 + timedelta(seconds=1),
+    }
     return row | kw
 
 
@@ -99,24 +117,47 @@ def test_session_feeds_both_session_read_models() -> None:
     row = session()
     v = us(row["updated_at"])
     assert project(Change("sessions", "c", None, row, v)) == [
-        Upsert("recent_conversations",
-               (("user_id", uid(10)), ("created_at", T0_MS), ("session_id", uid(1))),
-               (("title", "Trip"), ("last_message", "hello"),
-                ("last_message_at", T0.replace(microsecond=124000)), ("turn_count", 2)), v),
-        Upsert("sessions_by_id", (("session_id", uid(1)),),
-               (("user_id", uid(10)), ("title", "Trip"), ("created_at", T0_MS),
-                ("last_message", "hello"), ("last_message_at", T0.replace(microsecond=124000)),
-                ("turn_count", 2)), v),
+        Upsert(
+            "recent_conversations",
+            (("user_id", uid(10)), ("created_at", T0_MS), ("session_id", uid(1))),
+            (
+                ("title", "Trip"),
+                ("last_message", "hello"),
+                ("last_message_at", T0.replace(microsecond=124000)),
+                ("turn_count", 2),
+            ),
+            v,
+        ),
+        Upsert(
+            "sessions_by_id",
+            (("session_id", uid(1)),),
+            (
+                ("user_id", uid(10)),
+                ("title", "Trip"),
+                ("created_at", T0_MS),
+                ("last_message", "hello"),
+                ("last_message_at", T0.replace(microsecond=124000)),
+                ("turn_count", 2),
+            ),
+            v,
+        ),
     ]
 
 
 def test_turns_merge_into_timeline_and_human_turns_write_no_model() -> None:
-    key = (("session_id", uid(1)), ("created_at", T0_MS),
-           ("created_at_micros", T0.microsecond % 1000))
+    key = (
+        ("session_id", uid(1)),
+        ("created_at", T0_MS),
+        ("created_at_micros", T0.microsecond % 1000),
+    )
     (h,) = project_row("human_turns", human())
     (a,) = project_row("agent_turns", agent())
-    assert h == Upsert("conversation_timeline", (*key, ("turn_id", uid(2))),
-                       (("role", "human"), ("content", "hello")), us(human()["updated_at"]))
+    assert h == Upsert(
+        "conversation_timeline",
+        (*key, ("turn_id", uid(2))),
+        (("role", "human"), ("content", "hello")),
+        us(human()["updated_at"]),
+    )
     assert a.key == (*key, ("turn_id", uid(3)))
     assert a.values == (("role", "agent"), ("content", "hi!"), ("model", "m-1"))
 
@@ -127,8 +168,12 @@ def test_step_payload_is_the_same_canonical_text_from_every_path() -> None:
     from_reordered = project_row("steps", step(payload='{"a": "\\u00e9",  "b": [1, 2]}'))
     assert from_dict == from_text == from_reordered
     (up,) = from_dict
-    assert up.key == (("agent_turn_id", uid(3)), ("created_at", T0_MS),
-                      ("created_at_micros", 456), ("step_id", uid(4)))
+    assert up.key == (
+        ("agent_turn_id", uid(3)),
+        ("created_at", T0_MS),
+        ("created_at_micros", 456),
+        ("step_id", uid(4)),
+    )
     assert dict(up.values)["payload"] == '{"a":"é","b":[1,2]}'
     assert type(dict(up.values)["payload"]) is str
 
@@ -143,10 +188,12 @@ def test_timestamps_are_source_versions_and_cells_are_milliseconds() -> None:
 
 def test_read_model_filter() -> None:
     assert [m.read_model for m in project_row("sessions", session(), ["sessions_by_id"])] == [
-        "sessions_by_id"]
+        "sessions_by_id"
+    ]
     assert project_row("steps", step(), ("sessions_by_id",)) == []
     assert [m.read_model for m in project_row("sessions", session(), "recent_conversations")] == [
-        "recent_conversations"]
+        "recent_conversations"
+    ]
     with pytest.raises(InvalidInput, match="nope"):
         project_row("sessions", session(), ["nope"])
 
@@ -168,9 +215,16 @@ def test_key_change_deletes_the_old_read_model_row_at_the_update_version() -> No
     assert out[0] == Delete("recent_conversations", old_key, v)
     assert [type(m).__name__ for m in out] == ["Delete", "Upsert", "Upsert"]  # by_id key kept
     moved = project(Change("human_turns", "u", human(), human(session_id=uid(9)), 0))
-    assert moved[0] == Delete("conversation_timeline", (
-        ("session_id", uid(1)), ("created_at", T0_MS), ("created_at_micros", 456),
-        ("turn_id", uid(2))), us(human()["updated_at"]))
+    assert moved[0] == Delete(
+        "conversation_timeline",
+        (
+            ("session_id", uid(1)),
+            ("created_at", T0_MS),
+            ("created_at_micros", 456),
+            ("turn_id", uid(2)),
+        ),
+        us(human()["updated_at"]),
+    )
 
 
 def test_created_at_change_inside_one_millisecond_moves_the_row() -> None:
@@ -189,13 +243,28 @@ def test_delete_is_stamped_one_microsecond_above_the_deleted_version() -> None:
     # deleting transaction, or racing it) must stay visible.
     commit = us(T0) + 5_000_000
     assert project(Change("agent_turns", "d", debezium(agent()), None, commit)) == [
-        Delete("conversation_timeline",
-               (("session_id", uid(1)), ("created_at", T0_MS), ("created_at_micros", 456),
-                ("turn_id", uid(3))), us(agent()["updated_at"]) + 1)]
+        Delete(
+            "conversation_timeline",
+            (
+                ("session_id", uid(1)),
+                ("created_at", T0_MS),
+                ("created_at_micros", 456),
+                ("turn_id", uid(3)),
+            ),
+            us(agent()["updated_at"]) + 1,
+        )
+    ]
     assert tombstone_version(agent()) == us(agent()["updated_at"]) + 1
     with pytest.raises(DecodeError, match="updated_at"):
-        project(Change("agent_turns", "d", {k: v for k, v in agent().items()
-                                            if k != "updated_at"}, None, commit))
+        project(
+            Change(
+                "agent_turns",
+                "d",
+                {k: v for k, v in agent().items() if k != "updated_at"},
+                None,
+                commit,
+            )
+        )
 
 
 def test_reinsert_in_the_deleting_transaction_is_visible() -> None:
@@ -203,8 +272,10 @@ def test_reinsert_in_the_deleting_transaction_is_visible() -> None:
     commit = us(v1["updated_at"]) + 800_000  # the delete held its locks for 0.8 s
     gone = project(Change("agent_turns", "d", debezium(v1), None, commit))
     again = agent(content="again", updated_at=v1["updated_at"] + timedelta(microseconds=2))
-    for order in ((gone, project_row("agent_turns", again)),
-                  (project_row("agent_turns", again), gone)):
+    for order in (
+        (gone, project_row("agent_turns", again)),
+        (project_row("agent_turns", again), gone),
+    ):
         assert state(*order) == expected({"agent_turns": [again]})
 
 
@@ -212,14 +283,15 @@ def test_delete_without_the_needed_before_columns_is_a_decode_error() -> None:
     with pytest.raises(DecodeError, match="before"):
         project(Change("sessions", "d", None, None, 1))
     with pytest.raises(DecodeError, match="created_at"):
-        project(Change("sessions", "d", {"id": str(uid(1)), "user_id": None,
-                                         "updated_at": T0}, None, 1))
+        project(
+            Change("sessions", "d", {"id": str(uid(1)), "user_id": None, "updated_at": T0}, None, 1)
+        )
     with pytest.raises(DecodeError, match="updated_at"):
         project(Change("sessions", "d", {"id": uid(1)}, None, 1), ["sessions_by_id"])
     # sessions_by_id alone needs only the id (and the version).
-    assert project(Change("sessions", "d", {"id": uid(1), "updated_at": T0}, None, 1),
-                   ["sessions_by_id"]) == [
-        Delete("sessions_by_id", (("session_id", uid(1)),), us(T0) + 1)]
+    assert project(
+        Change("sessions", "d", {"id": uid(1), "updated_at": T0}, None, 1), ["sessions_by_id"]
+    ) == [Delete("sessions_by_id", (("session_id", uid(1)),), us(T0) + 1)]
 
 
 def test_unknown_table_or_op_is_a_decode_error() -> None:
@@ -242,8 +314,7 @@ def values_of(m: Mutation) -> dict[str, Any]:
 def test_placeholder_is_filled_from_before() -> None:
     new = step(payload=PLACEHOLDER_TEXT, kind="done", updated_at=T0 + timedelta(seconds=3))
     (up,) = project(Change("steps", "u", debezium(step()), new, 0))
-    assert values_of(up) == {"session_id": uid(1), "kind": "done",
-                               "payload": '{"a":"é","b":[1,2]}'}
+    assert values_of(up) == {"session_id": uid(1), "kind": "done", "payload": '{"a":"é","b":[1,2]}'}
 
 
 def test_placeholder_without_before_value_is_not_written() -> None:
@@ -277,14 +348,17 @@ def test_normalize_debezium_and_native_values_agree() -> None:
     assert isinstance(native["id"], uuid.UUID) and native["created_at"] == T0
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("2026-11-28T07:47:42.123456Z", T0),
-    ("2026-11-28T07:47:42.123456789Z", T0),
-    ("2026-11-28T08:47:42.123456+01:00", T0),
-    ("2026-11-28 07:17:42.123456-00:30", T0),
-    ("2026-11-28T07:47:42.12Z", T0.replace(microsecond=120000)),
-    ("2026-11-28T07:47:42Z", T0.replace(microsecond=0)),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("2026-11-28T07:47:42.123456Z", T0),
+        ("2026-11-28T07:47:42.123456789Z", T0),
+        ("2026-11-28T08:47:42.123456+01:00", T0),
+        ("2026-11-28 07:17:42.123456-00:30", T0),
+        ("2026-11-28T07:47:42.12Z", T0.replace(microsecond=120000)),
+        ("2026-11-28T07:47:42Z", T0.replace(microsecond=0)),
+    ],
+)
 def test_timestamp_text_forms(text: str, expected: datetime) -> None:
     assert normalize_row("human_turns", human(created_at=text))["created_at"] == expected
 
@@ -300,22 +374,26 @@ def test_native_timestamp_forms() -> None:
     assert normalize_row("human_turns", human(id=uid(2).bytes))["id"] == uid(2)
 
 
-@pytest.mark.parametrize("table,column,value,message", [
-    ("sessions", "id", 5, "expected a uuid"),
-    ("sessions", "user_id", "not-a-uuid", "hexadecimal"),
-    ("sessions", "created_at", datetime(2026, 1, 1), "naive"),
-    ("sessions", "created_at", "yesterday", "ISO-8601"),
-    ("sessions", "created_at", 1764316062, "expected a timestamp"),
-    ("sessions", "turn_count", "2", "expected an integer"),
-    ("sessions", "turn_count", True, "expected an integer"),
-    ("sessions", "turn_count", 2**31, "out of range"),
-    ("sessions", "title", None, "NOT NULL"),
-    ("agent_turns", "model", 7, "expected text"),
-    ("steps", "payload", "{not json", "Expecting"),
-    ("steps", "payload", {1, 2}, "expected JSON"),
-])
-def test_wrong_types_name_table_and_column(table: str, column: str, value: Any,
-                                           message: str) -> None:
+@pytest.mark.parametrize(
+    "table,column,value,message",
+    [
+        ("sessions", "id", 5, "expected a uuid"),
+        ("sessions", "user_id", "not-a-uuid", "hexadecimal"),
+        ("sessions", "created_at", datetime(2026, 1, 1), "naive"),
+        ("sessions", "created_at", "yesterday", "ISO-8601"),
+        ("sessions", "created_at", 1764316062, "expected a timestamp"),
+        ("sessions", "turn_count", "2", "expected an integer"),
+        ("sessions", "turn_count", True, "expected an integer"),
+        ("sessions", "turn_count", 2**31, "out of range"),
+        ("sessions", "title", None, "NOT NULL"),
+        ("agent_turns", "model", 7, "expected text"),
+        ("steps", "payload", "{not json", "Expecting"),
+        ("steps", "payload", {1, 2}, "expected JSON"),
+    ],
+)
+def test_wrong_types_name_table_and_column(
+    table: str, column: str, value: Any, message: str
+) -> None:
     row = ROWS[table]() | {column: value}
     with pytest.raises(DecodeError, match=rf"{table}\.{column}: .*{message}"):
         normalize_row(table, row)
@@ -327,7 +405,8 @@ def test_missing_required_column_and_partial_images() -> None:
     with pytest.raises(DecodeError, match=r"sessions\.turn_count: required column missing"):
         normalize_row("sessions", row)
     assert normalize_row("sessions", {"id": str(uid(1)), "title": None}, partial=True) == {
-        "id": uid(1)}
+        "id": uid(1)
+    }
     assert normalize_row("sessions", session(last_message_at=None))["last_message_at"] is None
 
 
@@ -345,16 +424,27 @@ def test_version_of() -> None:
 def test_to_cql_insert_and_delete() -> None:
     (up,) = project_row("agent_turns", agent())
     text, params = to_cql(up, "cqrs")
-    assert text == ("INSERT INTO cqrs.conversation_timeline (session_id, created_at, "
-                    "created_at_micros, turn_id, role, content, model) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?")
-    assert params == (uid(1), T0_MS, T0.microsecond % 1000, uid(3), "agent", "hi!", "m-1",
-                      up.timestamp_us)
+    assert text == (
+        "INSERT INTO cqrs.conversation_timeline (session_id, created_at, "
+        "created_at_micros, turn_id, role, content, model) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+    )
+    assert params == (
+        uid(1),
+        T0_MS,
+        T0.microsecond % 1000,
+        uid(3),
+        "agent",
+        "hi!",
+        "m-1",
+        up.timestamp_us,
+    )
     (de,) = project(Change("agent_turns", "d", agent(), None, 99 * 10**15))
     assert to_cql(de, "cqrs") == (
         "DELETE FROM cqrs.conversation_timeline USING TIMESTAMP ? "
         "WHERE session_id = ? AND created_at = ? AND created_at_micros = ? AND turn_id = ?",
-        (us(agent()["updated_at"]) + 1, uid(1), T0_MS, T0.microsecond % 1000, uid(3)))
+        (us(agent()["updated_at"]) + 1, uid(1), T0_MS, T0.microsecond % 1000, uid(3)),
+    )
     # Same columns, same text: statements are prepared once.
     (other,) = project_row("agent_turns", agent(id=uid(77), content="x"))
     assert to_cql(other, "cqrs")[0] == text
@@ -371,12 +461,18 @@ def test_expected_rows() -> None:
     rows = {"human_turns": [human()], "agent_turns": [debezium(agent())], "sessions": [session()]}
     got = expected_rows(rows, "conversation_timeline")
     assert got == {
-        (("session_id", uid(1)), ("created_at", T0_MS), ("created_at_micros", 456),
-         ("turn_id", uid(2))):
-            {"role": "human", "content": "hello", "model": None},
-        (("session_id", uid(1)), ("created_at", T0_MS), ("created_at_micros", 456),
-         ("turn_id", uid(3))):
-            {"role": "agent", "content": "hi!", "model": "m-1"},
+        (
+            ("session_id", uid(1)),
+            ("created_at", T0_MS),
+            ("created_at_micros", 456),
+            ("turn_id", uid(2)),
+        ): {"role": "human", "content": "hello", "model": None},
+        (
+            ("session_id", uid(1)),
+            ("created_at", T0_MS),
+            ("created_at_micros", 456),
+            ("turn_id", uid(3)),
+        ): {"role": "agent", "content": "hi!", "model": "m-1"},
     }
     assert expected_rows({}, "steps_by_turn") == {}
     with pytest.raises(DecodeError):
@@ -423,7 +519,8 @@ def test_reinsert_after_delete_is_visible() -> None:
     gone = project(Change("steps", "d", v1, None, us(T0) + 2_000_000))
     again = project_row("steps", step(kind="retry", updated_at=T0 + timedelta(seconds=3)))
     assert state(again, gone, project_row("steps", v1)) == expected(
-        {"steps": [step(kind="retry", updated_at=T0 + timedelta(seconds=3))]})
+        {"steps": [step(kind="retry", updated_at=T0 + timedelta(seconds=3))]}
+    )
 
 
 # Small domains so that histories collide: ids reused, created_at within and across ms.
@@ -432,11 +529,18 @@ USERS = [uid(0x10), uid(0x11)]
 CREATED = [T0 + timedelta(microseconds=d) for d in (0, 1, 999, 1000, 2500)]
 TEXTS = ["", "a", "b", "é" * 3]
 PAYLOADS: list[Any] = [{}, {"a": 1, "b": [1, 2]}, {"b": [1, 2], "a": 1}, [1, "x"], {"k": None}]
-TOASTABLE = {"sessions": ("title", "last_message"), "human_turns": ("content",),
-             "agent_turns": ("content",), "steps": ("payload",)}
-KEY_SOURCES = {"sessions": ("user_id", "created_at"), "human_turns": ("session_id", "created_at"),
-               "agent_turns": ("session_id", "created_at"),
-               "steps": ("agent_turn_id", "created_at")}
+TOASTABLE = {
+    "sessions": ("title", "last_message"),
+    "human_turns": ("content",),
+    "agent_turns": ("content",),
+    "steps": ("payload",),
+}
+KEY_SOURCES = {
+    "sessions": ("user_id", "created_at"),
+    "human_turns": ("session_id", "created_at"),
+    "agent_turns": ("session_id", "created_at"),
+    "steps": ("agent_turn_id", "created_at"),
+}
 
 
 def draw_row(data: st.DataObject, table: str, id_: uuid.UUID, version: int) -> dict[str, Any]:
@@ -445,12 +549,20 @@ def draw_row(data: st.DataObject, table: str, id_: uuid.UUID, version: int) -> d
 
     row: dict[str, Any] = {"id": id_, "created_at": pick(CREATED), "updated_at": at(version)}
     if table == "sessions":
-        row |= {"user_id": pick(USERS), "title": pick(TEXTS), "last_message": pick(TEXTS),
-                "last_message_at": pick([None, T0, T0 + timedelta(microseconds=1500)]),
-                "turn_count": data.draw(st.integers(0, 3))}
+        row |= {
+            "user_id": pick(USERS),
+            "title": pick(TEXTS),
+            "last_message": pick(TEXTS),
+            "last_message_at": pick([None, T0, T0 + timedelta(microseconds=1500)]),
+            "turn_count": data.draw(st.integers(0, 3)),
+        }
     elif table == "steps":
-        row |= {"agent_turn_id": pick(IDS["agent_turns"][:2]), "session_id": pick(IDS["sessions"]),
-                "kind": pick(TEXTS), "payload": pick(PAYLOADS)}
+        row |= {
+            "agent_turn_id": pick(IDS["agent_turns"][:2]),
+            "session_id": pick(IDS["sessions"]),
+            "kind": pick(TEXTS),
+            "payload": pick(PAYLOADS),
+        }
     else:
         row |= {"session_id": pick(IDS["sessions"][:2]), "content": pick(TEXTS[1:])}
         if table == "agent_turns":
@@ -463,13 +575,18 @@ def ms_key(row: dict[str, Any], table: str) -> tuple[Any, ...]:
     created_at to the millisecond (recent_conversations), turns' and steps' created_at to the
     microsecond (their read models add created_at_micros to the key)."""
     exact = table != "sessions"
-    return tuple(v.replace(microsecond=v.microsecond // 1000)
-                 if isinstance(v, datetime) and not exact else v
-                 for v in (row[c] for c in KEY_SOURCES[table]))
+    return tuple(
+        v.replace(microsecond=v.microsecond // 1000) if isinstance(v, datetime) and not exact else v
+        for v in (row[c] for c in KEY_SOURCES[table])
+    )
 
 
-@settings(max_examples=300, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=300,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(st.data())
 def test_any_order_with_duplicates_converges_to_the_source(data: st.DataObject) -> None:
     clock = us(T0) + 10**6
@@ -482,8 +599,11 @@ def test_any_order_with_duplicates_converges_to_the_source(data: st.DataObject) 
         return clock
 
     def as_sent(row: dict[str, Any]) -> dict[str, Any]:
-        return debezium(row, data.draw(st.sampled_from([None, 1]))) if data.draw(
-            st.booleans()) else dict(row)
+        return (
+            debezium(row, data.draw(st.sampled_from([None, 1])))
+            if data.draw(st.booleans())
+            else dict(row)
+        )
 
     # The version of each deleted key's last row: a re-insert of the key is stamped at least
     # 2 µs above it (migration 0007), and may well be stamped below the delete's commit time
@@ -494,8 +614,11 @@ def test_any_order_with_duplicates_converges_to_the_source(data: st.DataObject) 
         table = data.draw(st.sampled_from(SOURCE_TABLES))
         id_ = data.draw(st.sampled_from(IDS[table]))
         old = current.get((table, id_))
-        action = "insert" if old is None else data.draw(
-            st.sampled_from(["update", "update", "delete", "snapshot"]))
+        action = (
+            "insert"
+            if old is None
+            else data.draw(st.sampled_from(["update", "update", "delete", "snapshot"]))
+        )
         if action == "insert":
             version = tick()
             if (table, id_) in graveyard:
@@ -551,8 +674,15 @@ def test_any_order_with_duplicates_converges_to_the_source(data: st.DataObject) 
 
 def test_rows_within_one_millisecond_keep_their_microsecond_order() -> None:
     base = T0.replace(microsecond=500_000)
-    keys = [dict(project_row("steps", step(id=uid(50 + i), created_at=base + timedelta(
-        microseconds=300 - 100 * i)))[0].key) for i in range(3)]
+    keys = [
+        dict(
+            project_row(
+                "steps",
+                step(id=uid(50 + i), created_at=base + timedelta(microseconds=300 - 100 * i)),
+            )[0].key
+        )
+        for i in range(3)
+    ]
     # All three share the millisecond; created_at_micros orders them as Postgres would.
     assert len({k["created_at"] for k in keys}) == 1
     assert [k["created_at_micros"] for k in keys] == [300, 200, 100]

@@ -25,26 +25,36 @@ from tasks.core.projection import (
 )
 
 KS = "ks"
-_moments = st.datetimes(min_value=datetime(1960, 1, 1), max_value=datetime(2100, 1, 1),
-                        timezones=st.just(UTC))
+_moments = st.datetimes(
+    min_value=datetime(1960, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+)
 _texts = st.one_of(st.text(max_size=40), st.just(PLACEHOLDER_TEXT), st.just(""))
-_json = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max_size=8),
-                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c,
-                                                                         max_size=3),
-                     max_leaves=6)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+    max_leaves=6,
+)
 
 
 def _row(table: str) -> st.SearchStrategy[dict[str, Any]]:
     common = {"id": st.uuids(), "created_at": _moments, "updated_at": _moments}
     per_table: dict[str, dict[str, Any]] = {
-        "sessions": {"user_id": st.uuids(), "title": _texts, "last_message": _texts,
-                     "last_message_at": st.none() | _moments,
-                     "turn_count": st.integers(0, 2**31 - 1)},
+        "sessions": {
+            "user_id": st.uuids(),
+            "title": _texts,
+            "last_message": _texts,
+            "last_message_at": st.none() | _moments,
+            "turn_count": st.integers(0, 2**31 - 1),
+        },
         "human_turns": {"session_id": st.uuids(), "content": _texts},
         "agent_turns": {"session_id": st.uuids(), "content": _texts, "model": _texts},
         # Postgres gives jsonb as text in its own spacing: any JSON text form must do.
-        "steps": {"agent_turn_id": st.uuids(), "session_id": st.uuids(), "kind": _texts,
-                  "payload": _json.map(lambda o: json.dumps(o, indent=1))},
+        "steps": {
+            "agent_turn_id": st.uuids(),
+            "session_id": st.uuids(),
+            "kind": _texts,
+            "payload": _json.map(lambda o: json.dumps(o, indent=1)),
+        },
     }
     return st.fixed_dictionaries({**common, **per_table[table]})
 
@@ -56,19 +66,29 @@ def _batch(table: str, rows: list[dict[str, Any]]) -> pa.RecordBatch:
         vals = [r[field.name] for r in rows]
         if field.name in ("id", "user_id", "session_id", "agent_turn_id"):
             vals = [v.bytes for v in vals]
-        cols.append(pa.array(vals, type=field.type.storage_type
-                             if isinstance(field.type, pa.BaseExtensionType) else field.type))
+        cols.append(
+            pa.array(
+                vals,
+                type=field.type.storage_type
+                if isinstance(field.type, pa.BaseExtensionType)
+                else field.type,
+            )
+        )
         if isinstance(field.type, pa.BaseExtensionType):
             cols[-1] = pa.ExtensionArray.from_storage(field.type, cols[-1])
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.sampled_from(SOURCE_TABLES).flatmap(
-    lambda t: st.tuples(st.just(t), st.lists(_row(t), min_size=1, max_size=12))),
-    st.sets(st.sampled_from(READ_MODELS), min_size=1))
-def test_columnar_equals_row_by_row(table_rows: tuple[str, list[dict[str, Any]]],
-                                    models: set[str]) -> None:
+@given(
+    st.sampled_from(SOURCE_TABLES).flatmap(
+        lambda t: st.tuples(st.just(t), st.lists(_row(t), min_size=1, max_size=12))
+    ),
+    st.sets(st.sampled_from(READ_MODELS), min_size=1),
+)
+def test_columnar_equals_row_by_row(
+    table_rows: tuple[str, list[dict[str, Any]]], models: set[str]
+) -> None:
     table, rows = table_rows
     got = {u.read_model: u for u in project_arrow(table, _batch(table, rows), KS, models)}
     want: dict[str, list[tuple[str, tuple[Any, ...]]]] = {}
@@ -83,26 +103,35 @@ def test_columnar_equals_row_by_row(table_rows: tuple[str, list[dict[str, Any]]]
 
 def test_columnar_refuses_what_row_by_row_refuses() -> None:
     now = datetime.now(UTC)
-    row = {"id": uuid.uuid4(), "session_id": uuid.uuid4(), "content": "x", "created_at": now,
-           "updated_at": now}
+    row = {
+        "id": uuid.uuid4(),
+        "session_id": uuid.uuid4(),
+        "content": "x",
+        "created_at": now,
+        "updated_at": now,
+    }
     batch = _batch("human_turns", [row])
     with pytest.raises(InvalidInput, match="keyspace"):
         project_arrow("human_turns", batch, "bad-ks")
     with pytest.raises(DecodeError, match="unknown source table"):
         project_arrow("nope", batch, KS)
     with pytest.raises(DecodeError, match=r"human_turns.content: NULL"):
-        project_arrow("human_turns", batch.set_column(
-            2, "content", pa.array([None], pa.string())), KS)
+        project_arrow(
+            "human_turns", batch.set_column(2, "content", pa.array([None], pa.string())), KS
+        )
     with pytest.raises(DecodeError, match=r"missing: \['updated_at'\]"):
         project_arrow("human_turns", batch.drop_columns(["updated_at"]), KS)
-    naive = batch.set_column(3, "created_at", pa.array([now.replace(tzinfo=None)],
-                                                       pa.timestamp("us")))
+    naive = batch.set_column(
+        3, "created_at", pa.array([now.replace(tzinfo=None)], pa.timestamp("us"))
+    )
     with pytest.raises(DecodeError, match=r"created_at: expected timestamp\[us\] with a time"):
         project_arrow("human_turns", naive, KS)
     # Another zone's name for the same instants is fine: Arrow stores UTC.
     etc = batch.set_column(3, "created_at", batch.column(3).cast(pa.timestamp("us", "Etc/UTC")))
-    assert project_arrow("human_turns", etc, KS)[0].params == \
-        project_arrow("human_turns", batch, KS)[0].params
+    assert (
+        project_arrow("human_turns", etc, KS)[0].params
+        == project_arrow("human_turns", batch, KS)[0].params
+    )
     # Bad values are DecodeErrors naming table and column, as in the row path.
     step = {**row, "agent_turn_id": uuid.uuid4(), "kind": "tool", "payload": "{not json"}
     with pytest.raises(DecodeError, match=r"steps.payload"):

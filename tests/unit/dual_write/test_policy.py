@@ -26,8 +26,15 @@ from tasks.core.write_policy import (
 from tasks.dual_write import service as dual_write
 from tasks.dual_write.read_model import ScyllaHandle, warm_up_statements
 
-ENV_FIELDS = ("CREATE_SESSION", "RECORD_HUMAN_TURN", "RECORD_AGENT_TURN", "RENAME_SESSION",
-              "DELETE_SESSION", "DEADLINE_MS", "MAX_CONTENT_BYTES")
+ENV_FIELDS = (
+    "CREATE_SESSION",
+    "RECORD_HUMAN_TURN",
+    "RECORD_AGENT_TURN",
+    "RENAME_SESSION",
+    "DELETE_SESSION",
+    "DEADLINE_MS",
+    "MAX_CONTENT_BYTES",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -42,8 +49,11 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_default_policy_dual_writes_user_facing_operations_only() -> None:
     p = DualWritePolicy()
     assert {op for op in Operation if p.dual_writes(op)} == {
-        Operation.CREATE_SESSION, Operation.RECORD_HUMAN_TURN, Operation.RENAME_SESSION,
-        Operation.DELETE_SESSION}
+        Operation.CREATE_SESSION,
+        Operation.RECORD_HUMAN_TURN,
+        Operation.RENAME_SESSION,
+        Operation.DELETE_SESSION,
+    }
     assert not p.dual_writes("record_agent_turn")
     assert p.deadline_s == pytest.approx(0.05)
 
@@ -61,8 +71,10 @@ def test_policy_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert p.max_content_bytes == 1000
 
 
-@pytest.mark.parametrize("field,value", [("deadline_ms", 0), ("deadline_ms", -5),
-                                         ("max_content_bytes", 0), ("max_steps", -1)])
+@pytest.mark.parametrize(
+    "field,value",
+    [("deadline_ms", 0), ("deadline_ms", -5), ("max_content_bytes", 0), ("max_steps", -1)],
+)
 def test_policy_rejects_nonsense_limits(field: str, value: Any) -> None:
     with pytest.raises(ValidationError):
         DualWritePolicy(**{field: value})
@@ -107,10 +119,18 @@ def test_content_limit_counts_utf8_bytes_not_characters() -> None:
         check_content("é" * 6, p)  # 6 characters, 12 bytes
 
 
-@pytest.mark.parametrize("bad,why", [("", "empty"), ("   \n\t", "empty"),
-                                     ("a\x00b", "NUL"), ("\ud800", "lone surrogate"),
-                                     (PLACEHOLDER_TEXT, "placeholder"), (None, "must be text"),
-                                     (b"bytes", "must be text")])
+@pytest.mark.parametrize(
+    "bad,why",
+    [
+        ("", "empty"),
+        ("   \n\t", "empty"),
+        ("a\x00b", "NUL"),
+        ("\ud800", "lone surrogate"),
+        (PLACEHOLDER_TEXT, "placeholder"),
+        (None, "must be text"),
+        (b"bytes", "must be text"),
+    ],
+)
 def test_bad_content_is_rejected(bad: Any, why: str) -> None:
     with pytest.raises(InvalidInput, match=why):
         check_content(bad, DualWritePolicy())
@@ -136,9 +156,14 @@ def test_title_may_be_empty_but_not_too_long() -> None:
 
 def test_steps_keep_order_ids_and_canonical_json() -> None:
     sid = uuid.uuid4()
-    steps = check_steps([StepInput("tool_call", {"q": "x", "n": 1}),
-                         {"kind": "answer", "payload": [1, 2], "step_id": str(sid)},
-                         {"kind": "empty"}], DualWritePolicy())
+    steps = check_steps(
+        [
+            StepInput("tool_call", {"q": "x", "n": 1}),
+            {"kind": "answer", "payload": [1, 2], "step_id": str(sid)},
+            {"kind": "empty"},
+        ],
+        DualWritePolicy(),
+    )
     assert [s.kind for s in steps] == ["tool_call", "answer", "empty"]
     assert steps[1].step_id == sid
     assert steps[0].payload_json == '{"q":"x","n":1}'
@@ -146,18 +171,21 @@ def test_steps_keep_order_ids_and_canonical_json() -> None:
     assert len({s.step_id for s in steps}) == 3
 
 
-@pytest.mark.parametrize("steps,why", [
-    ([{"kind": ""}], "kind is empty"),
-    ([{"payload": {}}], "must have 'kind'"),
-    ([{"kind": "x", "extra": 1}], "unknown"),
-    ([{"kind": "x", "payload": math.nan}], "not a JSON value"),
-    ([{"kind": "x", "payload": {"s": {1, 2}}}], "not a JSON value"),
-    ([{"kind": "x", "payload": "a\x00b"}], "u0000"),
-    ([{"kind": "x", "payload": "y" * 100}], "over the limit"),
-    ([{"kind": "x", "step_id": "nope"}], "step_id must be a UUID"),
-    ("not a list", "must be a sequence"),
-    ([1], "StepInput or a mapping"),
-])
+@pytest.mark.parametrize(
+    "steps,why",
+    [
+        ([{"kind": ""}], "kind is empty"),
+        ([{"payload": {}}], "must have 'kind'"),
+        ([{"kind": "x", "extra": 1}], "unknown"),
+        ([{"kind": "x", "payload": math.nan}], "not a JSON value"),
+        ([{"kind": "x", "payload": {"s": {1, 2}}}], "not a JSON value"),
+        ([{"kind": "x", "payload": "a\x00b"}], "u0000"),
+        ([{"kind": "x", "payload": "y" * 100}], "over the limit"),
+        ([{"kind": "x", "step_id": "nope"}], "step_id must be a UUID"),
+        ("not a list", "must be a sequence"),
+        ([1], "StepInput or a mapping"),
+    ],
+)
 def test_bad_steps_are_rejected(steps: Any, why: str) -> None:
     with pytest.raises(InvalidInput, match=why):
         check_steps(steps, DualWritePolicy(max_step_payload_bytes=50))
@@ -168,8 +196,9 @@ def test_too_many_steps_and_repeated_step_ids_are_rejected() -> None:
         check_steps([{"kind": "a"}] * 3, DualWritePolicy(max_steps=2))
     same = uuid.uuid4()
     with pytest.raises(InvalidInput, match="repeats"):
-        check_steps([{"kind": "a", "step_id": same}, {"kind": "b", "step_id": same}],
-                    DualWritePolicy())
+        check_steps(
+            [{"kind": "a", "step_id": same}, {"kind": "b", "step_id": same}], DualWritePolicy()
+        )
 
 
 # -- validation happens before any I/O
@@ -183,22 +212,28 @@ class _Untouchable:
 
 
 def _deps(policy: DualWritePolicy | None = None) -> dual_write.DualWriteDeps:
-    return dual_write.DualWriteDeps(_Untouchable(), _Untouchable(),  # type: ignore[arg-type]
-                                    policy or DualWritePolicy())
+    return dual_write.DualWriteDeps(
+        _Untouchable(),
+        _Untouchable(),  # type: ignore[arg-type]
+        policy or DualWritePolicy(),
+    )
 
 
-@pytest.mark.parametrize("call", [
-    lambda d: dual_write.create_session("nope", deps=d),
-    lambda d: dual_write.create_session(uuid.uuid4(), "t" * 501, deps=d),
-    lambda d: dual_write.record_human_turn(uuid.uuid4(), "", deps=d),
-    lambda d: dual_write.record_human_turn(uuid.uuid4(), "x" * 70_000, deps=d),
-    lambda d: dual_write.record_human_turn("123", "hello", deps=d),
-    lambda d: dual_write.record_human_turn(uuid.uuid4(), "hello", turn_id=7, deps=d),  # type: ignore[arg-type]
-    lambda d: dual_write.record_agent_turn(uuid.uuid4(), "ok", steps=[{"kind": ""}], deps=d),
-    lambda d: dual_write.record_agent_turn(uuid.uuid4(), "ok", model=None, deps=d),  # type: ignore[arg-type]
-    lambda d: dual_write.rename_session(uuid.uuid4(), "\x00", deps=d),
-    lambda d: dual_write.delete_session("", deps=d),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda d: dual_write.create_session("nope", deps=d),
+        lambda d: dual_write.create_session(uuid.uuid4(), "t" * 501, deps=d),
+        lambda d: dual_write.record_human_turn(uuid.uuid4(), "", deps=d),
+        lambda d: dual_write.record_human_turn(uuid.uuid4(), "x" * 70_000, deps=d),
+        lambda d: dual_write.record_human_turn("123", "hello", deps=d),
+        lambda d: dual_write.record_human_turn(uuid.uuid4(), "hello", turn_id=7, deps=d),  # type: ignore[arg-type]
+        lambda d: dual_write.record_agent_turn(uuid.uuid4(), "ok", steps=[{"kind": ""}], deps=d),
+        lambda d: dual_write.record_agent_turn(uuid.uuid4(), "ok", model=None, deps=d),  # type: ignore[arg-type]
+        lambda d: dual_write.rename_session(uuid.uuid4(), "\x00", deps=d),
+        lambda d: dual_write.delete_session("", deps=d),
+    ],
+)
 def test_invalid_calls_fail_before_any_io(call: Any) -> None:
     with pytest.raises(InvalidInput):
         call(_deps())
