@@ -11,7 +11,8 @@ import hashlib
 import logging
 import re
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -77,6 +78,16 @@ def connect(settings: ScyllaSettings | None = None, keyspace: str | None = None)
 
 def close(session: Session) -> None:
     session.cluster.shutdown()
+
+
+@contextmanager
+def session(settings: ScyllaSettings, keyspace: str | None = None) -> Iterator[Session]:
+    """A connected session, shut down on leaving: ``with scylla.session(cfg.scylla) as s:``."""
+    s = connect(settings, keyspace)
+    try:
+        yield s
+    finally:
+        close(s)
 
 
 def _statements(cql: str) -> list[str]:
