@@ -38,8 +38,8 @@ demo: schemas     ## the main job: the whole system at work on the local stack
 test: up          ## install, start the stack, run every test
 	$(PY) -m pytest
 
-test-unit: venv   ## pure tests only, no stack
-	$(PY) -m pytest tests/unit
+test-unit: venv   ## fast pure tests, no stack (CI also runs the ones marked slow)
+	$(PY) -m pytest tests/unit -m "not slow"
 
 PYDIRS := tasks flows deployments infra support bench tests
 
