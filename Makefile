@@ -43,10 +43,11 @@ test-unit: venv   ## fast pure tests, no stack (CI also runs the ones marked slo
 
 PYDIRS := tasks flows deployments infra support bench tests
 
-lint: venv        ## ruff (lint and format) and mypy over every Python folder
+lint: venv        ## ruff (lint and format), mypy over every Python folder; the import rules
 	$(PY) -m ruff check $(PYDIRS)
 	$(PY) -m ruff format --check $(PYDIRS)
 	$(PY) -m mypy $(PYDIRS)
+	.venv/bin/lint-imports --no-cache --no-logo
 
 bench: schemas    ## every benchmark, ~30 min; results in bench/results/, tables on stdout
 	$(PY) -m bench.dual_write --calls 2000

@@ -41,7 +41,7 @@ from psycopg import sql
 
 from bench.proc import proc_stat
 from tasks.adapters import postgres, scylla
-from tasks.settings import get_settings
+from tasks.settings import PostgresSettings, ScyllaSettings, get_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,13 +57,14 @@ def generate(
     turns_per_session: int,
     sessions_per_user: int,
     steps_per_agent_turn: int,
+    settings: PostgresSettings,
 ) -> dict[str, int]:
     """N turns across sessions and users, in SQL (generate_series) as the admin role. Turns
     alternate human/agent; session headers are set as the write model's triggers would."""
     sessions = -(-turns // turns_per_session)
     users = -(-sessions // sessions_per_user)
     s = sql.Identifier(schema)
-    with postgres.connect("admin") as conn:
+    with postgres.connect("admin", settings) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(s))
         for t in TABLES:
             conn.execute(
@@ -73,12 +74,12 @@ def generate(
             )
         conn.execute(
             sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
-                s, sql.Identifier(get_settings().postgres.reader_user)
+                s, sql.Identifier(settings.reader_user)
             )
         )
         conn.execute(
             sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(
-                s, sql.Identifier(get_settings().postgres.reader_user)
+                s, sql.Identifier(settings.reader_user)
             )
         )
         conn.execute(sql.SQL("SET search_path = {}").format(s))
@@ -135,9 +136,9 @@ def generate(
         counts = {
             t: conn.execute(
                 sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(t))
-            ).fetchone()[0]
+            ).fetchone()[0]  # type: ignore[index]
             for t in TABLES
-        }  # type: ignore[index]
+        }
         conn.execute(
             sql.SQL("ANALYZE {}.sessions, {}.human_turns, {}.agent_turns, {}.steps").format(
                 s, s, s, s
@@ -147,8 +148,8 @@ def generate(
     return counts
 
 
-def drop_schema(schema: str) -> None:
-    with postgres.connect("admin", autocommit=True) as conn:
+def drop_schema(schema: str, settings: PostgresSettings) -> None:
+    with postgres.connect("admin", settings, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
@@ -163,7 +164,10 @@ def stage_snapshot(cfg: dict[str, Any]) -> dict[str, Any]:
     from tasks.backfill.snapshot import take_snapshot
 
     manifest, directory = take_snapshot(
-        cfg["root"], chunk_size=cfg["chunk_size"], readers=cfg["readers"]
+        cfg["root"],
+        settings=get_settings().postgres,
+        chunk_size=cfg["chunk_size"],
+        readers=cfg["readers"],
     )
     assert directory is not None
     size = sum(f.stat().st_size for f in directory.rglob("*.parquet"))
@@ -180,18 +184,18 @@ def stage_snapshot(cfg: dict[str, Any]) -> dict[str, Any]:
 def stage_load(cfg: dict[str, Any]) -> dict[str, Any]:
     from tasks.backfill.load import load_snapshot
 
-    session = scylla.connect()
-    try:
+    settings = get_settings()
+    with scylla.session(settings.scylla) as session:
         r = load_snapshot(
             cfg["snapshot_dir"],
             session,
+            settings.scylla,
+            sstable=settings.sstable,
             keyspace=cfg["keyspace"],
             concurrency=cfg["concurrency"],
             workers=cfg["workers"],
             method=cfg["method"],
         )
-    finally:
-        scylla.close(session)
     timeline = [p for p in r.pairs if p.read_model == "conversation_timeline"]
     t_rows, t_secs = sum(p.rows_written for p in timeline), sum(p.seconds for p in timeline)
     return {
@@ -308,9 +312,8 @@ def timeline_csv(snapshot_dir: str, path: Path) -> int:
     return n
 
 
-def cqlsh_copy(csv_path: Path, keyspace: str, rows: int) -> dict[str, Any]:
+def cqlsh_copy(csv_path: Path, keyspace: str, rows: int, cfg: ScyllaSettings) -> dict[str, Any]:
     cqlsh = Path(sys.executable).parent / "cqlsh"
-    cfg = get_settings().scylla
     cmd = [
         str(cqlsh),
         cfg.contact_points[0],
@@ -444,62 +447,69 @@ def main(argv: list[str] | None = None) -> None:
     keyspaces = {m: f"bench_bf_{m}_{tag}" for m in a.methods}
     work = Path(tempfile.mkdtemp(prefix=f"bench-backfill-{tag}-"))
     env = {**os.environ, "PGOPTIONS": f"-c search_path={schema}"}
-    session = scylla.connect()
-    try:
-        for name in (*keyspaces.values(), ks_cqlsh):
-            scylla.migrate(session, get_settings().scylla.model_copy(update={"keyspace": name}))
-        t0 = time.monotonic()
-        counts = generate(
-            schema, a.turns, a.turns_per_session, a.sessions_per_user, a.steps_per_agent_turn
-        )
-        gen_s = time.monotonic() - t0
-        print(f"generated {counts} in {gen_s:.1f} s (schema {schema})", file=sys.stderr)
-        cfg = {
-            "root": str(work / "snapshots"),
-            "chunk_size": a.chunk_size,
-            "readers": a.readers,
-            "concurrency": a.concurrency,
-            "workers": a.workers,
-        }
-        snap = run_stage("snapshot", cfg, env)
-        print(f"snapshot: {snap}", file=sys.stderr)
-        csv_rows = timeline_csv(snap["snapshot_dir"], work / "timeline.csv")
-        cq = cqlsh_copy(work / "timeline.csv", ks_cqlsh, csv_rows)
-        print(f"cqlsh: {cq}", file=sys.stderr)
-        methods: dict[str, Any] = {}
-        for method, ks in keyspaces.items():
-            mcfg = {**cfg, "keyspace": ks, "method": method}
-            load = run_stage("load", {**mcfg, "snapshot_dir": snap["snapshot_dir"]}, env)
-            print(f"{method} load: {load}", file=sys.stderr)
-            whole = run_stage("flow", {**mcfg, "root": str(work / f"flow-{method}")}, env)
-            print(f"{method} flow: {whole}", file=sys.stderr)
-            methods[method] = {
-                "load": load,
-                "flow": whole,
-                "ratio_timeline_vs_cqlsh": load["timeline_rows_per_s"] / cq["rows_per_s"],
-                # The issue's measure: the whole backfill (source rows/s) against cqlsh.
-                "ratio_flow_vs_cqlsh": whole["rows_per_s"] / cq["rows_per_s"],
-            }
-        result = {
-            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-            "params": vars(a) | {"stage": None, "config": None},
-            "rows": counts,
-            "generate_seconds": round(gen_s, 2),
-            "snapshot": snap,
-            "cqlsh": cq,
-            "methods": methods,
-        }
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"backfill-{a.turns}.json").write_text(json.dumps(result, indent=2, default=str))
-        print(markdown(result))
-    finally:
-        if not a.keep:
+    settings = get_settings()
+    with scylla.session(settings.scylla) as session:
+        try:
             for name in (*keyspaces.values(), ks_cqlsh):
-                session.execute(f"DROP KEYSPACE IF EXISTS {name}", timeout=120)
-            drop_schema(schema)
-            shutil.rmtree(work, ignore_errors=True)
-        scylla.close(session)
+                scylla.migrate(session, settings.scylla.model_copy(update={"keyspace": name}))
+            t0 = time.monotonic()
+            counts = generate(
+                schema,
+                a.turns,
+                a.turns_per_session,
+                a.sessions_per_user,
+                a.steps_per_agent_turn,
+                settings.postgres,
+            )
+            gen_s = time.monotonic() - t0
+            print(f"generated {counts} in {gen_s:.1f} s (schema {schema})", file=sys.stderr)
+            cfg = {
+                "root": str(work / "snapshots"),
+                "chunk_size": a.chunk_size,
+                "readers": a.readers,
+                "concurrency": a.concurrency,
+                "workers": a.workers,
+            }
+            snap = run_stage("snapshot", cfg, env)
+            print(f"snapshot: {snap}", file=sys.stderr)
+            csv_rows = timeline_csv(snap["snapshot_dir"], work / "timeline.csv")
+            cq = cqlsh_copy(work / "timeline.csv", ks_cqlsh, csv_rows, settings.scylla)
+            print(f"cqlsh: {cq}", file=sys.stderr)
+            methods: dict[str, Any] = {}
+            for method, ks in keyspaces.items():
+                mcfg = {**cfg, "keyspace": ks, "method": method}
+                load = run_stage("load", {**mcfg, "snapshot_dir": snap["snapshot_dir"]}, env)
+                print(f"{method} load: {load}", file=sys.stderr)
+                whole = run_stage("flow", {**mcfg, "root": str(work / f"flow-{method}")}, env)
+                print(f"{method} flow: {whole}", file=sys.stderr)
+                methods[method] = {
+                    "load": load,
+                    "flow": whole,
+                    "ratio_timeline_vs_cqlsh": load["timeline_rows_per_s"] / cq["rows_per_s"],
+                    # The issue's measure: the whole backfill (source rows/s) against cqlsh.
+                    "ratio_flow_vs_cqlsh": whole["rows_per_s"] / cq["rows_per_s"],
+                }
+            result = {
+                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                "params": vars(a) | {"stage": None, "config": None},
+                "rows": counts,
+                "generate_seconds": round(gen_s, 2),
+                "snapshot": snap,
+                "cqlsh": cq,
+                "methods": methods,
+            }
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / f"backfill-{a.turns}.json").write_text(
+                json.dumps(result, indent=2, default=str)
+            )
+            print(markdown(result))
+        finally:
+            if not a.keep:
+                for name in (*keyspaces.values(), ks_cqlsh):
+                    session.execute(f"DROP KEYSPACE IF EXISTS {name}", timeout=120)
+                drop_schema(schema, settings.postgres)
+                shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

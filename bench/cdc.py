@@ -20,6 +20,7 @@ import resource
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,12 @@ from confluent_kafka import Consumer, TopicPartition
 from bench.proc import proc_stat
 from support import cdc_probe
 from tasks.adapters import kafka, postgres, scylla
-from tasks.cdc.consumer import CdcConsumer, CdcOptions
+from tasks.cdc.consumer import CdcConsumer
+from tasks.cdc.options import CdcOptions
 from tasks.core.debezium import decode_message
 from tasks.core.metrics import MetricsReport, percentile
 from tasks.core.projection import project
-from tasks.settings import get_settings
+from tasks.settings import Settings, get_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -41,12 +43,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # ----------------------------------------------------------------------------- load
 
 
-def paced_writer(rate_events: int, seconds: float, user: str, out: Any) -> None:
+def paced_writer(settings: Settings, rate_events: int, seconds: float, user: str, out: Any) -> None:
     """Write at a fixed rate of change events: each human turn insert is 2 events (the turn
     and the session header the trigger updates). Commits every 10 ms."""
     sessions = [uuid.uuid4() for _ in range(500)]
     turns_per_s = rate_events / 2
-    with postgres.connect("app") as conn:
+    with postgres.connect("app", settings.postgres) as conn:
         with conn.transaction():
             for s in sessions:
                 conn.execute(
@@ -76,9 +78,9 @@ def paced_writer(rate_events: int, seconds: float, user: str, out: Any) -> None:
         time.sleep(1.0)
 
 
-def write_backlog(turns: int) -> int:
+def write_backlog(settings: Settings, turns: int) -> int:
     """A backlog written in bulk by SQL (each turn also updates its session: 2 events)."""
-    with postgres.connect("admin") as conn:
+    with postgres.connect("admin", settings.postgres) as conn:
         conn.execute("SET ROLE cqrs_app")
         n_sessions = max(1, turns // 20)
         conn.execute(
@@ -102,19 +104,19 @@ def write_backlog(turns: int) -> int:
 # ----------------------------------------------------------------------------- consumer
 
 
-def end_offsets() -> dict[tuple[str, int], int]:
-    c = Consumer(kafka.consumer_config(**{"group.id": f"bench-{uuid.uuid4()}"}))
+def end_offsets(settings: Settings) -> dict[tuple[str, int], int]:
+    c = Consumer(kafka.consumer_config(settings.kafka, **{"group.id": f"bench-{uuid.uuid4()}"}))
     try:
         return {
             (tp.topic, tp.partition): tp.offset
-            for tp in cdc_probe.end_offsets(c, kafka.change_topics())
+            for tp in cdc_probe.end_offsets(c, kafka.change_topics(settings.kafka))
         }
     finally:
         c.close()
 
 
-def commit_offsets(group: str, offsets: dict[tuple[str, int], int]) -> None:
-    c = Consumer(kafka.consumer_config(**{"group.id": group}))
+def commit_offsets(settings: Settings, group: str, offsets: dict[tuple[str, int], int]) -> None:
+    c = Consumer(kafka.consumer_config(settings.kafka, **{"group.id": group}))
     c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
     c.close()
 
@@ -127,16 +129,27 @@ def rss_mib() -> float:
 
 
 def run_consumer(
+    settings: Settings,
     group: str,
     options: CdcOptions,
     reports: list[MetricsReport],
     rss: list[float] | None = None,
     samples: list[tuple[float, float]] | None = None,
 ) -> Any:
-    settings = get_settings()
-    session = scylla.connect(keyspace=settings.scylla.keyspace)
-    ks = settings.kafka.model_copy(update={"consumer_group": group})
-    consumer = CdcConsumer(scylla.ScyllaWriter(session), options, ks)
+    with scylla.session(settings.scylla, settings.scylla.keyspace) as session:
+        ks = settings.kafka.model_copy(update={"consumer_group": group})
+        consumer = CdcConsumer(scylla.ScyllaWriter(session, settings.scylla), options, ks)
+        return consumer, consumer.run(report=_reporter(consumer, reports, rss, samples))
+
+
+def _reporter(
+    consumer: CdcConsumer,
+    reports: list[MetricsReport],
+    rss: list[float] | None,
+    samples: list[tuple[float, float]] | None,
+) -> Callable[[MetricsReport], None]:
+    """The consumer's report callback: keeps the reports (and the RSS, and with ``samples``
+    every event's latency) for the results."""
     if samples is not None:
         # Keep every (time, latency) too: the whole run's percentiles, not per interval.
         record = consumer.metrics.record_batch
@@ -153,10 +166,7 @@ def run_consumer(
         if rss is not None:
             rss.append(rss_mib())
 
-    try:
-        return consumer, consumer.run(report=report)
-    finally:
-        scylla.close(session)
+    return report
 
 
 # Which process is which part of the path, by command line.
@@ -195,22 +205,24 @@ def cpu_by_part() -> dict[str, float]:
 
 
 def fixed_rate(
-    rate: int, seconds: float, report_s: float = 1.0, keep_samples: bool = True
+    settings: Settings, rate: int, seconds: float, report_s: float = 1.0, keep_samples: bool = True
 ) -> dict[str, Any]:
     """Write ``rate`` events/s for ``seconds`` with a consumer running. ``keep_samples``
     keeps every event's latency for whole-run percentiles; a long soak does not (a million
     samples would grow the very process whose memory it watches), and reports the
     per-interval percentiles instead."""
     group = f"bench-rate-{uuid.uuid4().hex[:8]}"
-    commit_offsets(group, end_offsets())
+    commit_offsets(settings, group, end_offsets(settings))
     reports: list[MetricsReport] = []
     rss: list[float] = []
     samples: list[tuple[float, float]] = []
     q: mp.Queue[float] = mp.Queue()
-    writer = mp.Process(target=paced_writer, args=(rate, seconds, str(uuid.uuid4()), q))
+    writer = mp.Process(target=paced_writer, args=(settings, rate, seconds, str(uuid.uuid4()), q))
     opts = CdcOptions(report_interval_s=report_s, max_seconds=seconds + 15, idle_exit_s=5)
     t = threading.Thread(
-        target=lambda: run_consumer(group, opts, reports, rss, samples if keep_samples else None)
+        target=lambda: run_consumer(
+            settings, group, opts, reports, rss, samples if keep_samples else None
+        )
     )
     t.start()
     time.sleep(2)  # joined the group, partitions assigned
@@ -256,15 +268,15 @@ def fixed_rate(
     }
 
 
-def backlog(turns: int) -> dict[str, Any]:
+def backlog(settings: Settings, turns: int) -> dict[str, Any]:
     group = f"bench-backlog-{uuid.uuid4().hex[:8]}"
-    start_offsets = end_offsets()
-    commit_offsets(group, start_offsets)
-    events = write_backlog(turns)
+    start_offsets = end_offsets(settings)
+    commit_offsets(settings, group, start_offsets)
+    events = write_backlog(settings, turns)
     # Wait until Debezium has published the whole backlog.
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        ends = end_offsets()
+        ends = end_offsets(settings)
         if sum(ends.values()) - sum(start_offsets.values()) >= events:
             break
         time.sleep(1)
@@ -274,13 +286,16 @@ def backlog(turns: int) -> dict[str, Any]:
     reports: list[MetricsReport] = []
     t0 = time.perf_counter()
     _consumer, result = run_consumer(
-        group, CdcOptions(max_messages=total, report_interval_s=5, batch_size=5000), reports
+        settings,
+        group,
+        CdcOptions(max_messages=total, report_interval_s=5, batch_size=5000),
+        reports,
     )
     consumer_s = time.perf_counter() - t0
 
     # 2. The same messages decoded and projected outside the clock, then written by a bare
     #    execute_concurrent loop with the same prepared statements and concurrency.
-    c = Consumer(kafka.consumer_config(**{"group.id": f"bench-{uuid.uuid4()}"}))
+    c = Consumer(kafka.consumer_config(settings.kafka, **{"group.id": f"bench-{uuid.uuid4()}"}))
     c.assign([TopicPartition(t, p, o) for (t, p), o in start_offsets.items()])
     mutations = []
     seen = 0
@@ -293,13 +308,14 @@ def backlog(turns: int) -> dict[str, Any]:
             if ev.change is not None:
                 mutations.extend(project(ev.change))
     c.close()
-    session = scylla.connect(keyspace=get_settings().scylla.keyspace)
-    writer = scylla.ScyllaWriter(session)
-    bound = writer.bound(mutations)
-    t0 = time.perf_counter()
-    execute_concurrent(session, bound, concurrency=writer.concurrency, raise_on_first_error=True)
-    bare_s = time.perf_counter() - t0
-    scylla.close(session)
+    with scylla.session(settings.scylla, settings.scylla.keyspace) as session:
+        writer = scylla.ScyllaWriter(session, settings.scylla)
+        bound = writer.bound(mutations)
+        t0 = time.perf_counter()
+        execute_concurrent(
+            session, bound, concurrency=writer.concurrency, raise_on_first_error=True
+        )
+        bare_s = time.perf_counter() - t0
     return {
         "events": total,
         "mutations": result.mutations,
@@ -337,6 +353,7 @@ def main() -> None:
     parser.add_argument("--soak-rate", type=int, default=2000, help="events/s of the soak")
     parser.add_argument("--out", type=Path, default=RESULTS / "cdc.json", help="results file")
     args = parser.parse_args()
+    settings = get_settings()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {
         "machine": f"{platform.node()} {os.cpu_count()} cores",
@@ -344,14 +361,14 @@ def main() -> None:
     }
     out["fixed_rate"] = []
     for rate in args.rates:
-        res = fixed_rate(rate, args.seconds)
+        res = fixed_rate(settings, rate, args.seconds)
         print(res, flush=True)
         out["fixed_rate"].append(res)
-    out["backlog"] = backlog(args.backlog)
+    out["backlog"] = backlog(settings, args.backlog)
     print(out["backlog"], flush=True)
     if args.soak_seconds:
         out["soak"] = fixed_rate(
-            args.soak_rate, args.soak_seconds, report_s=10.0, keep_samples=False
+            settings, args.soak_rate, args.soak_seconds, report_s=10.0, keep_samples=False
         )
         print(out["soak"], flush=True)
     out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

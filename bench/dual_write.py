@@ -21,6 +21,7 @@ too: the figures are for this machine at this moment, not a capacity statement.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -37,9 +38,10 @@ from cassandra.query import PreparedStatement
 from support.cdc_probe import LocalCdc
 from tasks.adapters import scylla
 from tasks.core.metrics import percentile
+from tasks.core.timestamps import cql_timestamp, sub_millis
 from tasks.core.write_policy import DualWritePolicy, Operation
 from tasks.dual_write import service as dw
-from tasks.settings import get_settings
+from tasks.settings import Settings, get_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SESSIONS_PER_PATH = 10
@@ -71,10 +73,10 @@ class Lookup:
 
     def visible(self, r: dw.WriteResult) -> bool:
         turn = r.rows["human_turns"][0]
-        us = turn["created_at"].microsecond
-        created = turn["created_at"].replace(microsecond=us // 1000 * 1000)  # CQL: ms
+        created = cql_timestamp(turn["created_at"])
+        micros = sub_millis(turn["created_at"].microsecond)
         return (
-            self.cql.execute(self.stmt, (r.session_id, created, us % 1000, turn["id"])).one()
+            self.cql.execute(self.stmt, (r.session_id, created, micros, turn["id"])).one()
             is not None
         )
 
@@ -128,6 +130,7 @@ def latency_phase(
 
 
 def staleness_phase(
+    settings: Settings,
     dual: dw.DualWriteDeps,
     pg_only: dw.DualWriteDeps,
     lookup: Lookup,
@@ -140,7 +143,7 @@ def staleness_phase(
     cdc_ms: list[float] = []
     dual_ms: list[float] = []
     not_seen = 0
-    with LocalCdc():
+    with LocalCdc(settings):
         # The first change waits for the new consumer group's partition assignment: not CDC
         # latency, so it is not counted.
         for i in range(samples + 1):
@@ -232,14 +235,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     policy = DualWritePolicy(deadline_ms=args.deadline_ms)
-    dual = dw.connect_deps(policy, pool_size=2)
-    pg_only = dual.with_policy(policy.model_copy(update={op.value: False for op in Operation}))
-    cql = scylla.connect(keyspace=get_settings().scylla.keyspace)
-    try:
+    settings = get_settings()
+    with (
+        contextlib.closing(dw.connect_deps(settings, policy, pool_size=2)) as dual,
+        scylla.session(settings.scylla, settings.scylla.keyspace) as cql,
+    ):
+        pg_only = dual.with_policy(policy.model_copy(update={op.value: False for op in Operation}))
         lookup = Lookup(cql)
         started = datetime.now(UTC).isoformat()
         latency = latency_phase(dual, pg_only, lookup, args.calls, args.warmup)
-        staleness = staleness_phase(dual, pg_only, lookup, args.staleness_samples)
+        staleness = staleness_phase(settings, dual, pg_only, lookup, args.staleness_samples)
         out = {
             "benchmark": "dual_write",
             "started_at": started,
@@ -261,9 +266,6 @@ def main(argv: list[str] | None = None) -> int:
         }
         if not args.keep:
             cleanup(pg_only, latency["sessions"] + staleness["sessions"])
-    finally:
-        scylla.close(cql)
-        dual.close()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "dual_write.json").write_text(json.dumps(out, indent=2, default=str))
     print(markdown(out))

@@ -6,8 +6,8 @@ into the Scylla read models; resumable, rate-limited, safe alongside CDC.
     python -m flows.backfill --resume                      # after a crash: finish the load
     python -m flows.backfill --snapshot-dir snapshots/<id> # load an existing snapshot again
 
-Stages: check the CDC slot (the gap rule) → [rebuild: truncate] → snapshot → load. Progress and
-a summary are published as Prefect artifacts.
+Stages: check the CDC slot (the gap rule) → [rebuild: truncate the read models] → take a
+snapshot → load it. Progress and a summary are published as Prefect artifacts.
 """
 
 from __future__ import annotations
@@ -32,42 +32,16 @@ from prefect.artifacts import (
 from prefect.cache_policies import NONE
 from prefect.runtime import task_run
 
-from tasks.adapters import postgres, scylla
-from tasks.adapters import sstable as sstable_load
+from flows.cli import run_cli
+from tasks.adapters import postgres, scylla, sstable_setup
 from tasks.adapters.kafka_connect import KafkaConnectClient
-from tasks.backfill.load import (
-    Checkpoints,
-    LoadProgress,
-    LoadResult,
-    load_snapshot,
-    truncate_read_models,
-)
+from tasks.backfill import checkpoints, load, progress, safety, snapshot
+from tasks.backfill.load import LoadProgress, LoadResult
+from tasks.backfill.manifest import Manifest, find_resumable
 from tasks.backfill.params import BackfillParams, validate
-from tasks.backfill.snapshot import (
-    Manifest,
-    SnapshotProgress,
-    check_cdc_slot,
-    check_snapshot_age,
-    tables_for,
-    take_snapshot,
-)
-from tasks.core.errors import (
-    ConfigurationError,
-    CqrsSyncError,
-    retry_if_transient,
-)
-from tasks.settings import get_settings
-
-# --------------------------------------------------------------------------------------------
-# Progress in the Prefect UI
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+from tasks.backfill.snapshot import SnapshotProgress
+from tasks.core.errors import CqrsSyncError, retry_if_transient
+from tasks.settings import KafkaSettings, ScyllaSettings, Settings, get_settings
 
 
 class Reporter:
@@ -93,28 +67,9 @@ class Reporter:
         if not final and now - self._last < self.min_interval_s:
             return
         self._last = now
-        pct = 100.0 * p.rows_done / p.rows_total if p.rows_total else 100.0
-        update_progress_artifact(self._artifact, pct)
-        rate = p.rows_done / p.elapsed_s if p.elapsed_s > 0 else 0.0
-        eta: float | None = (p.rows_total - p.rows_done) / rate if rate > 0 else None
-        lines = [
-            f"## Backfill {self.stage}",
-            "",
-            "| | |",
-            "|---|---|",
-            f"| chunks | {p.chunks_done:,} / {p.chunks_total:,} |",
-            f"| source rows | {p.rows_done:,} / {p.rows_total:,} ({pct:.1f} %) |",
-        ]
-        if isinstance(p, LoadProgress):
-            rate, eta = p.rows_per_s, p.eta_s  # rows read in this run: skipped chunks are free
-            lines.append(f"| read-model rows written | {p.rows_written:,} |")
-        lines += [
-            f"| rows/s | {rate:,.0f} |",
-            f"| elapsed | {_duration(p.elapsed_s)} |",
-            f"| ETA | {_duration(eta) if not final else 'done'} |",
-        ]
+        update_progress_artifact(self._artifact, progress.percent_done(p))
         create_markdown_artifact(
-            "\n".join(lines),
+            progress.progress_markdown(self.stage, p, final),
             key="backfill-progress",
             description=f"backfill {self.stage}: rows, rate, ETA",
         )
@@ -124,44 +79,23 @@ class Reporter:
         update_progress_artifact(self._artifact, 100.0)
 
 
-def summary_rows(manifest: Manifest, result: LoadResult | None) -> list[dict[str, Any]]:
-    """One row per (source table, read model): the end-of-run table artifact."""
-    rows = []
-    for p in result.pairs if result else []:
-        rows.append(
-            {
-                "table": p.table,
-                "read_model": p.read_model,
-                "rows_read": p.rows_read,
-                "rows_written": p.rows_written,
-                "duration_s": round(p.seconds, 2),
-                "rows_per_s": round(p.rows_per_s),
-                "chunks_loaded": p.chunks,
-                "chunks_skipped_by_resume": p.chunks_skipped,
-                "snapshot_rows": manifest.tables.get(p.table, {}).get("rows"),
-            }
-        )
-    return rows
-
-
 # --------------------------------------------------------------------------------------------
-# Tasks: thin wrappers over tasks.backfill.snapshot / tasks.backfill.load
+# Tasks: thin wrappers over tasks.backfill
 
 
-def _debezium_lsn(log: Any) -> int | None:
-    settings = get_settings().kafka
+def _debezium_lsn(settings: KafkaSettings) -> int | None:
     try:
         return KafkaConnectClient(settings.connect_url).source_lsn(settings.connector_name)
     except CqrsSyncError as exc:
-        log.warning("cannot read Debezium's offset: %s", exc)
+        get_run_logger().warning("cannot read Debezium's offset: %s", exc)
         return None
 
 
 @task(cache_policy=NONE)
-def check_gap(p: BackfillParams, manifest: Manifest | None) -> dict[str, Any]:
+def check_gap(p: BackfillParams, manifest: Manifest | None, cfg: Settings) -> dict[str, Any]:
     """CDC must cover every change after the snapshot (docs/architecture.md, "The gap rule")."""
     log = get_run_logger()
-    slot = postgres.slot_status()
+    slot = postgres.slot_status(cfg.postgres)
     state = {
         "name": slot.name,
         "exists": slot.exists,
@@ -175,44 +109,7 @@ def check_gap(p: BackfillParams, manifest: Manifest | None) -> dict[str, Any]:
             state,
         )
         return state
-    check_cdc_slot(state, slot.name)
-    gap = postgres.slot_gap(slot, _debezium_lsn(log))
-    if manifest is None:
-        if slot.wal_status == "lost":
-            # CDC cannot stream from this slot at all: nothing would carry later changes.
-            raise ConfigurationError(
-                f"{gap}: CDC cannot continue from it. Recreate the slot (drop it, then run "
-                f"python -m flows.setup), then run this backfill; it covers what was missed."
-            )
-        if gap:  # a new snapshot holds every change up to now: it is what covers such a gap
-            log.warning("%s; the new snapshot covers the changes missed so far", gap)
-    else:
-        if not manifest.slot.get("exists"):
-            raise ConfigurationError(
-                f"snapshot {manifest.snapshot_id} was taken without a CDC slot: changes "
-                f"between it and the slot's creation are in neither. Take a new snapshot, or "
-                f"pass no_cdc=True."
-            )
-        if gap:
-            raise ConfigurationError(
-                f"{gap}: snapshot {manifest.snapshot_id} predates that, so changes between "
-                f"it and the slot's recreation are in neither. Take a new snapshot, or pass "
-                f"no_cdc=True."
-            )
-        recorded = manifest.slot.get("confirmed_flush_lsn")
-        if (
-            recorded
-            and slot.confirmed_flush_lsn
-            and postgres.lsn_to_int(slot.confirmed_flush_lsn) < postgres.lsn_to_int(recorded)
-        ):
-            # A slot's confirmed position never moves back: this is another slot (dropped and
-            # recreated, or a restored database), which does not continue from the snapshot.
-            raise ConfigurationError(
-                f"replication slot {slot.name!r} is at {slot.confirmed_flush_lsn}, behind the "
-                f"{recorded} it had confirmed when snapshot {manifest.snapshot_id} was taken: "
-                f"it is not the slot the snapshot was taken against, and changes since the "
-                f"snapshot may be in neither. Take a new snapshot, or pass no_cdc=True."
-            )
+    safety.check_gap(slot, _debezium_lsn(cfg.kafka), manifest, log.warning)
     log.info(
         "CDC slot %s is active (confirmed flush LSN %s): no gap after the snapshot",
         slot.name,
@@ -221,31 +118,11 @@ def check_gap(p: BackfillParams, manifest: Manifest | None) -> dict[str, Any]:
     return state
 
 
-def gc_grace_seconds(keyspace: str, read_models: Sequence[str]) -> dict[str, int]:
-    """gc_grace_seconds of each read-model table, as the target cluster's schema has it."""
-    session = scylla.connect()
-    try:
-        rows = session.execute(
-            "SELECT table_name, gc_grace_seconds FROM system_schema.tables "
-            "WHERE keyspace_name = %s",
-            (keyspace,),
-        )
-        found = {r.table_name: int(r.gc_grace_seconds) for r in rows}
-    finally:
-        scylla.close(session)
-    if missing := [rm for rm in read_models if rm not in found]:
-        raise ConfigurationError(
-            f"keyspace {keyspace!r} has no table(s) {missing}: apply the "
-            f"schema first (`python -m flows.setup`)"
-        )
-    return {rm: found[rm] for rm in read_models}
-
-
 @task(cache_policy=NONE)
-def check_snapshot_fresh(p: BackfillParams, manifest: Manifest) -> None:
+def check_snapshot_fresh(p: BackfillParams, manifest: Manifest, cfg: ScyllaSettings) -> None:
     """An existing snapshot is loaded only while the tombstones it could undo still exist."""
-    keyspace = p.keyspace or get_settings().scylla.keyspace
-    grace = gc_grace_seconds(keyspace, p.read_models)
+    with scylla.session(cfg) as session:
+        grace = safety.gc_grace_seconds(session, p.keyspace or cfg.keyspace, p.read_models)
     if p.allow_old_snapshot:
         get_run_logger().warning(
             "allow_old_snapshot: snapshot %s (taken %s) is loaded whatever "
@@ -254,27 +131,27 @@ def check_snapshot_fresh(p: BackfillParams, manifest: Manifest) -> None:
             manifest.snapshot_time,
             grace,
         )
-    check_snapshot_age(manifest.taken_at, grace, allow=p.allow_old_snapshot)
+    safety.check_snapshot_age(manifest.taken_at, grace, allow=p.allow_old_snapshot)
 
 
 @task(cache_policy=NONE)
-def check_sstable_method(p: BackfillParams) -> None:
+def check_sstable_method(cfg: Settings) -> None:
     """The sstable method needs Java 17 and the cassandra-all jars here, and an Apache
     Cassandra 4+ cluster there: checked before the snapshot, not after it."""
-    sstable_load.check_available()
-    session = scylla.connect()
-    try:
-        get_run_logger().info("sstable load method: %s", sstable_load.check_target(session))
-    finally:
-        scylla.close(session)
+    sstable_setup.check_available(cfg.sstable)
+    with scylla.session(cfg.scylla) as session:
+        get_run_logger().info("sstable load method: %s", sstable_setup.check_target(session))
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_if_transient)
-def snapshot_stage(p: BackfillParams, dry_run: bool = False) -> tuple[Manifest, Path | None]:
+def take_snapshot(
+    p: BackfillParams, cfg: Settings, dry_run: bool = False
+) -> tuple[Manifest, Path | None]:
     reporter = None if dry_run else Reporter("snapshot")
-    manifest, directory = take_snapshot(
+    manifest, directory = snapshot.take_snapshot(
         p.snapshot_root,
         p.read_models,
+        settings=cfg.postgres,
         filt=p.filter,
         chunk_size=p.chunk_size,
         readers=p.readers,
@@ -299,36 +176,48 @@ def snapshot_stage(p: BackfillParams, dry_run: bool = False) -> tuple[Manifest, 
 
 
 @task(cache_policy=NONE)
-def truncate_stage(p: BackfillParams) -> None:
-    session = scylla.connect()
-    try:
-        truncate_read_models(session, p.read_models, p.keyspace)
-    finally:
-        scylla.close(session)
+def truncate_read_models(p: BackfillParams, cfg: ScyllaSettings) -> None:
+    """Empty the chosen read models before a rebuild, while CDC keeps writing. Safe because
+    the snapshot is taken after the truncate (docs/architecture.md):
+    - a CDC write landing after the truncate is either newer than the snapshot (its version,
+      the write timestamp, beats the snapshot row's) or an old change the snapshot holds too
+      (same or older version). A CDC delete leaves a tombstone stamped with the deleted row's
+      version + 1 µs, newer than any version a snapshot can hold, so the load cannot
+      resurrect the row. TRUNCATE is not a timestamped deletion: later writes with older
+      timestamps are kept, which is what we need.
+    - a CDC write applied BEFORE the truncate is wiped by it; the snapshot, taken after,
+      holds that change. Loading an OLDER snapshot would lose it: BackfillParams refuses
+      rebuild with snapshot_dir.
+    - until the load ends, readers see empty or partial read models: a rebuild is an outage
+      of those tables, to schedule as one."""
+    get_run_logger().warning(
+        "rebuild: truncating %s in keyspace %s", list(p.read_models), p.keyspace or cfg.keyspace
+    )
+    with scylla.session(cfg) as session:
+        checkpoints.truncate_read_models(session, cfg, p.read_models, p.keyspace)
 
 
 @task(cache_policy=NONE, retries=3, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
-def load_stage(p: BackfillParams, directory: Path) -> LoadResult:
+def load_snapshot(p: BackfillParams, directory: Path, cfg: Settings) -> LoadResult:
     # A retry after a transient failure resumes: the chunks it finished are checkpointed.
     resume = p.resume or (task_run.run_count or 1) > 1
     reporter = Reporter("load")
-    session = scylla.connect()
-    try:
-        result = load_snapshot(
+    with scylla.session(cfg.scylla) as session:
+        result = load.load_snapshot(
             directory,
             session,
+            cfg.scylla,
+            sstable=cfg.sstable,
             read_models=p.read_models,
             keyspace=p.keyspace,
             concurrency=p.concurrency,
             rate_limit_rows_per_s=p.rate_limit_rows_per_s,
             resume=resume,
-            write_batch_rows=p.write_batch_rows,
+            replica_batch_rows=p.write_batch_rows,
             workers=p.workers,
             method=p.method,
             on_progress=reporter,
         )
-    finally:
-        scylla.close(session)
     if not result.chunks_loaded and not result.chunks_skipped:
         reporter.finish()
     get_run_logger().info(
@@ -344,36 +233,46 @@ def load_stage(p: BackfillParams, directory: Path) -> LoadResult:
     return result
 
 
-def _plan_markdown(p: BackfillParams, manifest: Manifest, loaded: dict[str, Any]) -> str:
-    lines = [
-        "## Backfill plan (dry run)",
-        "",
-        f"read models: {', '.join(p.read_models)}; keyspace: {p.keyspace or 'default'}; "
-        f"rebuild (truncate first): {p.rebuild}",
-        "",
-        "| table | rows | chunks | already loaded (resume) |",
-        "|---|---|---|---|",
-    ]
-    for table in tables_for(p.read_models):
-        chunks = [c for c in manifest.chunks if c.table == table]
-        lines.append(
-            f"| {table} | {manifest.tables.get(table, {}).get('rows', 0):,} | "
-            f"{len(chunks)} | {sum(1 for c in chunks if c.id in loaded)} |"
+def plan_backfill(p: BackfillParams, manifest: Manifest | None, cfg: Settings) -> dict[str, Any]:
+    """The dry run: the plan of a new snapshot (or the given one) and what is loaded already."""
+    if manifest is None:
+        manifest, _ = take_snapshot(p, cfg, dry_run=True)
+    with scylla.session(cfg.scylla) as session:
+        loaded = checkpoints.Checkpoints(session, cfg.scylla, p.keyspace).loaded(
+            manifest.snapshot_id, p.read_models
         )
-    return "\n".join(lines)
+    create_markdown_artifact(
+        progress.plan_markdown(manifest, p.read_models, p.keyspace, p.rebuild, loaded),
+        key="backfill-plan",
+    )
+    plan = progress.planned_tables(manifest, p.read_models)
+    get_run_logger().info("dry run: %s", plan)
+    return {
+        "dry_run": True,
+        "snapshot_id": manifest.snapshot_id,
+        "tables": plan,
+        "chunks_already_loaded": len(loaded),
+        "rebuild": p.rebuild,
+    }
 
 
-def find_resumable(p: BackfillParams) -> Path | None:
-    """The newest complete snapshot under snapshot_root taken with the same filter and for
-    (at least) the same read models: what a crashed run with these parameters left."""
-    root = Path(p.snapshot_root)
-    if not root.is_dir():
+def snapshot_to_resume(p: BackfillParams) -> Path | None:
+    """The snapshot this run loads instead of taking one: snapshot_dir, or with resume the
+    newest one under snapshot_root matching the parameters."""
+    if p.snapshot_dir:
+        return Path(p.snapshot_dir)
+    if not p.resume:
         return None
-    for d in sorted((x for x in root.iterdir() if (x / "manifest.json").is_file()), reverse=True):
-        m = Manifest.read(d)
-        if m.filter == p.filter.to_json() and set(p.read_models) <= set(m.read_models):
-            return d
-    return None
+    log = get_run_logger()
+    directory = find_resumable(p.snapshot_root, p.filter, p.read_models)
+    if directory is None:
+        log.warning(
+            "resume: no complete snapshot under %s matches these parameters; taking a new one",
+            p.snapshot_root,
+        )
+    else:
+        log.info("resume: continuing snapshot %s", directory)
+    return directory
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,79 +303,27 @@ def backfill_flow(
 ) -> dict[str, Any]:
     # First statement: every parameter is validated before anything is read or written.
     p = validate(dict(locals()))
-    log = get_run_logger()
-    directory = Path(p.snapshot_dir) if p.snapshot_dir else None
-    if directory is None and p.resume:
-        directory = find_resumable(p)
-        if directory is None:
-            log.warning(
-                "resume: no complete snapshot under %s matches these parameters; taking a new one",
-                p.snapshot_root,
-            )
-        else:
-            log.info("resume: continuing snapshot %s", directory)
+    cfg = get_settings()
+    directory = snapshot_to_resume(p)
     manifest = Manifest.read(directory) if directory else None
     if p.method == "sstable" and not p.dry_run:
-        check_sstable_method(p)
-    check_gap(p, manifest)
+        check_sstable_method(cfg)
+    check_gap(p, manifest, cfg)
     if manifest is not None and not p.dry_run:
-        check_snapshot_fresh(p, manifest)
-
+        check_snapshot_fresh(p, manifest, cfg.scylla)
     if p.dry_run:
-        if manifest is None:
-            manifest, _ = snapshot_stage(p, dry_run=True)
-        session = scylla.connect()
-        try:
-            loaded = Checkpoints(session, p.keyspace).loaded(manifest.snapshot_id, p.read_models)
-        finally:
-            scylla.close(session)
-        create_markdown_artifact(_plan_markdown(p, manifest, loaded), key="backfill-plan")
-        plan = {
-            t: {
-                "rows": manifest.tables.get(t, {}).get("rows", 0),
-                "chunks": sum(1 for c in manifest.chunks if c.table == t),
-            }
-            for t in tables_for(p.read_models)
-        }
-        log.info("dry run: %s", plan)
-        return {
-            "dry_run": True,
-            "snapshot_id": manifest.snapshot_id,
-            "tables": plan,
-            "chunks_already_loaded": len(loaded),
-            "rebuild": p.rebuild,
-        }
+        return plan_backfill(p, manifest, cfg)
 
     if p.rebuild:
-        # TRUNCATE, then snapshot, then load, while CDC keeps writing:
-        # - a CDC write that lands after the truncate, before or during the load, is either a
-        #   change newer than the snapshot (its version, the write timestamp, beats the
-        #   snapshot row's) or an old change the snapshot already holds (same or older
-        #   version: the snapshot row wins or ties with the same cells). A CDC delete leaves a
-        #   tombstone stamped with the deleted row's version + 1 µs, newer than any version
-        #   of that row a snapshot can hold, so the load cannot resurrect the row. TRUNCATE
-        #   itself is not a timestamped deletion: later writes with older timestamps are
-        #   kept, which is what we need.
-        # - a CDC write applied BEFORE the truncate is wiped by it; that is only safe because
-        #   the snapshot is taken after the truncate, so it holds every change committed up
-        #   to then. Truncating and then loading an OLDER snapshot would lose the changes CDC
-        #   applied in between: BackfillParams refuses rebuild with snapshot_dir.
-        # - between the truncate and the load, readers see empty or partial read models: a
-        #   rebuild is an outage of those tables, to schedule as one.
-        log.warning(
-            "rebuild: truncating %s in keyspace %s",
-            list(p.read_models),
-            p.keyspace or get_settings().scylla.keyspace,
-        )
-        truncate_stage(p)
-
+        truncate_read_models(p, cfg.scylla)
     if directory is None:
-        manifest, directory = snapshot_stage(p)
+        manifest, directory = take_snapshot(p, cfg)
     assert manifest is not None and directory is not None
-    result = load_stage(p, directory)
-    summary = summary_rows(manifest, result)
+    result = load_snapshot(p, directory, cfg)
     create_table_artifact(
-        summary, key="backfill-summary", description=f"backfill of snapshot {manifest.snapshot_id}"
+        progress.summary_rows(manifest, result),
+        key="backfill-summary",
+        description=f"backfill of snapshot {manifest.snapshot_id}",
     )
     return {
         "dry_run": False,
@@ -522,16 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
-    try:
-        validate(args)  # fail here, before a flow run is even created
-    except ConfigurationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _run(args: dict[str, Any]) -> int:
     result = backfill_flow(**args)
     print({k: v for k, v in result.items() if k != "pairs"})
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser(), argv, validate, _run)
 
 
 if __name__ == "__main__":

@@ -35,22 +35,24 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 
+from flows.cli import run_cli
 from tasks.adapters import postgres, scylla
 from tasks.adapters.kafka_connect import KafkaConnectClient
 from tasks.cdc.consumer import CdcConsumer
 from tasks.cdc.options import CdcOptions, consumer_group_for
-from tasks.core.errors import ConfigurationError, ServiceUnavailable
+from tasks.core.catalog import READ_MODELS
+from tasks.core.errors import CqrsSyncError, ServiceUnavailable
 from tasks.core.metrics import MetricsReport
-from tasks.core.projection import READ_MODELS
-from tasks.settings import get_settings
+from tasks.settings import PostgresSettings, Settings, get_settings
 
 # Retained WAL above which the slot is reported as a risk to the database's disk.
 SLOT_RETAINED_WARN_BYTES = 1 << 30
 
 
-def check_source(log: Any) -> None:
-    """Report, before consuming, what would make CDC silently incomplete."""
-    s = get_settings()
+def check_source(log: Any, s: Settings) -> None:
+    """Report, before consuming, what would make CDC silently incomplete. A check that cannot
+    be made (a service down, Kafka Connect busy rebalancing) is reported, never fatal: the
+    consumer itself waits for the services it needs."""
     connect = KafkaConnectClient(s.kafka.connect_url)
     debezium_lsn = None
     try:
@@ -58,10 +60,10 @@ def check_source(log: Any) -> None:
         if state is None or not state.running:
             log.error("Debezium connector %r is not running: %s", s.kafka.connector_name, state)
         debezium_lsn = connect.source_lsn(s.kafka.connector_name)
-    except ServiceUnavailable as exc:
+    except CqrsSyncError as exc:
         log.warning("cannot check the Debezium connector: %s", exc)
     try:
-        slot = postgres.slot_status()
+        slot = postgres.slot_status(s.postgres)
         gap = postgres.slot_gap(slot, debezium_lsn)
         if gap:
             log.error(
@@ -71,7 +73,7 @@ def check_source(log: Any) -> None:
             log.warning(
                 "replication slot %r exists but no connector is streaming from it", slot.name
             )
-    except ServiceUnavailable as exc:
+    except CqrsSyncError as exc:
         log.warning("cannot check the replication slot: %s", exc)
 
 
@@ -107,11 +109,11 @@ def markdown(rep: MetricsReport, slot_retained: int | None) -> str:
     )
 
 
-def make_reporter(log: Any) -> Callable[[MetricsReport], None]:
+def make_reporter(log: Any, pg: PostgresSettings) -> Callable[[MetricsReport], None]:
     def report(rep: MetricsReport) -> None:
         retained = None
         try:
-            slot = postgres.slot_status()
+            slot = postgres.slot_status(pg)
             retained = slot.retained_bytes
             gap = postgres.slot_gap(slot, None)
             if gap:
@@ -201,35 +203,40 @@ def cdc_flow(
     log = get_run_logger()
     settings = get_settings()
     kafka_settings = settings.kafka.model_copy(update={"consumer_group": group})
-    check_source(log)
-    session = scylla.connect(keyspace=settings.scylla.keyspace)
-    consumer = CdcConsumer(
-        scylla.ScyllaWriter(session), options, kafka_settings, emit=emit_prefect_event
-    )
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info(
-            "received %s: finishing the batch in flight, then stopping", signal.Signals(signum).name
+    check_source(log, settings)
+    with scylla.session(settings.scylla, settings.scylla.keyspace) as session:
+        consumer = CdcConsumer(
+            scylla.ScyllaWriter(session, settings.scylla),
+            options,
+            kafka_settings,
+            emit=emit_prefect_event,
         )
-        consumer.stop()
 
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        # Outside the main thread signals cannot be caught: the API check still stops us.
-        with contextlib.suppress(ValueError):
-            previous[sig] = signal.signal(sig, on_signal)
-    log.info(
-        "consuming %s.public.* into %s as group %r",
-        kafka_settings.topic_prefix,
-        list(options.read_models),
-        kafka_settings.consumer_group,
-    )
-    try:
-        result = consumer.run(report=make_reporter(log), should_stop=cancellation_requested)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        scylla.close(session)
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info(
+                "received %s: finishing the batch in flight, then stopping",
+                signal.Signals(signum).name,
+            )
+            consumer.stop()
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # Outside the main thread signals cannot be caught: the API check still stops us.
+            with contextlib.suppress(ValueError):
+                previous[sig] = signal.signal(sig, on_signal)
+        log.info(
+            "consuming %s.public.* into %s as group %r",
+            kafka_settings.topic_prefix,
+            list(options.read_models),
+            kafka_settings.consumer_group,
+        )
+        try:
+            result = consumer.run(
+                report=make_reporter(log, settings.postgres), should_stop=cancellation_requested
+            )
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     summary = {
         "messages": result.messages,
         "changes": result.changes,
@@ -298,13 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
-    try:
-        validate(args)  # fail here, before a flow run is even created
-    except ConfigurationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def run(args: dict[str, Any]) -> int:
     # The final state, not its result: a requested stop ends the run Cancelled (with the
     # summary as its data), which is an ordinary end for this process, not a failure.
     state = cdc_flow(**args, return_state=True)
@@ -312,6 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"error: the CDC flow run ended {state.type.value}: {state.message}", file=sys.stderr)
     return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Validated before a flow run is even created.
+    return run_cli(build_parser(), argv, validate, run)
 
 
 if __name__ == "__main__":

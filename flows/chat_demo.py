@@ -13,6 +13,7 @@ CDC flow already running (``make cdc``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -72,11 +73,14 @@ def _fmt(v: float | None) -> str:
 @flow(name="chat-demo")
 def chat_demo_flow(exchanges: int = 4, local_cdc: bool = True) -> list[dict[str, Any]]:
     log = get_run_logger()
-    deps = dw.connect_deps()
-    cql = scylla.connect(keyspace=get_settings().scylla.keyspace)
-    cdc = LocalCdc().start() if local_cdc else None
+    settings = get_settings()
     rows: list[dict[str, Any]] = []
-    try:
+    # Closed in reverse order: the local CDC consumer, the session, then the deps.
+    with (
+        contextlib.closing(dw.connect_deps(settings)) as deps,
+        scylla.session(settings.scylla, settings.scylla.keyspace) as cql,
+        LocalCdc(settings) if local_cdc else contextlib.nullcontext(),
+    ):
         session = dw.create_session(uuid.uuid4(), "Weekend in Lisbon", deps=deps)
         sid = session.session_id
         log.info("session %s created (dual-written: %s)", sid, session.read_model_updated)
@@ -145,11 +149,6 @@ def chat_demo_flow(exchanges: int = 4, local_cdc: bool = True) -> list[dict[str,
             header.title,
             header.turn_count,
         )
-    finally:
-        if cdc is not None:
-            cdc.stop()
-        scylla.close(cql)
-        deps.close()
     table = "\n".join(
         f"| {r['turn']} | {r['path']} | {r['call_ms']:.1f} | {_fmt(r['staleness_ms'])} |"
         for r in rows

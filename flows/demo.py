@@ -27,7 +27,7 @@ from tasks.settings import get_settings
 def write_sample_conversation() -> dict[str, str]:
     user_id, session_id = uuid.uuid4(), uuid.uuid4()
     human_id, agent_id = uuid.uuid4(), uuid.uuid4()
-    with postgres.connect("app") as conn:
+    with postgres.connect("app", get_settings().postgres) as conn:
         conn.execute(
             "INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, %s)",
             (session_id, user_id, "Planning a trip to Lisbon"),
@@ -88,8 +88,8 @@ def show_change_events(
 def show_read_models(user_id: str, session_id: str, timeout_s: float = 30) -> int:
     """Read the conversation list and the timeline as the app does, once CDC applied them."""
     log = get_run_logger()
-    session = scylla.connect(keyspace=get_settings().scylla.keyspace)
-    try:
+    cfg = get_settings().scylla
+    with scylla.session(cfg, cfg.keyspace) as session:
         deadline = time.monotonic() + timeout_s
         header = None
         while time.monotonic() < deadline:
@@ -126,16 +126,18 @@ def show_read_models(user_id: str, session_id: str, timeout_s: float = 30) -> in
                 ):
                     log.info("          step %-12s %s", s.kind, s.payload)
         return len(turns)
-    finally:
-        scylla.close(session)
 
 
 @flow(name="demo")
 def demo_flow() -> None:
     log = get_run_logger()
-    consumer = Consumer(kafka.consumer_config(**{"group.id": f"demo-{uuid.uuid4()}"}))
-    consumer.assign(end_offsets(consumer, kafka.change_topics()))
-    cdc = LocalCdc().start()  # the real consumer, in a group of its own, from the topics' end
+    settings = get_settings()
+    consumer = Consumer(
+        kafka.consumer_config(settings.kafka, **{"group.id": f"demo-{uuid.uuid4()}"})
+    )
+    consumer.assign(end_offsets(consumer, kafka.change_topics(settings.kafka)))
+    # The real consumer, in a group of its own, from the topics' end.
+    cdc = LocalCdc(settings).start()
     ids = write_sample_conversation()
     log.info("wrote session %s for user %s to Postgres", ids["session_id"], ids["user_id"])
     # 1 session insert + 2 turns (each also updates the session header) + 3 steps + 1 rename.
@@ -144,7 +146,7 @@ def demo_flow() -> None:
     log.info(
         "%d change events arrived in Kafka (topic prefix %r)",
         seen,
-        get_settings().kafka.topic_prefix,
+        settings.kafka.topic_prefix,
     )
     turns = show_read_models(ids["user_id"], ids["session_id"])
     cdc.stop()

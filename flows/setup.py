@@ -15,34 +15,36 @@ from tasks.adapters.kafka_connect import ConnectorState, register_connector
 from tasks.core.errors import retry_if_transient
 from tasks.settings import get_settings
 
+# Each task reads the settings itself: they hold secrets, which are no task input for
+# Prefect to hash or record.
+
 
 @task(retries=5, retry_delay_seconds=3, retry_condition_fn=retry_if_transient)
 def apply_postgres_schema() -> list[str]:
-    return postgres.migrate()
+    return postgres.migrate(get_settings().postgres)
 
 
 @task(retries=5, retry_delay_seconds=3, retry_condition_fn=retry_if_transient)
 def apply_scylla_schema() -> list[str]:
-    session = scylla.connect()
-    try:
-        return scylla.migrate(session)
-    finally:
-        scylla.close(session)
+    cfg = get_settings().scylla
+    with scylla.session(cfg) as session:
+        return scylla.migrate(session, cfg)
 
 
 @task(retries=5, retry_delay_seconds=3, retry_condition_fn=retry_if_transient)
 def create_topics() -> list[str]:
-    return kafka.ensure_topics()
+    return kafka.ensure_topics(get_settings().kafka)
 
 
 @task(retries=5, retry_delay_seconds=3, retry_condition_fn=retry_if_transient)
 def register_debezium_connector() -> ConnectorState:
-    return register_connector()
+    return register_connector(get_settings())
 
 
 @flow(name="setup", log_prints=False)
 def setup_flow(register_connector: bool = True) -> dict[str, object]:
     log = get_run_logger()
+    settings = get_settings()
     pg = apply_postgres_schema()
     log.info("Postgres migrations applied now: %s", pg or "none (up to date)")
     cql = apply_scylla_schema()
@@ -51,7 +53,7 @@ def setup_flow(register_connector: bool = True) -> dict[str, object]:
     if register_connector:
         log.info("Kafka topics created now: %s", create_topics() or "none (all exist)")
         state = register_debezium_connector()
-        slot = postgres.slot_status()
+        slot = postgres.slot_status(settings.postgres)
         log.info(
             "connector %s: %s, tasks %s; slot %s exists=%s active=%s retained=%s bytes",
             state.name,

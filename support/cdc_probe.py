@@ -20,9 +20,10 @@ from types import TracebackType
 from confluent_kafka import Consumer, TopicPartition
 
 from tasks.adapters import kafka, scylla
-from tasks.cdc.consumer import CdcConsumer, CdcOptions
+from tasks.cdc.consumer import CdcConsumer
+from tasks.cdc.options import CdcOptions
 from tasks.core.debezium import DecodedEvent, decode_message
-from tasks.settings import KafkaSettings, get_settings
+from tasks.settings import KafkaSettings, Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +57,8 @@ def position_group_at_end(settings: KafkaSettings) -> None:
 class ChangeTap:
     """Change events committed after construction (assigned at the end offsets, no group)."""
 
-    def __init__(self, settings: KafkaSettings | None = None) -> None:
-        cfg = settings or get_settings().kafka
+    def __init__(self, settings: KafkaSettings) -> None:
+        cfg = settings
         self.consumer = Consumer(
             kafka.consumer_config(
                 cfg, **{"group.id": f"tap-{uuid.uuid4()}", "enable.auto.offset.store": False}
@@ -93,15 +94,17 @@ class ChangeTap:
 class LocalCdc:
     """A CDC consumer thread from the topics' current end; use as a context manager."""
 
-    def __init__(self, options: CdcOptions | None = None) -> None:
-        settings = get_settings()
+    def __init__(self, settings: Settings, options: CdcOptions | None = None) -> None:
         self.kafka = settings.kafka.model_copy(
             update={"consumer_group": f"local-cdc-{uuid.uuid4()}"}
         )
         self.options = options or CdcOptions(report_interval_s=3600)
-        self._session = scylla.connect(keyspace=settings.scylla.keyspace)
+        # Lives from here to stop(): connected now, closed there.
+        self._session = scylla.connect(settings.scylla, settings.scylla.keyspace)
         position_group_at_end(self.kafka)
-        self.consumer = CdcConsumer(scylla.ScyllaWriter(self._session), self.options, self.kafka)
+        self.consumer = CdcConsumer(
+            scylla.ScyllaWriter(self._session, settings.scylla), self.options, self.kafka
+        )
         # A second client of the same group that never subscribes: it only reads commits.
         self._offsets = Consumer(kafka.consumer_config(self.kafka))
         self.errors: list[BaseException] = []

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from cassandra import ConsistencyLevel
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -52,7 +52,7 @@ def _single_node_replication() -> dict[str, str | int]:
 
 
 class ScyllaSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CQRS_SCYLLA_")
+    model_config = SettingsConfigDict(env_prefix="CQRS_SCYLLA_", populate_by_name=True)
 
     contact_points: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
     port: int = 9042
@@ -69,8 +69,14 @@ class ScyllaSettings(BaseSettings):
     # Rows per UNLOGGED batch of writes that share their replicas (CDC and backfill); 1 sends
     # one request per row. Batches stay under batch_max_bytes of mutation data as the server
     # counts it (Cassandra warns above 5 KiB per batch, fails above 50 KiB); a row larger
-    # than that is sent alone, as a plain statement.
-    batch_rows: int = Field(default=20, ge=1, le=500)
+    # than that is sent alone, as a plain statement. CQRS_SCYLLA_BATCH_ROWS, its former
+    # name, is still read.
+    replica_batch_rows: int = Field(
+        default=20,
+        ge=1,
+        le=500,
+        validation_alias=AliasChoices("CQRS_SCYLLA_REPLICA_BATCH_ROWS", "CQRS_SCYLLA_BATCH_ROWS"),
+    )
     batch_max_bytes: int = Field(default=4000, ge=100, le=40_000)
     # Consistency levels (names of cassandra.ConsistencyLevel). QUORUM in the local DC for
     # both: a write acknowledged by a majority of the replicas is seen by any later
@@ -109,7 +115,8 @@ def _local_stack_jars() -> str:
 
 
 class SSTableSettings(BaseSettings):
-    """The backfill's "sstable" load method (Apache Cassandra targets; see tasks/sstable_load)."""
+    """The backfill's "sstable" load method (Apache Cassandra targets; see
+    tasks/adapters/sstable.py)."""
 
     model_config = SettingsConfigDict(env_prefix="CQRS_SSTABLE_")
 
@@ -138,6 +145,9 @@ class KafkaSettings(BaseSettings):
     topic_prefix: str = "cqrs"
     consumer_group: str = "cqrs-sync-cdc"
     dead_letter_topic: str = "cqrs.dlq"
+    # How long the group waits for a member that stopped without leaving it (a crash, kill -9)
+    # before its partitions move to the others: librdkafka's session.timeout.ms, its default.
+    session_timeout_ms: int = Field(default=45_000, ge=6_000, le=300_000)
     connect_url: str = "http://127.0.0.1:8083"
     connector_name: str = "cqrs-postgres"
 

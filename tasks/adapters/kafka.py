@@ -7,28 +7,26 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from tasks.core.catalog import SOURCE_TABLES
 from tasks.core.errors import ServiceUnavailable, TransientError, classify
-from tasks.core.projection import SOURCE_TABLES
-from tasks.settings import KafkaSettings, get_settings
+from tasks.settings import KafkaSettings
 
 
-def admin(settings: KafkaSettings | None = None) -> AdminClient:
-    cfg = settings or get_settings().kafka
-    return AdminClient({"bootstrap.servers": cfg.bootstrap_servers})
+def admin(settings: KafkaSettings) -> AdminClient:
+    return AdminClient({"bootstrap.servers": settings.bootstrap_servers})
 
 
-def change_topics(settings: KafkaSettings | None = None) -> list[str]:
-    cfg = settings or get_settings().kafka
-    return [cfg.topic(t) for t in SOURCE_TABLES]
+def change_topics(settings: KafkaSettings) -> list[str]:
+    return [settings.topic(t) for t in SOURCE_TABLES]
 
 
 def ensure_topics(
-    settings: KafkaSettings | None = None, partitions: int = 3, replication_factor: int = 1
+    settings: KafkaSettings, partitions: int = 3, replication_factor: int = 1
 ) -> list[str]:
     """Create the change topics and the dead-letter topic if missing; returns those created.
     Partitions are the unit of scale for the CDC consumer group; records are keyed by primary
     key, so every change of one row stays in order within one partition."""
-    cfg = settings or get_settings().kafka
+    cfg = settings
     client = admin(cfg)
     try:
         existing = set(client.list_topics(timeout=10).topics)
@@ -55,8 +53,9 @@ def ensure_topics(
     return created
 
 
-def consumer_config(settings: KafkaSettings | None = None, /, **overrides: Any) -> dict[str, Any]:
-    cfg = settings or get_settings().kafka
+def consumer_config(settings: KafkaSettings, /, **overrides: Any) -> dict[str, Any]:
+    """A consumer of ``settings.consumer_group`` (``overrides`` win, e.g. another group.id)."""
+    cfg = settings
     return {
         "bootstrap.servers": cfg.bootstrap_servers,
         "group.id": cfg.consumer_group,
@@ -64,6 +63,7 @@ def consumer_config(settings: KafkaSettings | None = None, /, **overrides: Any) 
         "auto.offset.reset": "earliest",
         # Rebalances move partitions one at a time instead of stopping the whole group.
         "partition.assignment.strategy": "cooperative-sticky",
+        "session.timeout.ms": cfg.session_timeout_ms,
         "fetch.wait.max.ms": 10,
         # Bound the prefetch queue (librdkafka's default is 64 MiB): memory stays flat
         # however far behind the consumer is.
@@ -73,8 +73,8 @@ def consumer_config(settings: KafkaSettings | None = None, /, **overrides: Any) 
     }
 
 
-def producer_config(settings: KafkaSettings | None = None, /, **overrides: Any) -> dict[str, Any]:
-    cfg = settings or get_settings().kafka
+def producer_config(settings: KafkaSettings, /, **overrides: Any) -> dict[str, Any]:
+    cfg = settings
     return {
         "bootstrap.servers": cfg.bootstrap_servers,
         "enable.idempotence": True,

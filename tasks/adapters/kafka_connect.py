@@ -8,16 +8,15 @@ from typing import Any
 
 import httpx
 
+from tasks.core.catalog import SOURCE_TABLES
 from tasks.core.errors import ConfigurationError, ServiceUnavailable, TransientError
-from tasks.core.projection import SOURCE_TABLES
-from tasks.settings import Settings, get_settings
+from tasks.settings import Settings
 
 
-def connector_config(settings: Settings | None = None) -> dict[str, str]:
+def connector_config(settings: Settings) -> dict[str, str]:
     """The Debezium connector's settings. Everything that matters is explicit here rather
     than left to defaults that differ between Debezium versions."""
-    s = settings or get_settings()
-    pg, kafka = s.postgres, s.kafka
+    pg, kafka = settings.postgres, settings.kafka
     return {
         "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
         "tasks.max": "1",
@@ -75,8 +74,10 @@ class ConnectorState:
 
 
 class KafkaConnectClient:
-    def __init__(self, url: str | None = None, timeout: float = 10.0) -> None:
-        self.url = (url or get_settings().kafka.connect_url).rstrip("/")
+    """Kafka Connect's REST API at ``url`` (the settings' ``CQRS_KAFKA_CONNECT_URL``)."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, timeout=timeout)
 
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -154,9 +155,9 @@ class KafkaConnectClient:
         raise TransientError(f"connector {name} not running after {timeout:.0f}s: {state}")
 
 
-def register_connector(settings: Settings | None = None, timeout: float = 60.0) -> ConnectorState:
+def register_connector(settings: Settings, timeout: float = 60.0) -> ConnectorState:
     """Register (or update) the Debezium connector and wait until it and its task run."""
-    s = settings or get_settings()
+    s = settings
     client = KafkaConnectClient(s.kafka.connect_url)
     config = connector_config(s)
     errors = client.validate({**config, "name": s.kafka.connector_name})

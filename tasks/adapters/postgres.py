@@ -11,16 +11,16 @@ import psycopg
 from psycopg import sql
 
 from tasks.core.errors import ConfigurationError, ServiceUnavailable, TransientError, classify
-from tasks.settings import PostgresSettings, get_settings
+from tasks.settings import PostgresSettings
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas" / "postgres"
 
 
-def connect(
-    role: str = "app", settings: PostgresSettings | None = None, autocommit: bool = False
-) -> psycopg.Connection:
-    """A connection as one of the least-privilege roles (admin, app, reader, debezium)."""
-    cfg = settings or get_settings().postgres
+def connect(role: str, settings: PostgresSettings, autocommit: bool = False) -> psycopg.Connection:
+    """A connection as one of the least-privilege roles (admin, app, reader, debezium); a
+    context manager: ``with postgres.connect("app", cfg.postgres) as conn:`` commits on a
+    clean exit, rolls back on an exception, and closes."""
+    cfg = settings
     try:
         return psycopg.connect(cfg.conninfo(role), autocommit=autocommit, connect_timeout=5)
     except psycopg.Error as exc:
@@ -49,12 +49,11 @@ def migrations(directory: Path = SCHEMA_DIR, suffix: str = ".sql") -> list[Migra
     return [Migration(p.stem, p) for p in sorted(directory.glob(f"*{suffix}"))]
 
 
-def migrate(settings: PostgresSettings | None = None) -> list[str]:
+def migrate(settings: PostgresSettings) -> list[str]:
     """Apply the write-model migrations not applied yet, each in its own transaction, and
     record them; set the roles' passwords from the settings. Returns the versions applied."""
-    cfg = settings or get_settings().postgres
     try:
-        return _migrate(cfg)
+        return _migrate(settings)
     except psycopg.Error as exc:
         raise classify(exc, "PostgreSQL migration") from exc
 
@@ -137,8 +136,8 @@ def slot_gap(slot: SlotStatus, debezium_lsn: int | None) -> str | None:
     return None
 
 
-def slot_status(settings: PostgresSettings | None = None) -> SlotStatus:
-    cfg = settings or get_settings().postgres
+def slot_status(settings: PostgresSettings) -> SlotStatus:
+    cfg = settings
     try:
         with connect("reader", cfg, autocommit=True) as conn:
             current = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()

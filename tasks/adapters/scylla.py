@@ -8,13 +8,12 @@ Cassandra 5.0 locally and in tests."""
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import (
@@ -27,6 +26,12 @@ from cassandra.concurrent import execute_concurrent
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import BatchStatement, BatchType, BoundStatement, PreparedStatement
 
+from tasks.adapters.replica_batches import (
+    bound_bytes,
+    drop_replica_batch_warnings,
+    replica_batches,
+)
+from tasks.core.cql import is_cql_identifier, to_cql
 from tasks.core.errors import (
     ConfigurationError,
     RejectedData,
@@ -34,8 +39,8 @@ from tasks.core.errors import (
     TransientError,
     classify,
 )
-from tasks.core.projection import Mutation, Upsert, to_cql
-from tasks.settings import ScyllaSettings, get_settings
+from tasks.core.projection import Mutation
+from tasks.settings import ScyllaSettings
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas" / "scylla"
 
@@ -51,8 +56,10 @@ def execution_profile(cfg: ScyllaSettings) -> ExecutionProfile:
     )
 
 
-def connect(settings: ScyllaSettings | None = None, keyspace: str | None = None) -> Session:
-    cfg = settings or get_settings().scylla
+def connect(settings: ScyllaSettings, keyspace: str | None = None) -> Session:
+    """A connected session (``keyspace`` its default keyspace, if given). Prefer ``session``,
+    which also shuts it down."""
+    cfg = settings
     auth = (
         PlainTextAuthProvider(cfg.username, cfg.password.get_secret_value())
         if cfg.username and cfg.password
@@ -95,11 +102,11 @@ def _statements(cql: str) -> list[str]:
     return [s.strip() for s in without_comments.split(";") if s.strip()]
 
 
-def migrate(session: Session, settings: ScyllaSettings | None = None) -> list[str]:
-    """Create the keyspace and apply the read-model CQL files not applied yet; records them
-    in ``<keyspace>.schema_migrations``. Returns the versions applied now."""
-    cfg = settings or get_settings().scylla
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,47}", cfg.keyspace):
+def migrate(session: Session, settings: ScyllaSettings) -> list[str]:
+    """Create the keyspace ``settings.keyspace`` and apply the read-model CQL files not applied
+    yet; records them in ``<keyspace>.schema_migrations``. Returns the versions applied now."""
+    cfg = settings
+    if not is_cql_identifier(cfg.keyspace):
         raise ConfigurationError(f"invalid keyspace name {cfg.keyspace!r}")
     try:
         return _migrate(session, cfg)
@@ -147,7 +154,8 @@ class ScyllaWriter:
     concurrency. Every statement carries its own USING TIMESTAMP, so the order in which the
     writes land does not matter, and replaying one is harmless: every statement and batch
     is marked idempotent (the driver may then retry or speculatively re-send it) and sent at
-    the write consistency level (``consistency``, default ``CQRS_SCYLLA_WRITE_CONSISTENCY``).
+    the write consistency level (``consistency``, default: the settings' ``write_consistency``).
+    Every keyword left None takes its value from ``settings``.
 
     Errors: ``TransientError`` when the cluster is down, slow or overloaded (retry the
     call); ``RejectedData`` when a mutation cannot be bound or serialized (its ``index`` in
@@ -157,23 +165,25 @@ class ScyllaWriter:
     def __init__(
         self,
         session: Session,
+        settings: ScyllaSettings,
+        *,
         keyspace: str | None = None,
         concurrency: int | None = None,
-        batch_rows: int | None = None,
+        replica_batch_rows: int | None = None,
         batch_max_bytes: int | None = None,
         consistency: int | None = None,
     ) -> None:
-        cfg = get_settings().scylla
+        cfg = settings
         self.session = session
         self.keyspace = keyspace or cfg.keyspace
         self.concurrency = concurrency or cfg.concurrency
-        self.batch_rows = batch_rows or cfg.batch_rows
+        self.replica_batch_rows = replica_batch_rows or cfg.replica_batch_rows
         self.batch_max_bytes = batch_max_bytes or cfg.batch_max_bytes
         self.consistency = cfg.write_consistency_level if consistency is None else consistency
-        if self.batch_rows < 1 or self.batch_max_bytes < 1:
+        if self.replica_batch_rows < 1 or self.batch_max_bytes < 1:
             raise ConfigurationError("batch limits must be >= 1")
-        if self.batch_rows > 1:
-            _DRIVER_WARNINGS.addFilter(_REPLICA_BATCH_WARNINGS)  # once: filters are a set
+        if self.replica_batch_rows > 1:
+            drop_replica_batch_warnings()
         self._prepared: dict[str, PreparedStatement] = {}
 
     def prepare(self, cql: str) -> PreparedStatement:
@@ -203,12 +213,12 @@ class ScyllaWriter:
 
     def write_batch(self, mutations: Sequence[Mutation], timeout: float | None = None) -> int:
         """Write a few mutations as ONE unlogged batch: one request and one round trip
-        instead of one per mutation (measured for a human turn's 3 mutations: p50 1.5 ms vs
-        2.4 ms concurrently). Unlogged: no batchlog, so it is not atomic across partitions,
-        and it needs not be: each statement keeps its own USING TIMESTAMP and replaying any
-        subset converges. Meant for small sets (Cassandra warns above 5 KiB of mutation
-        data per batch and fails above 50 KiB); callers check ``batch_bytes`` first. One
-        mutation goes as a plain statement (a batch of one only adds the batch's cost)."""
+        instead of one per mutation (docs/decisions.md). Unlogged: no batchlog, so it is not
+        atomic across partitions, and it needs not be: each statement keeps its own USING
+        TIMESTAMP and replaying any subset converges. Meant for small sets (Cassandra warns
+        above 5 KiB of mutation data per batch and fails above 50 KiB); callers check
+        ``batch_bytes`` first. One mutation goes as a plain statement (a batch of one only
+        adds the batch's cost)."""
         if not mutations:
             return 0
         what = f"Scylla batch of {len(mutations)} mutations"
@@ -229,20 +239,20 @@ class ScyllaWriter:
     def requests(
         self, statements: Sequence[tuple[PreparedStatement, Sequence[Any]]]
     ) -> list[BoundStatement | BatchStatement]:
-        """The statements as requests: UNLOGGED batches of up to ``batch_rows`` rows that
-        live on the same replicas, the way cqlsh COPY and DSBulk load. One request per ~20
-        rows instead of one per row cuts the driver's and the store's per-request work (on
-        the 2-core test machine, CDC at 1,000 events/s spent most of its CPU in the driver's
-        I/O thread with one request per row). A batch never leaves its replica set, so the
-        coordinator fans out no more than single writes would; each statement keeps its own
-        USING TIMESTAMP, so batching changes nothing in what wins. A batch holds at most
-        ``batch_max_bytes`` as the server counts them (see ``_bound_bytes``); a statement
+        """The statements as requests: UNLOGGED batches of up to ``replica_batch_rows`` rows
+        that live on the same replicas, the way cqlsh COPY and DSBulk load. One request per
+        ~20 rows instead of one per row cuts the driver's and the store's per-request work,
+        which dominated CDC's CPU with one request per row (docs/decisions.md). A batch
+        never leaves its replica set, so the coordinator fans out no more than single writes
+        would; each statement keeps its own USING TIMESTAMP, so batching changes nothing in
+        what wins. A batch holds at most
+        ``batch_max_bytes`` as the server counts them (see ``bound_bytes``); a statement
         alone in its group, e.g. a row larger than that, goes as a plain statement, never as
         a batch of one (Cassandra refuses batches over 50 KiB, however many rows)."""
-        if self.batch_rows == 1 or len(statements) == 1:
+        if self.replica_batch_rows == 1 or len(statements) == 1:
             return [_bind(stmt, params, i) for i, (stmt, params) in enumerate(statements)]
         metadata = self.session.cluster.metadata
-        # One host: one replica set, nothing to look up (the lookup is a fifth of the cost).
+        # One host: one replica set, nothing to look up (the lookup is costly per row).
         single = len(metadata.all_hosts()) <= 1
         members: list[tuple[tuple[int, ...], bytes, int, BoundStatement]] = []
         for i, (prepared, params) in enumerate(statements):
@@ -253,9 +263,9 @@ class ScyllaWriter:
                 key = bound.routing_key or b""
                 # Host objects live as long as the cluster: their ids name a replica set.
                 replicas = tuple(sorted(map(id, metadata.get_replicas(self.keyspace, key))))
-            members.append((replicas, key, _bound_bytes(bound.values), bound))
+            members.append((replicas, key, bound_bytes(bound.values), bound))
         out: list[BoundStatement | BatchStatement] = []
-        for group in replica_batches(members, self.batch_rows, self.batch_max_bytes):
+        for group in replica_batches(members, self.replica_batch_rows, self.batch_max_bytes):
             if len(group) == 1:
                 out.append(group[0])
                 continue
@@ -331,97 +341,3 @@ def _bind(prepared: PreparedStatement, params: Sequence[Any], index: int) -> Bou
             f"{type(exc).__name__}: {exc}",
             index=index,
         ) from exc
-
-
-T = TypeVar("T")
-
-
-def replica_batches(
-    members: Iterable[tuple[tuple[int, ...], bytes, int, T]], max_rows: int, max_bytes: int
-) -> list[list[T]]:
-    """Group (replica set, partition key, size, item) into batches: one replica set per
-    batch, a partition's items side by side, at most ``max_rows`` items and ``max_bytes``
-    (an item larger than that goes alone). Every item lands in exactly one batch."""
-    groups: dict[tuple[int, ...], list[tuple[bytes, int, T]]] = {}
-    for replicas, key, nbytes, item in members:
-        groups.setdefault(replicas, []).append((key, nbytes, item))
-    out: list[list[T]] = []
-    for group in groups.values():
-        group.sort(key=lambda m: m[0])  # stable: a partition's items keep their order
-        batch: list[T] = []
-        size = 0
-        for _key, nbytes, item in group:
-            if batch and (len(batch) >= max_rows or size + nbytes > max_bytes):
-                out.append(batch)
-                batch, size = [], 0
-            batch.append(item)
-            size += nbytes
-        if batch:
-            out.append(batch)
-    return out
-
-
-# What Cassandra counts against batch_size_warn_threshold (5 KiB) and
-# batch_size_fail_threshold (50 KiB): the sum of its mutations' data sizes
-# (IMutation.dataSize, PartitionUpdate.dataSize), i.e. per cell its value plus timestamp (8),
-# TTL (4) and local deletion time (4, or 8 in Cassandra 5); per row its clustering values,
-# liveness info (8, 16 with a TTL) and deletion time (12, 16); per partition its deletion
-# time. It checks only batches that touch more than one partition, and does not count the
-# partition key. The estimates below are upper bounds of that: every bound value (the
-# partition key and USING TIMESTAMP included) as a cell, and a row's and a partition's
-# overhead for every statement.
-_CELL_OVERHEAD: Final = 20
-_STATEMENT_OVERHEAD: Final = 48
-_FIXED_VALUE_MAX: Final = 16  # the largest fixed-size value these tables hold (uuid)
-
-
-def _bound_bytes(values: Sequence[Any]) -> int:
-    """A bound statement's size in a batch, as the server counts it (an upper bound): the
-    serialized values, ``_CELL_OVERHEAD`` each, ``_STATEMENT_OVERHEAD``."""
-    n = _STATEMENT_OVERHEAD
-    for v in values:
-        n += _CELL_OVERHEAD + (len(v) if type(v) is bytes else 0)
-    return n
-
-
-def _approx_bytes(params: Sequence[Any]) -> int:
-    """``_bound_bytes`` before binding: text as UTF-8, blobs, ``_FIXED_VALUE_MAX`` for every
-    other value (uuids, timestamps, counts)."""
-    n = _STATEMENT_OVERHEAD
-    for v in params:
-        n += _CELL_OVERHEAD
-        if type(v) is str:
-            # isascii: O(1) in CPython; surrogatepass: sizing must not fail where binding will
-            # (and report it properly)
-            n += len(v) if v.isascii() else len(v.encode("utf-8", "surrogatepass"))
-        elif type(v) is bytes:
-            n += len(v)
-        elif v is not None:
-            n += _FIXED_VALUE_MAX
-    return n
-
-
-class _ReplicaBatchWarnings(logging.Filter):
-    """Drops the driver's log line for Cassandra's "Unlogged batch covering N partitions"
-    warning, which the server attaches to every batch over 10 partitions: these batches
-    span partitions on purpose (one replica set, like cqlsh COPY's), and one log line per
-    request cost a backfill a tenth of its CPU under Prefect's console handler."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            record.msg == "Server warning: %s"
-            and isinstance(record.args, tuple)
-            and str(record.args[0]).startswith("Unlogged batch covering")
-        )
-
-
-_DRIVER_WARNINGS: Final = logging.getLogger("cassandra.protocol")
-_REPLICA_BATCH_WARNINGS: Final = _ReplicaBatchWarnings()
-
-
-def batch_bytes(mutations: Iterable[Mutation]) -> int:
-    """``_approx_bytes`` of a batch of these mutations."""
-    return sum(
-        _approx_bytes([v for _, v in (*m.key, *(m.values if isinstance(m, Upsert) else ()))])
-        for m in mutations
-    )

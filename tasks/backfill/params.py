@@ -4,7 +4,6 @@ checking that a given snapshot folder has a manifest."""
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,11 +19,11 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.backfill.snapshot import MANIFEST, Manifest, SnapshotFilter
+from tasks.backfill.manifest import MANIFEST, Manifest
+from tasks.backfill.plan import SnapshotFilter
+from tasks.core.catalog import READ_MODELS
+from tasks.core.cql import IDENTIFIER_RULE, is_cql_identifier
 from tasks.core.errors import ConfigurationError, describe_invalid
-from tasks.core.projection import READ_MODELS
-
-_KEYSPACE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}\Z")
 
 # Upper bounds: far above what pays off, low enough that a typo (a few extra zeros) is refused
 # instead of opening thousands of connections or building chunks that cannot fit in memory.
@@ -68,8 +67,9 @@ class BackfillParams(BaseModel):
         20,
         gt=0,
         le=MAX_WRITE_BATCH_ROWS,
-        description="rows per UNLOGGED batch of rows on the same replicas while loading "
-        "(1: one statement per row)",
+        description="method cql: at most this many rows per UNLOGGED batch, each batch "
+        "holding rows of one replica set (and under CQRS_SCYLLA_BATCH_MAX_BYTES); 1 sends one "
+        "INSERT per row",
     )
     workers: int = Field(
         1,
@@ -85,8 +85,8 @@ class BackfillParams(BaseModel):
         "cql",
         description="how rows reach the read models: cql = prepared INSERTs in "
         "batches (ScyllaDB or Cassandra); sstable = each chunk written "
-        "into SSTables and streamed to its replicas, ~3x faster on "
-        "large loads and far lighter on the cluster, ~5 s of start-up "
+        "into SSTables and streamed to its replicas, faster on large loads "
+        "and far lighter on the cluster, at the cost of a JVM start "
         "(Apache Cassandra 4+ only; "
         "needs Java 17 and the cassandra-all jars, CQRS_SSTABLE_*)",
     )
@@ -172,10 +172,8 @@ class BackfillParams(BaseModel):
     @field_validator("keyspace")
     @classmethod
     def _keyspace(cls, v: str | None) -> str | None:
-        if v is not None and not _KEYSPACE.match(v):
-            raise ValueError(
-                "must be a CQL identifier: a letter, then letters, digits or _ (at most 48)"
-            )
+        if v is not None and not is_cql_identifier(v):
+            raise ValueError(f"must be a CQL identifier: {IDENTIFIER_RULE}")
         return v
 
     @model_validator(mode="after")

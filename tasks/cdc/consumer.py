@@ -13,41 +13,34 @@ What stops it and what does not (docs/architecture.md, "Error classes"):
 - a systemic problem (TerminalError: schema, permissions, an offset gap): the run stops
   with an error that names the cause, committing nothing it did not apply.
 
-Plain code, usable without Prefect; ``flows/cdc.py`` wraps it as a long-lived flow.
+Plain code, usable without Prefect; ``flows/cdc.py`` wraps it as a long-lived flow. This
+module is the consumer loop, its commits and its part in the group's rebalances;
+``tasks/cdc/batch.py`` decodes and projects a batch, ``tasks/cdc/apply.py`` applies it.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from tasks.adapters import kafka
 from tasks.adapters.scylla import ScyllaWriter
+from tasks.cdc.apply import BatchApplier, Waiting
+from tasks.cdc.batch import ChangeBatch, TruncateNotApplied
 from tasks.cdc.dead_letters import DeadLetters
 from tasks.cdc.offsets import Gap, OffsetGap, start_positions
 from tasks.cdc.options import CdcOptions
-from tasks.core.debezium import decode_message
-from tasks.core.errors import (
-    ConfigurationError,
-    CqrsSyncError,
-    RejectedData,
-    TerminalError,
-    TransientError,
-    classify,
-)
+from tasks.core.errors import CqrsSyncError, TerminalError, TransientError, classify
 from tasks.core.metrics import CdcMetrics, MetricsReport
-from tasks.core.projection import Mutation, compact, project, read_models_of
-from tasks.settings import KafkaSettings, get_settings
+from tasks.settings import KafkaSettings
 
-__all__ = ["CdcConsumer", "CdcOptions", "RunResult", "TruncateNotApplied"]
+__all__ = ["CdcConsumer", "CdcOptions", "RunResult"]
 
 log = logging.getLogger("cqrs_sync.cdc")
 
@@ -63,58 +56,7 @@ class RunResult:
     committed: dict[str, int] = field(default_factory=dict)
 
 
-class TruncateNotApplied(RejectedData):
-    """A TRUNCATE of a source table reached CDC. It is not applied: the read models keep the
-    rows until a rebuild (docs/operations.md, "A TRUNCATE of a source table")."""
-
-
-@dataclass
-class _Batch:
-    mutations: list[Mutation] = field(default_factory=list)  # compacted
-    # Each applied message with its own mutations: to find the one a write rejects.
-    applied: list[tuple[Message, list[Mutation]]] = field(default_factory=list)
-    dead: list[tuple[Message, BaseException]] = field(default_factory=list)
-    commit_ts_us: list[int] = field(default_factory=list)
-    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
-    changes: int = 0
-
-
-@dataclass
-class _Waiting:
-    """A service the consumer is waiting for, since when (for the operator's log line)."""
-
-    service: str
-    since: float = field(default_factory=time.time)
-    error: str = ""
-    last_line: float = 0.0
-
-    def line(self) -> str:
-        at = datetime.fromtimestamp(self.since, UTC).strftime("%H:%M:%S UTC")
-        return (
-            f"waiting for {self.service} since {at} ({time.time() - self.since:.0f} s): "
-            f"{self.error}"
-        )
-
-
 Event = Callable[[str, dict[str, Any]], None]
-
-# Errors about the store rather than about one change: every change would fail the same way.
-_SYSTEMIC: Final = re.compile(
-    r"unconfigured table|does not exist|keyspace|unauthorized|"
-    r"permission|not authorized|authenticat",
-    re.IGNORECASE,
-)
-
-
-def stops_the_run(error: CqrsSyncError) -> bool:
-    """A terminal error about the store (schema, permissions, configuration) stops the run
-    with its cause; any other non-transient error concerns the change it came from."""
-    if isinstance(error, TransientError | RejectedData) or not isinstance(error, TerminalError):
-        return False
-    cause = error.__cause__ or error
-    return isinstance(error, ConfigurationError) or bool(
-        _SYSTEMIC.search(f"{type(cause).__name__} {error}")
-    )
 
 
 class CdcConsumer:
@@ -124,14 +66,13 @@ class CdcConsumer:
     def __init__(
         self,
         writer: ScyllaWriter,
-        options: CdcOptions | None = None,
-        settings: KafkaSettings | None = None,
+        options: CdcOptions,
+        settings: KafkaSettings,
         consumer_overrides: dict[str, Any] | None = None,
         emit: Event | None = None,
     ) -> None:
-        self.options = options or CdcOptions()
-        self.settings = settings or get_settings().kafka
-        self.writer = writer
+        self.options = options
+        self.settings = settings
         self.metrics = CdcMetrics()
         self.stop_event = threading.Event()
         # Every failure to reach Kafka is reported by librdkafka here, not by poll().
@@ -146,15 +87,16 @@ class CdcConsumer:
                 },
             )
         )
-        self.dead_letters = DeadLetters(self.settings)
+        self.applier = BatchApplier(
+            writer, DeadLetters(self.settings), self.options, self.stop_event
+        )
         # Named events for what a person must act on (a Prefect event in the flow).
         self.emit: Event = emit or (lambda _name, _payload: None)
         # Offsets of applied batches whose commit a rebalance interrupted: retried on the
         # next loop turn, or committed in on_revoke before the partition is given up.
         self._uncommitted: dict[tuple[str, int], int] = {}
         self._fatal: CqrsSyncError | None = None
-        self._waiting: _Waiting | None = None
-        self._kafka_down: _Waiting | None = None
+        self._kafka_down: Waiting | None = None
         self._report: Callable[[MetricsReport], None] | None = None
         self._should_stop: Callable[[], bool] | None = None
         self._last_report = time.monotonic()
@@ -233,14 +175,14 @@ class CdcConsumer:
 
     def close(self) -> None:
         try:
-            self.dead_letters.close()
+            self.applier.dead_letters.close()
         finally:
             self.consumer.close()  # leaves the group: its partitions move to the others now
 
     # -- reporting, also while waiting for a service
 
     def _metrics_report(self) -> MetricsReport:
-        waiting = self._waiting or self._kafka_down
+        waiting = self.applier.waiting or self._kafka_down
         # Lag needs the brokers; while they are down asking would block the loop.
         return self.metrics.report(
             None if self._kafka_down else self.consumer,
@@ -293,7 +235,7 @@ class CdcConsumer:
             KafkaError._TIMED_OUT,
         ):
             if self._kafka_down is None:
-                self._kafka_down = _Waiting("Kafka", error=err.str())
+                self._kafka_down = Waiting("Kafka", error=err.str())
                 log.warning("%s", self._kafka_down.line())
             else:
                 self._kafka_down.error = err.str()
@@ -315,34 +257,17 @@ class CdcConsumer:
             else [first]
         )
 
-    def _prepare(self, msgs: list[Message]) -> _Batch:
-        batch = _Batch()
-        read_models = self.options.read_models
+    def _prepare(self, msgs: list[Message]) -> ChangeBatch:
+        batch = ChangeBatch()
         for msg in msgs:
             err = msg.error()
             if err is not None:
                 self._consumer_error(msg, err)
                 continue
-            topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
-            batch.offsets[(topic, partition)] = offset + 1
-            try:
-                event = decode_message(topic, msg.key(), msg.value())
-                if event.kind == "truncate":
-                    batch.dead.append((msg, self._truncate(event.table, event.commit_ts_us)))
-                    continue
-                if event.kind != "change" or event.change is None:
-                    continue
-                mutations = project(event.change, read_models)
-            except Exception as exc:  # any error about this one change: dead-lettered
-                batch.dead.append((msg, exc))
-                continue
-            batch.applied.append((msg, mutations))
-            batch.mutations.extend(mutations)
-            batch.changes += 1
-            if event.commit_ts_us is not None:
-                batch.commit_ts_us.append(event.commit_ts_us)
-        batch.mutations = compact(batch.mutations)
-        return batch
+            refused = batch.add(msg, self.options.read_models)
+            if refused is not None:
+                self._report_truncate(refused)
+        return batch.compact()
 
     def _consumer_error(self, msg: Message, err: KafkaError) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
@@ -360,88 +285,20 @@ class CdcConsumer:
             raise classify(KafkaException(err), "Kafka consumer")
         log.warning("Kafka consumer error (librdkafka retries): %s", err.str())
 
-    def _truncate(self, table: str | None, commit_ts_us: int | None) -> TruncateNotApplied:
-        models = read_models_of(table) if table else ()
-        error = TruncateNotApplied(
-            f"TRUNCATE of public.{table} is not applied: the read models {list(models)} "
-            f"still hold its rows. Rebuild them: python -m flows.backfill --rebuild "
-            f"--read-models {' '.join(models)}"
-        )
+    def _report_truncate(self, error: TruncateNotApplied) -> None:
         log.error("%s", error)
         self.emit(
             "cqrs.cdc.truncate",
-            {"table": table, "read_models": list(models), "commit_ts_us": commit_ts_us},
+            {
+                "table": error.table,
+                "read_models": error.read_models,
+                "commit_ts_us": error.commit_ts_us,
+            },
         )
-        return error
 
-    def _apply(self, batch: _Batch) -> bool:
-        """Write the batch's mutations and dead letters, retrying transient failures with
-        capped backoff until they succeed. False if a stop was asked while retrying (the
-        batch is abandoned uncommitted and will be re-delivered)."""
-        delay = self.options.retry_initial_s
-        while True:
-            service = "Scylla"
-            try:
-                try:
-                    self.writer.write(batch.mutations)
-                except TransientError:
-                    raise
-                except Exception as exc:
-                    self._set_aside_rejected(batch, exc)
-                service = "the dead-letter topic"
-                self.dead_letters.send(batch.dead)
-                if self._waiting is not None:
-                    log.info(
-                        "%s is back after %.0f s",
-                        self._waiting.service,
-                        time.time() - self._waiting.since,
-                    )
-                    self._waiting = None
-                return True
-            except TransientError as exc:
-                if self._waiting is None or self._waiting.service != service:
-                    self._waiting = _Waiting(service)
-                self._waiting.error = str(exc)
-                now = time.monotonic()
-                if now - self._waiting.last_line >= min(10.0, self.options.report_interval_s):
-                    self._waiting.last_line = now
-                    log.warning(
-                        "%s; batch of %d changes not applied, retrying every <= %.1f s",
-                        self._waiting.line(),
-                        batch.changes,
-                        self.options.retry_max_s,
-                    )
-            if self.stop_event.wait(delay) or self._report_due():
-                return False
-            delay = min(delay * 2, self.options.retry_max_s)
-
-    def _set_aside_rejected(self, batch: _Batch, exc: Exception) -> None:
-        """The batch's write failed with a non-transient error. A systemic one (schema,
-        permissions) stops the run; otherwise each change is written alone, and those whose
-        own write fails for good go to the dead-letter topic with the error. A transient
-        error meanwhile leaves the batch as it was, to be retried whole."""
-        error = classify(exc, f"Scylla write of a batch of {batch.changes} changes")
-        if stops_the_run(error):
-            raise error from exc
-        kept: list[tuple[Message, list[Mutation]]] = []
-        dead: list[tuple[Message, BaseException]] = []
-        for msg, mutations in batch.applied:
-            try:
-                self.writer.write(mutations)
-            except TransientError:
-                raise
-            except Exception as one:
-                err = classify(
-                    one, f"Scylla write of {msg.topic()}[{msg.partition()}]@{msg.offset()}"
-                )
-                if stops_the_run(err):
-                    raise err from one
-                dead.append((msg, err))
-                continue
-            kept.append((msg, mutations))
-        batch.applied, batch.changes = kept, len(kept)
-        batch.dead.extend(dead)
-        batch.mutations = compact(m for _, ms in kept for m in ms)
+    def _apply(self, batch: ChangeBatch) -> bool:
+        """Apply the batch (``BatchApplier.apply``); False if a stop was asked meanwhile."""
+        return self.applier.apply(batch, self._report_due)
 
     def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
         self._uncommitted.update(offsets)

@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.core.catalog import READ_MODELS
 from tasks.core.errors import ConfigurationError, describe_invalid
-from tasks.core.projection import READ_MODELS
 
 # Upper bounds: far above any sensible value, low enough that a typo (an extra few zeros)
 # is refused instead of building a batch that cannot fit in memory or a sleep of a year.

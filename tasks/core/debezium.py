@@ -11,14 +11,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from tasks.core.catalog import SOURCE_TABLES
 from tasks.core.errors import DecodeError
-from tasks.core.projection import (
-    SOURCE_TABLES,
-    Change,
-    normalize_row,
-    tombstone_version,
-    version_of,
-)
+from tasks.core.projection import Change, normalize_row, tombstone_version, version_of
 
 # A bigger event is refused before parsing (it goes to the dead-letter topic). Equal to the
 # record cap of Kafka and Kafka Connect here, and the write model's size caps keep every real

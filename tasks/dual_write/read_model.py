@@ -2,7 +2,7 @@
 connected, and its statements prepared, in the background.
 
 Why not just ``ScyllaWriter.write(timeout=...)`` in the caller's thread: that timeout bounds
-each request once sent, not the call. Measured with Cassandra stopping under load: the first
+each request once sent, not the call. Seen with Cassandra stopping under load: the first
 call blocked 2 s inside ``execute_async``, where the driver borrows a connection from a pool
 whose connection has just gone defunct (``borrow_connection(timeout=2.0)``, hard-coded). A
 statement not yet prepared is prepared synchronously with the session's default timeout
@@ -34,10 +34,11 @@ from typing import Any
 from cassandra.cluster import Session
 
 from tasks.adapters import scylla
+from tasks.adapters.replica_batches import batch_bytes
 from tasks.adapters.scylla import ScyllaWriter
 from tasks.core.errors import ServiceUnavailable, TransientError
 from tasks.core.projection import Change, Mutation, normalize_row, project, project_row
-from tasks.settings import get_settings
+from tasks.settings import ScyllaSettings
 
 log = logging.getLogger("cqrs_sync.dual_write")
 
@@ -79,10 +80,12 @@ def warm_up(writer: ScyllaWriter) -> int:
 
 class ScyllaHandle:
     """Holds the writer once it is usable; ``writer()`` and ``write()`` never block for longer
-    than the deadline they are given."""
+    than the deadline they are given. Connects with ``settings`` (to their keyspace) unless
+    given a ``writer``."""
 
     def __init__(
         self,
+        settings: ScyllaSettings,
         writer: ScyllaWriter | None = None,
         *,
         connect: bool = True,
@@ -92,8 +95,9 @@ class ScyllaHandle:
         batch_max_bytes: int | None = None,
     ) -> None:
         self._batch_max_statements = batch_max_statements
+        self._settings = settings
         # The writer's own bound (CQRS_SCYLLA_BATCH_MAX_BYTES, under the server's warning).
-        self._batch_max_bytes = batch_max_bytes or get_settings().scylla.batch_max_bytes
+        self._batch_max_bytes = batch_max_bytes or settings.batch_max_bytes
         self._executor = ThreadPoolExecutor(
             max_workers=max_in_flight, thread_name_prefix="dual-write-scylla"
         )
@@ -142,7 +146,7 @@ class ScyllaHandle:
             # store's batch-size limits (a 1 MiB message is one plain INSERT).
             small = (
                 len(mutations) <= self._batch_max_statements
-                and scylla.batch_bytes(mutations) <= self._batch_max_bytes
+                and batch_bytes(mutations) <= self._batch_max_bytes
             )
             future = self._executor.submit(
                 writer.write_batch if small else writer.write, mutations, deadline_s
@@ -179,8 +183,8 @@ class ScyllaHandle:
     def _connect(self) -> None:
         session: Session | None = None
         try:
-            session = scylla.connect(keyspace=get_settings().scylla.keyspace)
-            writer = ScyllaWriter(session)
+            session = scylla.connect(self._settings, keyspace=self._settings.keyspace)
+            writer = ScyllaWriter(session, self._settings)
             prepared = warm_up(writer)
             with self._lock:
                 if self._closed:

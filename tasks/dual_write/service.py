@@ -19,31 +19,20 @@ Writes are idempotent by id: retrying a call with the same ids after an unknown 
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import PoolTimeout
 
+from tasks.core.catalog import COLUMNS
 from tasks.core.errors import InvalidInput, ServiceUnavailable, TransientError, classify
-from tasks.core.projection import (
-    COLUMNS,
-    Change,
-    Mutation,
-    change_from_row,
-    normalize_row,
-    project,
-    tombstone_version,
-)
 from tasks.core.write_policy import (
-    DualWritePolicy,
     Operation,
     StepInput,
     as_uuid,
@@ -52,12 +41,29 @@ from tasks.core.write_policy import (
     check_steps,
     check_title,
 )
-from tasks.dual_write.read_model import ScyllaHandle
-from tasks.settings import get_settings
+from tasks.dual_write.deps import (
+    DualWriteDeps,
+    close_default_deps,
+    connect_deps,
+    default_deps,
+)
+from tasks.dual_write.result import WriteResult, after_commit
 
-log = logging.getLogger("cqrs_sync.dual_write")
+# The operations' deps (tasks/dual_write/deps.py) and result (tasks/dual_write/result.py):
+# app code may import them from here.
+__all__ = [
+    "DualWriteDeps",
+    "WriteResult",
+    "close_default_deps",
+    "connect_deps",
+    "create_session",
+    "default_deps",
+    "delete_session",
+    "record_agent_turn",
+    "record_human_turn",
+    "rename_session",
+]
 
-Row = Mapping[str, Any]
 Cursor = psycopg.Cursor[dict[str, Any]]
 
 
@@ -73,108 +79,6 @@ def _select_list(table: str) -> sql.Composed:
 
 
 _COLS = {t: _select_list(t) for t in COLUMNS}
-
-
-@dataclass(frozen=True)
-class DualWriteDeps:
-    """What the operations need: an ``app``-role connection pool, the Scylla handle, the
-    policy. ``with_policy`` gives the same connections under another policy."""
-
-    pool: ConnectionPool
-    scylla: ScyllaHandle
-    policy: DualWritePolicy = field(default_factory=DualWritePolicy)
-    pool_timeout_s: float = 5.0
-
-    def with_policy(self, policy: DualWritePolicy) -> DualWriteDeps:
-        return replace(self, policy=policy)
-
-    def close(self) -> None:
-        self.scylla.close()
-        self.pool.close()
-
-
-def connect_deps(
-    policy: DualWritePolicy | None = None,
-    *,
-    pool_size: int = 8,
-    scylla: ScyllaHandle | None = None,
-    wait_s: float | None = 10.0,
-) -> DualWriteDeps:
-    """Open a pool for the app role and a Scylla handle (connected in the background). With
-    ``wait_s`` it waits that long for both, so the first calls are not needlessly left to CDC;
-    a Scylla that is down does not stop the app from writing."""
-    pool: ConnectionPool = ConnectionPool(
-        get_settings().postgres.conninfo("app"),
-        min_size=1,
-        max_size=pool_size,
-        kwargs={"autocommit": True},
-        name="cqrs-dual-write",
-        open=True,
-    )
-    handle = scylla or ScyllaHandle(max_in_flight=(policy or DualWritePolicy()).max_in_flight)
-    if wait_s:
-        try:
-            pool.wait(timeout=wait_s)
-        except PoolTimeout as exc:
-            pool.close()
-            handle.close()
-            raise ServiceUnavailable("PostgreSQL", f"no app connection in {wait_s}s") from exc
-        handle.wait_ready(wait_s)
-    return DualWriteDeps(pool, handle, policy or DualWritePolicy())
-
-
-_default: DualWriteDeps | None = None
-
-
-def default_deps() -> DualWriteDeps:
-    """The process-wide deps (settings and policy from the environment), opened on first use."""
-    global _default
-    if _default is None:
-        _default = connect_deps()
-    return _default
-
-
-def close_default_deps() -> None:
-    global _default
-    if _default is not None:
-        _default.close()
-        _default = None
-
-
-@dataclass(frozen=True)
-class WriteResult:
-    operation: Operation
-    session_id: uuid.UUID
-    # Canonical rows this call wrote (for delete: the rows it deleted), by source table.
-    rows: Mapping[str, tuple[Row, ...]]
-    # "skipped": the policy leaves this operation to CDC.
-    dual_write: Literal["written", "failed", "skipped"]
-    mutations: tuple[Mutation, ...] = ()
-    replayed: bool = False  # the ids existed already with the same content: nothing new
-    postgres_ms: float = 0.0
-    scylla_ms: float | None = None
-    error: str | None = None
-
-    @property
-    def read_model_updated(self) -> bool:
-        return self.dual_write == "written"
-
-    def ids(self, table: str) -> list[uuid.UUID]:
-        return [r["id"] for r in self.rows.get(table, ())]
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-friendly, free of content: what a flow or a log may keep."""
-        return {
-            "operation": self.operation.value,
-            "session_id": str(self.session_id),
-            "ids": {t: [str(r["id"]) for r in rs] for t, rs in self.rows.items()},
-            "read_model_updated": self.read_model_updated,
-            "dual_write": self.dual_write,
-            "replayed": self.replayed,
-            "postgres_ms": round(self.postgres_ms, 3),
-            "scylla_ms": None if self.scylla_ms is None else round(self.scylla_ms, 3),
-            "error": self.error,
-        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +161,9 @@ def create_session(
             if row is None or row["user_id"] != uid:
                 raise InvalidInput(f"session id {sid} is already taken")
             replayed = True
-    return _finish(d, Operation.CREATE_SESSION, sid, {"sessions": [row]}, t0, replayed=replayed)
+    return after_commit(
+        d, Operation.CREATE_SESSION, sid, {"sessions": [row]}, t0, replayed=replayed
+    )
 
 
 def record_human_turn(
@@ -277,7 +183,7 @@ def record_human_turn(
         turn, replayed = _insert_turn(cur, "human_turns", tid, sid, content, {})
         # Re-read: the AFTER trigger updated last_message, turn_count and the row's version.
         session = _lock_session(cur, sid, "")
-    return _finish(
+    return after_commit(
         d,
         Operation.RECORD_HUMAN_TURN,
         sid,
@@ -328,7 +234,7 @@ def record_agent_turn(
         else:
             step_rows = []
         session = _lock_session(cur, sid, "")
-    return _finish(
+    return after_commit(
         d,
         Operation.RECORD_AGENT_TURN,
         sid,
@@ -382,7 +288,7 @@ def rename_session(
         )
         if row is None:
             raise InvalidInput(f"unknown session {sid}")
-    return _finish(d, Operation.RENAME_SESSION, sid, {"sessions": [row]}, t0)
+    return after_commit(d, Operation.RENAME_SESSION, sid, {"sessions": [row]}, t0)
 
 
 def delete_session(
@@ -414,64 +320,4 @@ def delete_session(
             (sid, sid),
         ).fetchall()
         cur.execute("DELETE FROM sessions WHERE id = %s", (sid,))
-    return _finish(d, Operation.DELETE_SESSION, sid, gone, t0, deleted=True)
-
-
-# --------------------------------------------------------------------------------------------
-# After the commit: project, then the Scylla step
-
-
-def _finish(
-    d: DualWriteDeps,
-    op: Operation,
-    sid: uuid.UUID,
-    raw: Mapping[str, Sequence[Row]],
-    t0: float,
-    *,
-    replayed: bool = False,
-    deleted: bool = False,
-) -> WriteResult:
-    postgres_ms = (time.perf_counter() - t0) * 1000
-    # The same normalization and projection CDC and backfill use: same cells, same stamps.
-    if not deleted:
-        changes = [change_from_row(t, r) for t, rs in raw.items() for r in rs]
-    else:
-        changes = []
-        for t, rs in raw.items():
-            for r in rs:
-                before = normalize_row(t, r, toast_placeholders=False)
-                changes.append(Change(t, "d", before, None, tombstone_version(before)))
-    rows = {t: tuple(c.after or c.before or {} for c in changes if c.table == t) for t in raw}
-    result = WriteResult(op, sid, rows, "skipped", replayed=replayed, postgres_ms=postgres_ms)
-    if not d.policy.dual_writes(op):
-        return result
-    t1 = time.perf_counter()
-    mutations: tuple[Mutation, ...] = ()
-    try:
-        mutations = tuple(m for c in changes for m in project(c))
-        d.scylla.write(mutations, d.policy.deadline_s)
-    except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"[:300]
-        keys = [f"{t}:{r['id']}" for t, rs in rows.items() for r in rs][:20]
-        # Keys only: never the content, which may be private.
-        log.warning(
-            "dual-write %s committed to Postgres but the read models were not "
-            "updated (%s); CDC will converge them. session=%s keys=%s",
-            op.value,
-            error,
-            sid,
-            keys,
-        )
-        return replace(
-            result,
-            dual_write="failed",
-            mutations=mutations,
-            error=error,
-            scylla_ms=(time.perf_counter() - t1) * 1000,
-        )
-    return replace(
-        result,
-        dual_write="written",
-        mutations=mutations,
-        scylla_ms=(time.perf_counter() - t1) * 1000,
-    )
+    return after_commit(d, Operation.DELETE_SESSION, sid, gone, t0, deleted=True)

@@ -13,7 +13,7 @@ from cassandra.cluster import Session
 from infra import stack
 from support.cdc_probe import LocalCdc
 from tasks.adapters import postgres, scylla
-from tasks.cdc.consumer import CdcOptions
+from tasks.cdc.options import CdcOptions
 from tasks.settings import get_settings
 from tests.integration import readmodels
 
@@ -35,31 +35,31 @@ def stack_ready() -> Iterator[None]:
 def own_keyspace(prefix: str) -> Iterator[str]:
     """A keyspace with the read-model schema and nothing else writing to it, dropped after."""
     ks = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    session = scylla.connect()
-    try:
-        scylla.migrate(session, get_settings().scylla.model_copy(update={"keyspace": ks}))
-        yield ks
-    finally:
-        session.execute(f"DROP KEYSPACE IF EXISTS {ks}", timeout=120)
-        scylla.close(session)
+    cfg = get_settings().scylla
+    with scylla.session(cfg) as session:
+        try:
+            scylla.migrate(session, cfg.model_copy(update={"keyspace": ks}))
+            yield ks
+        finally:
+            session.execute(f"DROP KEYSPACE IF EXISTS {ks}", timeout=120)
 
 
 @pytest.fixture(scope="session")
 def cql() -> Iterator[Session]:
-    session = scylla.connect(keyspace=get_settings().scylla.keyspace)
-    yield session
-    scylla.close(session)
+    cfg = get_settings().scylla
+    with scylla.session(cfg, cfg.keyspace) as session:
+        yield session
 
 
 @pytest.fixture()
 def pg_app():
-    with postgres.connect("app") as conn:
+    with postgres.connect("app", get_settings().postgres) as conn:
         yield conn
 
 
 @pytest.fixture()
 def pg_admin():
-    with postgres.connect("admin") as conn:
+    with postgres.connect("admin", get_settings().postgres) as conn:
         yield conn
 
 
@@ -67,5 +67,5 @@ def pg_admin():
 def cdc_consumer() -> Iterator[LocalCdc]:
     """The real CDC consumer running in a thread for the whole test session, in a group of its
     own that starts at the topics' current end. Tests wait for convergence on their own ids."""
-    with LocalCdc(CdcOptions(report_interval_s=5)) as cdc:
+    with LocalCdc(get_settings(), CdcOptions(report_interval_s=5)) as cdc:
         yield cdc

@@ -18,6 +18,7 @@ from psycopg.rows import dict_row
 from psycopg.types.string import TextLoader
 
 from tasks.adapters import postgres
+from tasks.settings import get_settings
 
 # The oracle's own list (not the projection module's): every read model has a view.
 READ_MODELS: Final = (
@@ -53,7 +54,7 @@ def reader() -> psycopg.Connection[dict[str, Any]]:
     global _reader
     with _reader_lock:
         if _reader is None or _reader.closed:
-            conn = postgres.connect("reader", autocommit=True)
+            conn = postgres.connect("reader", get_settings().postgres, autocommit=True)
             conn.row_factory = dict_row  # type: ignore[assignment]
             _reader = conn  # type: ignore[assignment]
         assert _reader is not None

@@ -30,12 +30,15 @@ from cassandra.cluster import Session
 from psycopg.types.json import Jsonb
 
 from bench.proc import proc_stat
+from flows import backfill
 from flows.backfill import backfill_flow
 from infra import stack
+from support.cdc_probe import position_group_at_end
 from tasks.adapters import postgres, scylla
 from tasks.backfill.load import Checkpoints
 from tasks.backfill.snapshot import Manifest
 from tasks.core.errors import ConfigurationError
+from tasks.core.timestamps import cql_timestamp, sub_millis
 from tasks.settings import get_settings
 from tests.integration import readmodels
 from tests.integration.conftest import own_keyspace
@@ -186,9 +189,8 @@ def bf_keyspace() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def bf_cql(bf_keyspace: str) -> Iterator[Session]:
-    session = scylla.connect(keyspace=bf_keyspace)
-    yield session
-    scylla.close(session)
+    with scylla.session(get_settings().scylla, bf_keyspace) as session:
+        yield session
 
 
 @pytest.fixture()
@@ -277,8 +279,8 @@ def test_backfill_reproduces_the_projection_of_postgres_exactly(
             "session_id = %s AND created_at = %s AND created_at_micros = %s AND turn_id = %s",
             (
                 sid,
-                created.replace(microsecond=created.microsecond // 1000 * 1000),
-                created.microsecond % 1000,
+                cql_timestamp(created),
+                sub_millis(created.microsecond),
                 tid,
             ),
         ).one()
@@ -448,7 +450,7 @@ class Mutator(threading.Thread):
 
     def run(self) -> None:
         try:
-            with postgres.connect("app") as conn, conn.cursor() as cur:
+            with postgres.connect("app", get_settings().postgres) as conn, conn.cursor() as cur:
                 while not self.stop.is_set():
                     try:
                         kind = self._op(cur)
@@ -564,15 +566,16 @@ def test_rebuild_truncates_then_reloads_while_cdc_keeps_writing(
         (stale_user, stale_session),
     )
     settings = get_settings().kafka.model_copy(update={"consumer_group": f"bf-{uuid.uuid4()}"})
-    session = scylla.connect(keyspace=bf_keyspace)
-    # From the end of the topics (replaying their whole history would only cost time): a
-    # marker change seen in the keyspace proves the consumer is positioned before anything
-    # this test changes.
+    session = scylla.connect(get_settings().scylla, bf_keyspace)
+    # From the end of the topics: a new group would start from their beginning and replay the
+    # whole history of the stack first (auto.offset.reset does not apply: the consumer picks
+    # its start itself). A marker change seen in the keyspace proves the consumer is assigned
+    # and positioned before anything this test changes.
+    position_group_at_end(settings)
     consumer = CdcConsumer(
-        scylla.ScyllaWriter(session, keyspace=bf_keyspace),
+        scylla.ScyllaWriter(session, get_settings().scylla, keyspace=bf_keyspace),
         CdcOptions(report_interval_s=5),
         settings,
-        consumer_overrides={"auto.offset.reset": "latest"},
     )
     thread = threading.Thread(target=consumer.run, daemon=True)
 
@@ -700,7 +703,7 @@ def test_killed_backfill_resumes_without_reloading_finished_chunks(
             "the snapshot never completed"
         )
         manifest = Manifest.read(next(tmp_path.glob("*/manifest.json")).parent)
-        checkpoints = Checkpoints(bf_cql, bf_keyspace)
+        checkpoints = Checkpoints(bf_cql, get_settings().scylla, bf_keyspace)
         assert wait_for(
             lambda: len(checkpoints.loaded(manifest.snapshot_id, READ_MODELS)) >= 8,
             timeout=120,
@@ -745,6 +748,7 @@ def test_killed_backfill_resumes_without_reloading_finished_chunks(
 
 
 def test_sstable_writer_killed_mid_load_is_retried_and_resumed(
+    monkeypatch: pytest.MonkeyPatch,
     bf_keyspace: str,
     bf_cql: Session,
     pg_app: psycopg.Connection,
@@ -767,7 +771,7 @@ def test_sstable_writer_killed_mid_load_is_retried_and_resumed(
                 continue  # ended meanwhile
         return out
 
-    checkpoints = Checkpoints(bf_cql, bf_keyspace)
+    checkpoints = Checkpoints(bf_cql, get_settings().scylla, bf_keyspace)
     killed: list[int] = []
 
     def kill_after_some_chunks() -> None:
@@ -784,6 +788,10 @@ def test_sstable_writer_killed_mid_load_is_retried_and_resumed(
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
 
+    # The retry is what is tested, not its delay: no 10 s pause before it.
+    monkeypatch.setattr(
+        backfill, "load_snapshot", backfill.load_snapshot.with_options(retry_delay_seconds=0)
+    )
     killer = threading.Thread(target=kill_after_some_chunks, daemon=True)
     killer.start()
     result = backfill_flow(
@@ -809,9 +817,8 @@ def test_sstable_writer_killed_mid_load_is_retried_and_resumed(
 def test_rate_limit_holds(
     bf_keyspace: str, pg_app: psycopg.Connection, tmp_path: Path, rng: random.Random
 ) -> None:
-    # Well under what this loader sustains on the 2-core test machine (~3,000 rows/s while
-    # the rest of the stack runs), so that the limiter, not the machine, sets the pace: at
-    # 1,000 rows/s a busy CI machine once measured 883 rows/s (start-up costs weigh on 5 s).
+    # Well under what the loader sustains on a busy 2-core CI machine with the whole stack
+    # running, so that the limiter, not the machine, sets the pace (docs/decisions.md).
     limit = 500.0
     d = generate(pg_app, rng, users=20, sessions_per_user=(5, 5), turns=(50, 50), steps=(0, 0))
     result = backfill_flow(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from tasks.cdc.consumer import CdcConsumer, CdcOptions
 from tasks.settings import get_settings
 from tests.integration.readmodels import agree, differences, wait_for
 
+CFG = get_settings()
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -124,7 +126,7 @@ def test_every_table_insert_update_delete_reaches_read_models(cdc_consumer, pg_a
 def _real_event() -> tuple[bytes, bytes]:
     """One genuine Debezium message from the sessions topic, to replay into a test topic."""
     topic = get_settings().kafka.topic("sessions")
-    c = Consumer(kafka.consumer_config(**{"group.id": f"t-{uuid.uuid4()}"}))
+    c = Consumer(kafka.consumer_config(CFG.kafka, **{"group.id": f"t-{uuid.uuid4()}"}))
     c.assign(
         [
             TopicPartition(topic, p, 0)
@@ -150,12 +152,15 @@ def test_poison_messages_go_to_dead_letter_topic_and_consumption_goes_on(cql) ->
     suffix = uuid.uuid4().hex[:8]
     topic = f"{settings.kafka.topic_prefix}.public.poison{suffix}"
     dlq = f"test-dlq-{suffix}"
-    admin = kafka.admin()
+    admin = kafka.admin(CFG.kafka)
     for fut in admin.create_topics([NewTopic(topic, 1, 1), NewTopic(dlq, 1, 1)]).values():
         fut.result()
     key, value = _real_event()
     real = json.loads(value)
     real["source"]["table"] = "sessions"
+    # A row of its own: the replayed event's row may have been deleted since, and its
+    # tombstone would rightly shadow the replay.
+    real["after"]["id"] = str(uuid.uuid4())
     wrong_type = json.loads(value)
     wrong_type["after"]["user_id"] = 12345
     unknown_op = json.loads(value)
@@ -168,7 +173,7 @@ def test_poison_messages_go_to_dead_letter_topic_and_consumption_goes_on(cql) ->
         # reaches), within the broker's 17 MiB.
         b'{"after": {"id": "' + b"a" * (16 * 1024 * 1024 + 1024) + b'"}}',
     ]
-    p = Producer(kafka.producer_config(**{"message.max.bytes": 17 * 1024 * 1024}))
+    p = Producer(kafka.producer_config(CFG.kafka, **{"message.max.bytes": 17 * 1024 * 1024}))
     for v in poison:
         p.produce(topic, key=key, value=v)
     p.produce(topic, key=key, value=json.dumps(real).encode())
@@ -177,10 +182,11 @@ def test_poison_messages_go_to_dead_letter_topic_and_consumption_goes_on(cql) ->
     ks = settings.kafka.model_copy(
         update={"consumer_group": f"t-{suffix}", "dead_letter_topic": dlq}
     )
-    session = scylla.connect(keyspace=settings.scylla.keyspace)
-    consumer = CdcConsumer(scylla.ScyllaWriter(session), CdcOptions(max_messages=5), ks)
-    result = consumer.run(topics=[topic])
-    scylla.close(session)
+    with scylla.session(CFG.scylla, CFG.scylla.keyspace) as session:
+        consumer = CdcConsumer(
+            scylla.ScyllaWriter(session, CFG.scylla), CdcOptions(max_messages=5), ks
+        )
+        result = consumer.run(topics=[topic])
     assert result.messages == 5 and result.dead_lettered == 4 and result.changes == 1
 
     # The valid event after the poison was applied.
@@ -190,7 +196,7 @@ def test_poison_messages_go_to_dead_letter_topic_and_consumption_goes_on(cql) ->
         is not None
     )
     # Every poison message is in the DLQ, byte for byte, with the error and its origin.
-    c = Consumer(kafka.consumer_config(**{"group.id": f"t-{uuid.uuid4()}"}))
+    c = Consumer(kafka.consumer_config(CFG.kafka, **{"group.id": f"t-{uuid.uuid4()}"}))
     c.assign([TopicPartition(dlq, 0, 0)])
     got: list[Message] = []
     deadline = time.monotonic() + 30
@@ -227,10 +233,10 @@ def start_group_at_end(group: str) -> None:
 
 
 def group_lag(group: str) -> int:
-    c = Consumer(kafka.consumer_config(**{"group.id": group}))
+    c = Consumer(kafka.consumer_config(CFG.kafka, **{"group.id": group}))
     lag = 0
     try:
-        for topic in kafka.change_topics():
+        for topic in kafka.change_topics(CFG.kafka):
             parts = [
                 TopicPartition(topic, p)
                 for p in c.list_topics(topic, timeout=10).topics[topic].partitions
@@ -244,7 +250,9 @@ def group_lag(group: str) -> int:
 
 
 def spawn_cdc(group: str, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "INFO"}
+    # A killed member's partitions move after the session timeout: the smallest the broker
+    # accepts, rather than the default 45 s of waiting.
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "INFO", "CQRS_KAFKA_SESSION_TIMEOUT_MS": "6000"}
     return subprocess.Popen(
         [
             sys.executable,
@@ -273,7 +281,7 @@ def write_changes(n_changes: int, users: list[uuid.UUID]) -> list[uuid.UUID]:
     every_session: list[uuid.UUID] = []  # deleted ones too: they must be gone from Scylla
     turns: dict[uuid.UUID, list[uuid.UUID]] = {}
     done = 0
-    with postgres.connect("app") as conn:
+    with postgres.connect("app", CFG.postgres) as conn:
         while done < n_changes:
             # Pipeline mode: one round trip per transaction instead of one per statement.
             with conn.pipeline(), conn.transaction():
@@ -384,8 +392,20 @@ def test_sigkill_mid_stream_then_restart_converges(pg_app, cql, tmp_path) -> Non
     users = [uuid.uuid4() for _ in range(20)]
     log = tmp_path / "cdc.log"
     proc = spawn_cdc(group, log)
+    # The stream starts once the flow consumes: changes written while it starts up would
+    # only add volume to apply and check, not another case.
+    assert wait_for(lambda: "consuming" in log.read_text(), 120, 0.2), log.read_text()[-3000:]
     written: list[uuid.UUID] = []
-    writer = threading.Thread(target=lambda: written.extend(write_changes(20_000, users)))
+    killed = threading.Event()
+
+    def write_around_the_kill() -> None:
+        # Changes keep coming until the kill, whatever the machine's speed (so the kill is
+        # mid-stream), and more after it for the restarted consumer.
+        while not killed.is_set():
+            written.extend(write_changes(500, users))
+        written.extend(write_changes(1000, users))
+
+    writer = threading.Thread(target=write_around_the_kill)
     writer.start()
     try:
         # Kill -9 once the consumer has committed some, but not all, of the stream.
@@ -394,6 +414,7 @@ def test_sigkill_mid_stream_then_restart_converges(pg_app, cql, tmp_path) -> Non
         )
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
+        killed.set()
         lag_at_kill = group_lag(group)
         proc = spawn_cdc(group, log)
         writer.join(300)
@@ -402,6 +423,7 @@ def test_sigkill_mid_stream_then_restart_converges(pg_app, cql, tmp_path) -> Non
             f"consumer did not catch up; log:\n{log.read_text()[-3000:]}"
         )
     finally:
+        killed.set()
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         writer.join(300)
@@ -413,10 +435,10 @@ def test_sigkill_mid_stream_then_restart_converges(pg_app, cql, tmp_path) -> Non
 
 
 def _committed_any(group: str) -> bool:
-    c = Consumer(kafka.consumer_config(**{"group.id": group}))
+    c = Consumer(kafka.consumer_config(CFG.kafka, **{"group.id": group}))
     try:
         base = {}
-        for topic in kafka.change_topics():
+        for topic in kafka.change_topics(CFG.kafka):
             parts = [
                 TopicPartition(topic, p)
                 for p in c.list_topics(topic, timeout=10).topics[topic].partitions
@@ -461,15 +483,15 @@ def test_sigterm_commits_what_was_applied_and_ends_cancelled(pg_app, tmp_path) -
 def test_two_consumers_in_one_group_share_partitions_and_converge(pg_app, cql, members) -> None:
     group = f"t-group-{uuid.uuid4().hex[:8]}"
     start_group_at_end(group)
-    ks = get_settings().kafka.model_copy(update={"consumer_group": group})
-    sessions, consumers, threads = [], [], []
+    ks = CFG.kafka.model_copy(update={"consumer_group": group})
+    consumers, threads = [], []
     assigned: list[set[str]] = []
+    sessions = contextlib.ExitStack()
     for _ in range(members):
-        s = scylla.connect(keyspace=get_settings().scylla.keyspace)
-        c = CdcConsumer(scylla.ScyllaWriter(s), CdcOptions(report_interval_s=1), ks)
+        s = sessions.enter_context(scylla.session(CFG.scylla, CFG.scylla.keyspace))
+        c = CdcConsumer(scylla.ScyllaWriter(s, CFG.scylla), CdcOptions(report_interval_s=1), ks)
         seen: set[str] = set()
         assigned.append(seen)
-        sessions.append(s)
         consumers.append(c)
 
         def report(rep: Any, seen: set[str] = seen) -> None:
@@ -492,8 +514,7 @@ def test_two_consumers_in_one_group_share_partitions_and_converge(pg_app, cql, m
             c.stop()
         for t in threads:
             t.join(30)
-        for s in sessions:
-            scylla.close(s)
+        sessions.close()
     assert independent_mismatches(pg_app, cql, written) == []
 
 
@@ -522,7 +543,7 @@ class _StallingWriter(scylla.ScyllaWriter):
     stall_s = 12.0
 
     def __init__(self, session: Any, keyspace: str | None = None) -> None:
-        super().__init__(session, keyspace)
+        super().__init__(session, CFG.scylla, keyspace=keyspace)
         self.armed = threading.Event()
         self.stalled = threading.Event()
         self.batches = 0
@@ -559,10 +580,10 @@ class _RefusingCommits:
 
 
 def _committed_total(group: str) -> int:
-    c = Consumer(kafka.consumer_config(**{"group.id": group}))
+    c = Consumer(kafka.consumer_config(CFG.kafka, **{"group.id": group}))
     try:
         total = 0
-        for topic in kafka.change_topics():
+        for topic in kafka.change_topics(CFG.kafka):
             parts = [
                 TopicPartition(topic, p)
                 for p in c.list_topics(topic, timeout=10).topics[topic].partitions
@@ -589,7 +610,7 @@ def test_rebalances_with_changes_in_flight_converge(pg_app, cql) -> None:
     cdc_log.addHandler(lines)
     cdc_log.setLevel(logging.INFO)
     errors: list[BaseException] = []
-    sessions: list[Any] = []
+    sessions = contextlib.ExitStack()
 
     def member(writer: scylla.ScyllaWriter, overrides: dict[str, Any] | None = None) -> CdcConsumer:
         return CdcConsumer(
@@ -611,9 +632,7 @@ def test_rebalances_with_changes_in_flight_converge(pg_app, cql) -> None:
         return thread
 
     def session() -> Any:
-        s = scylla.connect(keyspace=settings.scylla.keyspace)
-        sessions.append(s)
-        return s
+        return sessions.enter_context(scylla.session(CFG.scylla, CFG.scylla.keyspace))
 
     users = [uuid.uuid4() for _ in range(10)]
     written: list[uuid.UUID] = []
@@ -622,12 +641,15 @@ def test_rebalances_with_changes_in_flight_converge(pg_app, cql) -> None:
     def write_until_stopped() -> None:
         try:
             while not stop_writing.is_set():
-                written.extend(write_changes(500, users))
+                written.extend(write_changes(100, users))
+                # A steady trickle keeps changes in flight through every rebalance; more
+                # would only lengthen the catch-up and the check at the end.
+                stop_writing.wait(0.4)
         except BaseException as exc:
             errors.append(exc)
 
     writer = threading.Thread(target=write_until_stopped, daemon=True)
-    a = member(scylla.ScyllaWriter(session()))
+    a = member(scylla.ScyllaWriter(session(), CFG.scylla))
     # A's commits are refused from just before B joins until A gives partitions up: the
     # offsets A applied meanwhile are pending when the revoke comes, and must be committed
     # there, before the partitions move (the new owner then starts after them).
@@ -692,8 +714,7 @@ def test_rebalances_with_changes_in_flight_converge(pg_app, cql) -> None:
         for t in (a_thread, b_thread):
             if t is not None:
                 t.join(60)
-        for s in sessions:
-            scylla.close(s)
+        sessions.close()
         cdc_log.removeHandler(lines)
         cdc_log.setLevel(level)
     assert errors == []

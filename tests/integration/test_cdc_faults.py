@@ -33,6 +33,8 @@ from tasks.core.metrics import MetricsReport
 from tasks.settings import KafkaSettings, get_settings
 from tests.integration.readmodels import wait_for
 
+CFG = get_settings()
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -59,14 +61,14 @@ def human_turn_event(turn: uuid.UUID, session: uuid.UUID, content: str) -> bytes
 
 def new_topic(prefix: str) -> str:
     topic = f"{get_settings().kafka.topic_prefix}.test.{prefix}{uuid.uuid4().hex[:8]}"
-    admin = kafka.admin()  # held: futures fail if the client is collected first
+    admin = kafka.admin(CFG.kafka)  # held: futures fail if the client is collected first
     for fut in admin.create_topics([NewTopic(topic, 1, 1)]).values():
         fut.result()
     return topic
 
 
 def produce(topic: str, values: list[bytes]) -> None:
-    p = Producer(kafka.producer_config())
+    p = Producer(kafka.producer_config(CFG.kafka))
     for v in values:
         p.produce(topic, key=b"k", value=v)
     assert p.flush(30) == 0
@@ -81,7 +83,7 @@ def group_settings(**update: Any) -> KafkaSettings:
 def dlq_messages(
     since: list[TopicPartition], match: Callable[[Message], bool], count: int, timeout_s: float = 30
 ) -> list[Message]:
-    c = Consumer(kafka.consumer_config(**{"group.id": f"t-{uuid.uuid4()}"}))
+    c = Consumer(kafka.consumer_config(CFG.kafka, **{"group.id": f"t-{uuid.uuid4()}"}))
     c.assign(since)
     got: list[Message] = []
     deadline = time.monotonic() + timeout_s
@@ -100,7 +102,7 @@ def headers_of(m: Message) -> dict[str, str]:
 
 @pytest.fixture()
 def dlq_end() -> list[TopicPartition]:
-    c = Consumer(kafka.consumer_config(**{"group.id": f"t-{uuid.uuid4()}"}))
+    c = Consumer(kafka.consumer_config(CFG.kafka, **{"group.id": f"t-{uuid.uuid4()}"}))
     try:
         return end_offsets(c, [get_settings().kafka.dead_letter_topic])
     finally:
@@ -128,12 +130,11 @@ def test_a_change_that_decodes_but_cannot_be_written_is_dead_lettered(cql: Any, 
             human_turn_event(turns[2], session, "after"),
         ],
     )
-    s = scylla.connect(keyspace=get_settings().scylla.keyspace)
-    try:
-        consumer = CdcConsumer(scylla.ScyllaWriter(s), CdcOptions(max_messages=3), group_settings())
+    with scylla.session(CFG.scylla, CFG.scylla.keyspace) as s:
+        consumer = CdcConsumer(
+            scylla.ScyllaWriter(s, CFG.scylla), CdcOptions(max_messages=3), group_settings()
+        )
         result = consumer.run(topics=[topic])
-    finally:
-        scylla.close(s)
     assert (result.messages, result.changes, result.dead_lettered) == (3, 2, 1)
     assert timeline_contents(cql, session) == {turns[0]: "before", turns[2]: "after"}
     (dead,) = dlq_messages(dlq_end, lambda m: headers_of(m).get("dlq.source.topic") == topic, 1)
@@ -148,40 +149,39 @@ def test_a_systemic_write_error_stops_the_run_and_names_the_cause() -> None:
     topic = new_topic("systemic")
     produce(topic, [human_turn_event(uuid.uuid4(), uuid.uuid4(), "x")])
     ks = f"empty_{uuid.uuid4().hex[:10]}"
-    s = scylla.connect()
-    s.execute(
-        f"CREATE KEYSPACE {ks} WITH replication = "
-        "{'class': 'SimpleStrategy', 'replication_factor': 1}"
-    )
-    settings = group_settings()
-    errors: list[BaseException] = []
-    consumer = CdcConsumer(
-        scylla.ScyllaWriter(s, keyspace=ks), CdcOptions(max_messages=1), settings
-    )
+    with scylla.session(CFG.scylla) as s:
+        s.execute(
+            f"CREATE KEYSPACE {ks} WITH replication = "
+            "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+        )
+        settings = group_settings()
+        errors: list[BaseException] = []
+        consumer = CdcConsumer(
+            scylla.ScyllaWriter(s, CFG.scylla, keyspace=ks), CdcOptions(max_messages=1), settings
+        )
 
-    def run() -> None:
+        def run() -> None:
+            try:
+                consumer.run(topics=[topic])
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join(60)
         try:
-            consumer.run(topics=[topic])
-        except BaseException as exc:
-            errors.append(exc)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join(60)
-    try:
-        assert not t.is_alive(), "the consumer kept retrying a terminal error"
-        assert len(errors) == 1 and isinstance(errors[0], TerminalError), errors
-        assert "conversation_timeline" in str(errors[0])
-        # Nothing was committed: the change is still there for a fixed deployment.
-        c = Consumer(kafka.consumer_config(settings))
-        (tp,) = c.committed([TopicPartition(topic, 0)], timeout=10)
-        c.close()
-        assert tp.offset < 0
-    finally:
-        consumer.stop()
-        t.join(30)
-        s.execute(f"DROP KEYSPACE IF EXISTS {ks}")
-        scylla.close(s)
+            assert not t.is_alive(), "the consumer kept retrying a terminal error"
+            assert len(errors) == 1 and isinstance(errors[0], TerminalError), errors
+            assert "conversation_timeline" in str(errors[0])
+            # Nothing was committed: the change is still there for a fixed deployment.
+            c = Consumer(kafka.consumer_config(settings))
+            (tp,) = c.committed([TopicPartition(topic, 0)], timeout=10)
+            c.close()
+            assert tp.offset < 0
+        finally:
+            consumer.stop()
+            t.join(30)
+            s.execute(f"DROP KEYSPACE IF EXISTS {ks}")
 
 
 def test_offsets_deleted_by_retention_stop_the_run_with_the_missing_range() -> None:
@@ -192,26 +192,22 @@ def test_offsets_deleted_by_retention_stop_the_run_with_the_missing_range() -> N
     c.commit(offsets=[TopicPartition(topic, 0, 2)], asynchronous=False)
     c.close()
     # What retention does: the log now starts at offset 6.
-    admin = kafka.admin()
+    admin = kafka.admin(CFG.kafka)
     (fut,) = admin.delete_records([TopicPartition(topic, 0, 6)]).values()
     fut.result()
-    s = scylla.connect(keyspace=get_settings().scylla.keyspace)
-    try:
-        consumer = CdcConsumer(scylla.ScyllaWriter(s), CdcOptions(max_seconds=30), settings)
+    with scylla.session(CFG.scylla, CFG.scylla.keyspace) as s:
+        consumer = CdcConsumer(
+            scylla.ScyllaWriter(s, CFG.scylla), CdcOptions(max_seconds=30), settings
+        )
         with pytest.raises(OffsetGap) as info:
             consumer.run(topics=[topic])
-    finally:
-        scylla.close(s)
     text = str(info.value)
     assert f"{topic}[0]" in text and "offsets 2..5" in text and "backfill" in text
     # A new group starts at the oldest change still there, without complaint.
-    s = scylla.connect(keyspace=get_settings().scylla.keyspace)
-    try:
+    with scylla.session(CFG.scylla, CFG.scylla.keyspace) as s:
         result = CdcConsumer(
-            scylla.ScyllaWriter(s), CdcOptions(max_messages=4), group_settings()
+            scylla.ScyllaWriter(s, CFG.scylla), CdcOptions(max_messages=4), group_settings()
         ).run(topics=[topic])
-    finally:
-        scylla.close(s)
     assert result.messages == 4 and result.committed == {f"{topic}[0]": 10}
 
 
@@ -219,10 +215,10 @@ def test_truncate_is_refused_loudly_and_a_rebuild_repairs(
     cdc_consumer: LocalCdc, cql: Any, dlq_end, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR, logger="cqrs_sync.cdc")
-    with postgres.connect("admin") as admin:
+    with postgres.connect("admin", CFG.postgres) as admin:
         admin.autocommit = True
         user, session, turn = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-        tap = ChangeTap()
+        tap = ChangeTap(CFG.kafka)
         admin.execute("INSERT INTO sessions (id, user_id) VALUES (%s, %s)", (session, user))
         admin.execute("INSERT INTO agent_turns (id, session_id) VALUES (%s, %s)", (turn, session))
         admin.execute(
@@ -262,7 +258,7 @@ def test_an_agent_turn_at_the_size_cap_reaches_the_read_model(
     pg_app.autocommit = True
     session, turn = uuid.uuid4(), uuid.uuid4()
     first, second = "\x01" * (1 << 20), "\x02" * (1 << 20)
-    tap = ChangeTap()
+    tap = ChangeTap(CFG.kafka)
     pg_app.execute("INSERT INTO sessions (id, user_id) VALUES (%s, %s)", (session, uuid.uuid4()))
     pg_app.execute(
         "INSERT INTO agent_turns (id, session_id, content) VALUES (%s, %s, %s)",
@@ -299,15 +295,16 @@ def reporting_consumer() -> Iterator[tuple[CdcConsumer, list[MetricsReport]]]:
     from support.cdc_probe import position_group_at_end
 
     position_group_at_end(settings)
-    s = scylla.connect(keyspace=get_settings().scylla.keyspace)
-    consumer = CdcConsumer(scylla.ScyllaWriter(s), CdcOptions(report_interval_s=1), settings)
-    reports: list[MetricsReport] = []
-    t = threading.Thread(target=lambda: consumer.run(report=reports.append), daemon=True)
-    t.start()
-    yield consumer, reports
-    consumer.stop()
-    t.join(60)
-    scylla.close(s)
+    with scylla.session(CFG.scylla, CFG.scylla.keyspace) as s:
+        consumer = CdcConsumer(
+            scylla.ScyllaWriter(s, CFG.scylla), CdcOptions(report_interval_s=1), settings
+        )
+        reports: list[MetricsReport] = []
+        t = threading.Thread(target=lambda: consumer.run(report=reports.append), daemon=True)
+        t.start()
+        yield consumer, reports
+        consumer.stop()
+        t.join(60)
 
 
 def _session(pg: psycopg.Connection) -> uuid.UUID:

@@ -24,8 +24,11 @@ from tasks.core.projection import Mutation, Upsert, change_from_row, project, ve
 from tasks.core.write_policy import DualWritePolicy, StepInput
 from tasks.dual_write import service as dw
 from tasks.dual_write.read_model import ScyllaHandle
+from tasks.settings import get_settings
 from tests.integration import readmodels
 from tests.integration.readmodels import postgres_rows, wait_for
+
+CFG = get_settings()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Generous on purpose: these tests are about what the dual-write path does, on a stack other
@@ -42,7 +45,7 @@ SCHEDULING_SLACK_MS = 1000.0
 
 @pytest.fixture(scope="module")
 def deps() -> Iterator[dw.DualWriteDeps]:
-    d = dw.connect_deps(DualWritePolicy(deadline_ms=TEST_DEADLINE_MS))
+    d = dw.connect_deps(CFG, DualWritePolicy(deadline_ms=TEST_DEADLINE_MS))
     assert d.scylla.wait_ready(30), "the dual-write could not connect to Cassandra"
     yield d
     d.close()
@@ -51,7 +54,7 @@ def deps() -> Iterator[dw.DualWriteDeps]:
 @pytest.fixture(scope="module")
 def local_cdc() -> Iterator[LocalCdc]:
     """A CDC consumer whose committed offsets we can read: proof that CDC applied an event."""
-    with LocalCdc() as cdc:
+    with LocalCdc(CFG) as cdc:
         yield cdc
 
 
@@ -220,7 +223,7 @@ def test_write_that_skips_dual_write_is_visible_only_through_cdc(
     uid = uuid.uuid4()
     sid = dw.create_session(uid, "cdc only", deps=deps).session_id
     turn_id = uuid.uuid4()
-    tap = ChangeTap()
+    tap = ChangeTap(CFG.kafka)
     if path == "policy off":
         r = dw.record_human_turn(
             sid, "via CDC", turn_id=turn_id, deps=with_flags(deps, record_human_turn=False)
@@ -293,14 +296,14 @@ def test_cdc_arriving_after_the_dual_write_changes_nothing(operation, deps, cql,
     uid = uuid.uuid4()
     sid = dw.create_session(uid, "t", deps=deps).session_id
     dw.record_human_turn(sid, "first", deps=deps)
-    tap = ChangeTap()  # from here on, the session's events are the operation's only
+    tap = ChangeTap(CFG.kafka)  # from here on, the session's events are the operation's only
     result = operation(deps, sid)
     assert result.read_model_updated, result
     before = cells(cql, sid, uid)
 
     # The change's Debezium events (one per row written, the trigger's session update
     # included) project to the very mutations the dual-write applied: same keys, values and
-    # USING TIMESTAMP (for the delete: source.ts_us equals pg_xact_commit_timestamp).
+    # USING TIMESTAMP (for a delete: the deleted row's version + 1 us, docs/decisions.md).
     events = collect_all(tap, [result])
     assert cdc_mutations(events) == set(result.mutations)
 
@@ -347,7 +350,7 @@ def test_scylla_timeout_or_absence_never_fails_the_call(deps, cql, pg_app, cdc_c
     assert secret not in warning and "card" not in warning
 
     # No Scylla session at all (e.g. the app started while the cluster was down).
-    offline = dw.DualWriteDeps(deps.pool, ScyllaHandle(connect=False), deps.policy)
+    offline = dw.DualWriteDeps(deps.pool, ScyllaHandle(CFG.scylla, connect=False), deps.policy)
     r2 = dw.rename_session(sid, "renamed offline", deps=offline)
     assert r2.dual_write == "failed" and "not connected" in (r2.error or "")
 
@@ -363,7 +366,7 @@ def test_cassandra_stopped_calls_succeed_and_cdc_converges(cql, pg_app, cdc_cons
     # local_cdc starts at the topics' end: convergence then does not wait for cdc_consumer's
     # replay of the whole topic history (2 min on the shared stack when this was written).
     policy = DualWritePolicy()  # the default 50 ms budget
-    d = dw.connect_deps(policy)
+    d = dw.connect_deps(CFG, policy)
     assert d.scylla.wait_ready(30)
     uid = uuid.uuid4()
     sid = dw.create_session(uid, "before the outage", deps=d).session_id
@@ -416,10 +419,12 @@ def test_cassandra_stopped_calls_succeed_and_cdc_converges(cql, pg_app, cdc_cons
         except Exception:  # the driver reconnects on its own schedule
             return False
 
-    assert wait_for(converged, timeout=400, interval=1), "CDC did not converge after restart"
+    assert wait_for(converged, timeout=400, interval=0.5), "CDC did not converge after restart"
     # And the dual-write path comes back by itself.
     assert wait_for(
-        lambda: dw.rename_session(sid, "after", deps=d).read_model_updated, timeout=400, interval=2
+        lambda: dw.rename_session(sid, "after", deps=d).read_model_updated,
+        timeout=400,
+        interval=0.5,
     )
     d.close()
 
@@ -450,7 +455,7 @@ def _race(workers: list[Callable[[], None]]) -> list[BaseException]:
 def test_two_writers_racing_on_one_session_converge_to_postgres(deps, cql, pg_app, local_cdc):
     uid = uuid.uuid4()
     sid = dw.create_session(uid, "race", deps=deps).session_id
-    tap = ChangeTap()
+    tap = ChangeTap(CFG.kafka)
     results: list[dw.WriteResult] = []
     per_writer = 15
 
@@ -481,7 +486,7 @@ def test_two_writers_racing_on_one_session_converge_to_postgres(deps, cql, pg_ap
 def test_delete_racing_with_writes_leaves_nothing_behind(deps, cql, pg_app, local_cdc):
     uid = uuid.uuid4()
     sid = dw.create_session(uid, "doomed", deps=deps).session_id
-    tap = ChangeTap()
+    tap = ChangeTap(CFG.kafka)
     written: list[dw.WriteResult] = []
     deleted: list[dw.WriteResult] = []
     rejected: list[InvalidInput] = []

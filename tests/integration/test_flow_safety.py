@@ -29,6 +29,8 @@ from tasks.core.errors import ConfigurationError
 from tasks.settings import get_settings
 from tests.integration.conftest import own_keyspace
 
+CFG = get_settings()
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -38,14 +40,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def committed(group: str) -> dict[tuple[str, int], int]:
     """The offsets a consumer group has committed (nothing for a group that never did)."""
-    client = kafka.admin()
+    client = kafka.admin(CFG.kafka)
     futures = client.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])
     result = futures[group].result(timeout=30)
     return {(tp.topic, tp.partition): tp.offset for tp in result.topic_partitions if tp.offset >= 0}
 
 
 def delete_groups(*groups: str) -> None:
-    client = kafka.admin()
+    client = kafka.admin(CFG.kafka)
     for future in client.delete_consumer_groups(list(groups), request_timeout=30).values():
         with contextlib.suppress(Exception):  # a group that never existed: nothing to clean
             future.result(timeout=30)
@@ -124,30 +126,32 @@ def test_a_snapshot_older_than_gc_grace_seconds_is_refused(
     fs_keyspace: str, tmp_path: Path
 ) -> None:
     user, directory = _snapshot(tmp_path, fs_keyspace)
-    session = scylla.connect()
-    try:
-        session.execute(
-            f"ALTER TABLE {fs_keyspace}.conversation_timeline WITH gc_grace_seconds = 1"
-        )
-        time.sleep(2.5)  # the snapshot is now older than the table's gc_grace_seconds
-        for params in (
-            {"snapshot_dir": str(directory)},
-            {"resume": True, "user_ids": [user], "snapshot_root": str(tmp_path)},
-        ):
-            with pytest.raises(
-                ConfigurationError, match=r"older than gc_grace_seconds of conversation_timeline"
+    taken_before = time.monotonic()  # the snapshot was taken before its flow returned
+    with scylla.session(CFG.scylla) as session:
+        try:
+            session.execute(
+                f"ALTER TABLE {fs_keyspace}.conversation_timeline WITH gc_grace_seconds = 1"
+            )
+            # Until the snapshot is surely older than the table's gc_grace_seconds (1 s).
+            time.sleep(max(0.0, taken_before + 1.2 - time.monotonic()))
+            for params in (
+                {"snapshot_dir": str(directory)},
+                {"resume": True, "user_ids": [user], "snapshot_root": str(tmp_path)},
             ):
-                backfill_flow(keyspace=fs_keyspace, **params)
-        # Said explicitly, it is loaded.
-        done = backfill_flow(
-            snapshot_dir=str(directory), keyspace=fs_keyspace, allow_old_snapshot=True
-        )
-        assert done["snapshot_dir"] == str(directory)
-    finally:
-        session.execute(
-            f"ALTER TABLE {fs_keyspace}.conversation_timeline WITH gc_grace_seconds = 864000"
-        )
-        scylla.close(session)
+                with pytest.raises(
+                    ConfigurationError,
+                    match=r"older than gc_grace_seconds of conversation_timeline",
+                ):
+                    backfill_flow(keyspace=fs_keyspace, **params)
+            # Said explicitly, it is loaded.
+            done = backfill_flow(
+                snapshot_dir=str(directory), keyspace=fs_keyspace, allow_old_snapshot=True
+            )
+            assert done["snapshot_dir"] == str(directory)
+        finally:
+            session.execute(
+                f"ALTER TABLE {fs_keyspace}.conversation_timeline WITH gc_grace_seconds = 864000"
+            )
 
 
 def test_a_fresh_snapshot_against_the_same_slot_loads(fs_keyspace: str, tmp_path: Path) -> None:

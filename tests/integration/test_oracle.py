@@ -20,13 +20,11 @@ from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 
 from tasks.adapters import postgres, scylla
-from tasks.core import projection
-from tasks.core.projection import (
-    KEY_COLUMNS,
-    canonical_json,
-    expected_rows,
-    project_row,
-)
+from tasks.core import catalog, codec
+from tasks.core.catalog import KEY_COLUMNS
+from tasks.core.codec import canonical_json
+from tasks.core.projection import expected_rows, project_row
+from tasks.settings import get_settings
 from tests.integration import readmodels
 from tests.integration.conftest import own_keyspace
 from tests.integration.readmodels import READ_MODELS, Rows, postgres_rows
@@ -192,7 +190,7 @@ def test_the_data_set_has_what_it_claims(data: Data) -> None:
 
 
 def test_the_views_do_not_depend_on_the_session_time_zone(data: Data) -> None:
-    with postgres.connect("reader", autocommit=True) as conn:
+    with postgres.connect("reader", get_settings().postgres, autocommit=True) as conn:
         conn.execute("SET TIME ZONE 'Asia/Kathmandu'")  # +05:45: not a whole hour
         for rm in READ_MODELS:
             col = readmodels.PARTITION_COLUMN[rm]
@@ -272,7 +270,7 @@ def test_sql_canonical_json_of_numbers_jsonb_keeps_as_written() -> None:
 @pytest.fixture(scope="module")
 def oracle_keyspace() -> Iterator[Session]:
     with own_keyspace("oracle") as ks:
-        session = scylla.connect(keyspace=ks)
+        session = scylla.connect(get_settings().scylla, ks)
         try:
             yield session
         finally:
@@ -284,7 +282,7 @@ def load_with_projection(session: Session, conn: psycopg.Connection[Any], d: Dat
     and write them into the keyspace, as the backfill does."""
     rows = postgres_rows(conn, d.sessions, jsonb_as_text=True)
     mutations = [m for table, rs in rows.items() for r in rs for m in project_row(table, r)]
-    scylla.ScyllaWriter(session, keyspace=session.keyspace).write(mutations)
+    scylla.ScyllaWriter(session, get_settings().scylla, keyspace=session.keyspace).write(mutations)
 
 
 def old_oracle_agrees(
@@ -307,7 +305,7 @@ def test_rows_stored_by_the_real_projection_equal_the_oracle(
 
 
 def _swap_title_and_preview(monkeypatch: pytest.MonkeyPatch) -> None:
-    specs = dict(projection._SPECS)
+    specs = dict(catalog.FEEDS)
     header = specs["sessions"][1]
     assert header.read_model == "sessions_by_id"
     values = tuple(
@@ -315,36 +313,36 @@ def _swap_title_and_preview(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     specs["sessions"] = (
         specs["sessions"][0],
-        projection._Spec(header.read_model, header.key, values),
+        catalog.Feed(header.read_model, header.key, values),
     )
-    monkeypatch.setattr(projection, "_SPECS", specs)
+    monkeypatch.setattr(catalog, "FEEDS", specs)
 
 
 def _agent_turns_as_human(monkeypatch: pytest.MonkeyPatch) -> None:
-    specs = dict(projection._SPECS)
+    specs = dict(catalog.FEEDS)
     (spec,) = specs["agent_turns"]
     specs["agent_turns"] = (
-        projection._Spec(spec.read_model, spec.key, spec.values, (("role", "human"),)),
+        catalog.Feed(spec.read_model, spec.key, spec.values, (("role", "human"),)),
     )
-    monkeypatch.setattr(projection, "_SPECS", specs)
+    monkeypatch.setattr(catalog, "FEEDS", specs)
 
 
 def _payload_with_spaces(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
-        projection,
+        codec,
         "canonical_json",
         lambda obj: json.dumps(obj, sort_keys=True, ensure_ascii=False),
     )
 
 
 def _micros_from_the_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    specs = dict(projection._SPECS)
+    specs = dict(catalog.FEEDS)
     (spec,) = specs["steps"]
     key = tuple(
         (dst, "updated_at") if dst == "created_at_micros" else (dst, src) for dst, src in spec.key
     )
-    specs["steps"] = (projection._Spec(spec.read_model, key, spec.values),)
-    monkeypatch.setattr(projection, "_SPECS", specs)
+    specs["steps"] = (catalog.Feed(spec.read_model, key, spec.values),)
+    monkeypatch.setattr(catalog, "FEEDS", specs)
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,10 @@ import pytest
 from cassandra.cluster import Session
 
 from tasks.adapters import postgres
-from tasks.audit.quality import read_model_frame, validate_frame
-from tasks.core.projection import KEY_COLUMNS, READ_MODELS
+from tasks.audit.quality import validate_frame
+from tasks.audit.rows import read_model_frame
+from tasks.core.catalog import KEY_COLUMNS, READ_MODELS
+from tasks.settings import get_settings
 from tests.integration.readmodels import agree, wait_for
 
 LONG_ANSWER = "Lisbon, then Porto. " * 40  # 800 characters: the preview keeps 500
@@ -25,7 +27,7 @@ LONG_ANSWER = "Lisbon, then Porto. " * 40  # 800 characters: the preview keeps 5
 def conversation(cdc_consumer: Any, cql: Session) -> dict[str, uuid.UUID]:
     """A small conversation written through the app role, once it is in every read model."""
     ids = {k: uuid.uuid4() for k in ("user", "session", "h1", "a1", "st1", "st2")}
-    with postgres.connect("app") as pg:
+    with postgres.connect("app", get_settings().postgres) as pg:
         pg.execute(
             "INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, 'Quality trip')",
             (ids["session"], ids["user"]),

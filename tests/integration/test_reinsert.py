@@ -19,8 +19,11 @@ from support.cdc_probe import ChangeTap, LocalCdc, TappedEvent
 from tasks.adapters import postgres, scylla
 from tasks.core.projection import project
 from tasks.dual_write import service as dual_write
+from tasks.settings import get_settings
 from tests.integration.conftest import own_keyspace
 from tests.integration.readmodels import wait_for
+
+CFG = get_settings()
 
 TABLES = ("sessions", "human_turns", "agent_turns", "steps")
 
@@ -116,7 +119,7 @@ def reinsert_racing_the_delete(conn: psycopg.Connection, w: World, table: str) -
     deleted = threading.Event()
 
     def delete() -> None:
-        with postgres.connect("app") as d, d.transaction():
+        with postgres.connect("app", CFG.postgres) as d, d.transaction():
             d.execute(f"DELETE FROM {table} WHERE id = %s", (w.ids[table],))
             deleted.set()
             d.execute("SELECT pg_sleep(0.8)")
@@ -139,9 +142,9 @@ FORMS: dict[str, Callable[[psycopg.Connection, World, str], None]] = {
 def test_reinserted_rows_are_visible_after_cdc_and_after_a_backfill(
     form: str, cdc_consumer: LocalCdc, cql: Any
 ) -> None:
-    tap = ChangeTap()
+    tap = ChangeTap(CFG.kafka)
     try:
-        with postgres.connect("app") as conn:
+        with postgres.connect("app", CFG.postgres) as conn:
             conn.autocommit = True
             w = World(conn)
             for table in TABLES:
@@ -173,19 +176,13 @@ def test_reinserted_rows_are_visible_after_cdc_and_after_a_backfill(
 
     # Backfill: a keyspace that holds CDC's tombstones of the deletes (the real events,
     # decoded and projected as the consumer does) and nothing else gets the rows back.
-    with own_keyspace("reinsert") as ks:
-        session = scylla.connect(keyspace=ks)
-        try:
-            writer = scylla.ScyllaWriter(session, keyspace=ks)
-            writer.write([m for d in deletes for m in project(_change(d))])
-            from flows.backfill import backfill_flow
+    with own_keyspace("reinsert") as ks, scylla.session(CFG.scylla, ks) as session:
+        writer = scylla.ScyllaWriter(session, CFG.scylla, keyspace=ks)
+        writer.write([m for d in deletes for m in project(_change(d))])
+        from flows.backfill import backfill_flow
 
-            backfill_flow(user_ids=[str(w.user)], keyspace=ks, chunk_size=1000)
-            assert {t: visible_text(session, w, t) for t in TABLES} == dict.fromkeys(
-                TABLES, "again"
-            )
-        finally:
-            scylla.close(session)
+        backfill_flow(user_ids=[str(w.user)], keyspace=ks, chunk_size=1000)
+        assert {t: visible_text(session, w, t) for t in TABLES} == dict.fromkeys(TABLES, "again")
 
 
 def _change(e: TappedEvent) -> Any:
@@ -197,12 +194,12 @@ def test_dual_write_create_racing_delete_session_is_visible(
     cdc_consumer: LocalCdc, cql: Any
 ) -> None:
     """create_session(S) issued while delete_session(S) holds S deleted, uncommitted."""
-    deps = dual_write.connect_deps()
-    tap = ChangeTap()
+    deps = dual_write.connect_deps(CFG)
+    tap = ChangeTap(CFG.kafka)
     user, sid = uuid.uuid4(), uuid.uuid4()
     try:
         dual_write.create_session(user, "first", session_id=sid, deps=deps)
-        with postgres.connect("admin") as admin:
+        with postgres.connect("admin", CFG.postgres) as admin:
             admin.autocommit = True
             # A test-only trigger holds this one delete open for 1.5 s after the session row
             # is deleted (uncommitted): the create below then races it, every time.
@@ -243,16 +240,12 @@ def test_dual_write_create_racing_delete_session_is_visible(
         w.user, w.ids = user, {"sessions": sid}
         # What the two dual-writes write, whether or not they made their deadline, in either
         # order of arrival:
-        with own_keyspace("reinsert_dw") as ks:
-            session = scylla.connect(keyspace=ks)
-            try:
-                writer = scylla.ScyllaWriter(session, keyspace=ks)
-                for order in (("delete", "create"), ("create", "delete")):
-                    for name in order:
-                        writer.write(results[name].mutations)
-                    assert visible_text(session, w, "sessions") == "again", order
-            finally:
-                scylla.close(session)
+        with own_keyspace("reinsert_dw") as ks, scylla.session(CFG.scylla, ks) as session:
+            writer = scylla.ScyllaWriter(session, CFG.scylla, keyspace=ks)
+            for order in (("delete", "create"), ("create", "delete")):
+                for name in order:
+                    writer.write(results[name].mutations)
+                assert visible_text(session, w, "sessions") == "again", order
         # ...and after CDC applied the delete and both creates of the session:
         events = tap.collect(
             lambda e: (

@@ -18,12 +18,17 @@ from cassandra.cluster import Session
 from cassandra.query import BatchStatement
 
 from tasks.adapters import scylla
-from tasks.adapters.scylla import ScyllaWriter, _bound_bytes
-from tasks.backfill.load import BatchingWriter
+from tasks.adapters.replica_batches import bound_bytes
+from tasks.adapters.scylla import ScyllaWriter
+from tasks.backfill.cql_writes import PipelinedWriter
+from tasks.core.cql import to_cql
 from tasks.core.errors import RejectedData, TerminalError, TransientError, is_transient
-from tasks.core.projection import Delete, Mutation, Upsert, project_row, to_cql
+from tasks.core.projection import Delete, Mutation, Upsert, project_row
 from tasks.dual_write.read_model import ScyllaHandle
+from tasks.settings import get_settings
 from tests.integration.conftest import own_keyspace
+
+CFG = get_settings()
 
 BATCH_WARNING = "exceeding specified threshold"
 
@@ -36,9 +41,8 @@ def ks() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def session() -> Iterator[Session]:
-    s = scylla.connect()
-    yield s
-    scylla.close(s)
+    with scylla.session(CFG.scylla) as s:
+        yield s
 
 
 class ServerWarnings(logging.Handler):
@@ -180,7 +184,7 @@ def test_write_to_an_unconfigured_table_is_terminal_and_names_it(session: Sessio
     )
     try:
         for call in ("write", "write_batch"):
-            writer = ScyllaWriter(session, bare)
+            writer = ScyllaWriter(session, CFG.scylla, keyspace=bare)
             with pytest.raises(TerminalError, match="conversation_timeline") as info:
                 getattr(writer, call)([_turn("a"), _turn("b")])
             assert not is_transient(info.value), info.value
@@ -196,7 +200,7 @@ def test_write_to_an_unconfigured_table_is_terminal_and_names_it(session: Sessio
 def test_a_lone_surrogate_is_rejected_data_and_nothing_is_sent(
     session: Session, ks: str, call: str
 ) -> None:
-    writer = ScyllaWriter(session, ks)
+    writer = ScyllaWriter(session, CFG.scylla, keyspace=ks)
     good, bad = _turn("fine"), _turn("half a pair: \ud800")
     method = writer.write if call == "write_with_timeout" else getattr(writer, call)
     args: tuple[Any, ...] = (5.0,) if call == "write_with_timeout" else ()
@@ -214,8 +218,10 @@ def test_a_lone_surrogate_is_rejected_data_and_nothing_is_sent(
 
 def test_the_estimate_bounds_what_the_server_counts(session: Session, ks: str) -> None:
     """Over-full batches on purpose: every size the server reports in its warning is at most
-    what ``_bound_bytes`` counted for that batch."""
-    writer = ScyllaWriter(session, ks, batch_rows=40, batch_max_bytes=40_000)
+    what ``bound_bytes`` counted for that batch."""
+    writer = ScyllaWriter(
+        session, CFG.scylla, keyspace=ks, replica_batch_rows=40, batch_max_bytes=40_000
+    )
     rng = random.Random(7)
     checked = 0
     for _ in range(6):
@@ -224,7 +230,7 @@ def test_the_estimate_bounds_what_the_server_counts(session: Session, ks: str) -
             if not isinstance(request, BatchStatement):
                 continue
             estimate = sum(
-                _bound_bytes(values) for _, _, values in request._statements_and_parameters
+                bound_bytes(values) for _, _, values in request._statements_and_parameters
             )
             future = session.execute_async(request)
             future.result()
@@ -243,7 +249,9 @@ def test_the_estimate_bounds_what_the_server_counts(session: Session, ks: str) -
 def test_cdc_writes_raise_no_batch_size_warning(
     session: Session, ks: str, batch_rows: int, server_warnings: list[str]
 ) -> None:
-    writer = ScyllaWriter(session, ks, batch_rows=batch_rows)  # as the CDC consumer's
+    writer = ScyllaWriter(
+        session, CFG.scylla, keyspace=ks, replica_batch_rows=batch_rows
+    )  # as the CDC consumer's
     rng = random.Random(11)
     for _ in range(3):
         sid = uuid.uuid4()
@@ -262,7 +270,9 @@ def test_cdc_writes_raise_no_batch_size_warning(
 def test_backfill_writes_raise_no_batch_size_warning(
     session: Session, ks: str, batch_rows: int, server_warnings: list[str]
 ) -> None:
-    batching = BatchingWriter(ScyllaWriter(session, ks, batch_rows=batch_rows))
+    pipelined = PipelinedWriter(
+        ScyllaWriter(session, CFG.scylla, keyspace=ks, replica_batch_rows=batch_rows)
+    )
     rng = random.Random(13)
     turns = [_turn(c, n=i) for i, c in enumerate(_contents(rng, 300))]
     # The backfill writes current rows only: upserts, one statement text at a time.
@@ -272,8 +282,8 @@ def test_backfill_writes_raise_no_batch_size_warning(
         cql, params = to_cql(m, ks)
         by_cql.setdefault(cql, []).append(params)
     for cql, rows in by_cql.items():
-        batching.submit_rows(cql, rows)
-    batching.flush()
+        pipelined.submit_rows(cql, rows)
+    pipelined.flush()
     assert _stored(session, ks, turns[0]) == dict(turns[0].values)["content"]
     assert not [w for w in server_warnings if BATCH_WARNING in w], server_warnings
 
@@ -282,19 +292,19 @@ def test_a_1_mib_turn_is_written_by_cdc_backfill_and_dual_write(
     session: Session, ks: str, server_warnings: list[str]
 ) -> None:
     big = "t" * (1 << 20)
-    writer = ScyllaWriter(session, ks)
+    writer = ScyllaWriter(session, CFG.scylla, keyspace=ks)
     # CDC: among small rows of the same replicas.
     cdc = [_turn("small", n=1), _turn(big, n=2), _turn("small", n=3)]
     writer.write(cdc)
     # Backfill.
     backfill = _turn(big, n=4)
-    batching = BatchingWriter(writer)
+    pipelined = PipelinedWriter(writer)
     cql, params = to_cql(backfill, ks)
-    batching.submit_rows(cql, [params, to_cql(_turn("x", n=5), ks)[1]])
-    batching.flush()
+    pipelined.submit_rows(cql, [params, to_cql(_turn("x", n=5), ks)[1]])
+    pipelined.flush()
     # Dual-write: the handle sends it as separate writes within its deadline.
     dual = _turn(big, n=6)
-    handle = ScyllaHandle(writer)
+    handle = ScyllaHandle(CFG.scylla, writer)
     try:
         handle.write([dual, _turn("y", n=7)], deadline_s=10.0)
     finally:

@@ -16,10 +16,11 @@ import pytest
 from cassandra.cluster import Session
 
 from tasks.adapters import scylla
-from tasks.adapters.sstable import SSTableWriterProcess, _table_cql
-from tasks.backfill.snapshot import arrow_schema
+from tasks.adapters.sstable import SSTableWriterProcess
+from tasks.adapters.sstable_setup import table_cql
+from tasks.core.columnar import arrow_schema, project_arrow
 from tasks.core.errors import TransientError
-from tasks.core.projection import project_arrow
+from tasks.settings import get_settings
 from tests.integration.conftest import own_keyspace
 
 
@@ -98,21 +99,22 @@ def test_a_table_the_writer_did_not_know_fails_the_chunk_then_loads(
     """SSTableLoader skips SSTables of a table missing from the ring answer it cached and
     still reports success: the writer must report that chunk as failed (never checkpointed),
     and the retry must load it."""
-    session = scylla.connect()
-    steps_cql = _table_cql(session, keyspace, "steps_by_turn")
+    cfg = get_settings()
+    session = scylla.connect(cfg.scylla)
+    steps_cql = table_cql(session, keyspace, "steps_by_turn")
     session.execute(f"DROP TABLE {keyspace}.steps_by_turn", timeout=60)
     try:
-        with SSTableWriterProcess(session, keyspace) as writer:
+        with SSTableWriterProcess(session, keyspace, cfg.sstable, cfg.scylla) as writer:
             path, batch = chunk_file(tmp_path, "sessions", 200)
-            writer.load_chunk(path, "sessions", "c1", None)  # the ring is cached by now
+            writer.stream_chunk(path, "sessions", "c1", None)  # the ring is cached by now
             assert stored(session, keyspace, batch, "sessions") == 400
             session.execute(steps_cql, timeout=60)  # created after the writer asked
             session.cluster.refresh_schema_metadata()
             path, batch = chunk_file(tmp_path, "steps", 300)
             with pytest.raises(TransientError, match="SSTables streamed"):
-                writer.load_chunk(path, "steps", "c2", None)
+                writer.stream_chunk(path, "steps", "c2", None)
             assert stored(session, keyspace, batch, "steps") == 0
-            read, written, report = writer.load_chunk(path, "steps", "c2", None)
+            read, written, report = writer.stream_chunk(path, "steps", "c2", None)
             assert (read, written["steps_by_turn"], report.rows) == (300, 300, 300)
             assert stored(session, keyspace, batch, "steps") == 300
     finally:

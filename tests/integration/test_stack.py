@@ -18,6 +18,8 @@ from support.cdc_probe import end_offsets
 from tasks.adapters import kafka, postgres
 from tasks.settings import get_settings
 
+CFG = get_settings()
+
 
 def test_every_service_reports_healthy() -> None:
     assert stack.status(quiet=True)
@@ -25,7 +27,7 @@ def test_every_service_reports_healthy() -> None:
 
 def test_insert_in_postgres_arrives_as_debezium_event(pg_app) -> None:
     topic = get_settings().kafka.topic("sessions")
-    consumer = Consumer(kafka.consumer_config(**{"group.id": f"t-{uuid.uuid4()}"}))
+    consumer = Consumer(kafka.consumer_config(CFG.kafka, **{"group.id": f"t-{uuid.uuid4()}"}))
     # Start at the current end of every partition, so only events after the insert are read.
     consumer.assign(end_offsets(consumer, [topic]))
 
@@ -102,7 +104,7 @@ def test_flow_runs_on_the_prefect_server() -> None:
 def test_slot_exists_and_is_active() -> None:
     deadline = time.monotonic() + 20
     while True:
-        slot = postgres.slot_status()
+        slot = postgres.slot_status(CFG.postgres)
         if slot.active or time.monotonic() > deadline:
             break
         time.sleep(0.5)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tasks.adapters.scylla import _approx_bytes, _bound_bytes
+from tasks.adapters.replica_batches import approx_bytes, bound_bytes
 from tests.unit.core.test_errors import FakeSession, _turn, _writer
 
 
@@ -29,11 +29,11 @@ def test_the_estimate_before_binding_bounds_the_one_after(
     )
     [(prepared, params)] = writer.bound([m])
     bound = prepared.bind(params)
-    assert _approx_bytes(params) >= _bound_bytes(bound.values)
+    assert approx_bytes(params) >= bound_bytes(bound.values)
     # Every value's own bytes are counted.
-    assert _bound_bytes(bound.values) >= sum(len(v) for v in bound.values if v is not None)
+    assert bound_bytes(bound.values) >= sum(len(v) for v in bound.values if v is not None)
 
 
 def test_sizing_does_not_fail_on_what_binding_rejects() -> None:
     params = (uuid.uuid4(), datetime.now(UTC), 0, uuid.uuid4(), "user", "x\ud800y", "", 1)
-    assert _approx_bytes(params) > 0
+    assert approx_bytes(params) > 0

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tasks.adapters.scylla import replica_batches
+from tasks.adapters.replica_batches import replica_batches
 
 _member = st.tuples(
     st.sampled_from([(1, 2), (2, 3), (3, 1)]),
@@ -14,6 +15,7 @@ _member = st.tuples(
 )
 
 
+@pytest.mark.slow
 @given(st.lists(_member, max_size=60), st.integers(1, 25), st.integers(1, 2000))
 def test_every_row_once_one_replica_set_per_batch_within_limits(
     members: list[tuple[tuple[int, ...], bytes, int]], max_rows: int, max_bytes: int

@@ -14,14 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.adapters.sstable import cql_values, rows_payload
+from tasks.adapters.sstable_payload import cql_values, rows_payload
+from tasks.core.catalog import READ_MODELS, SOURCE_TABLES
+from tasks.core.columnar import project_arrow, project_arrow_columns
 from tasks.core.errors import DecodeError
-from tasks.core.projection import (
-    READ_MODELS,
-    SOURCE_TABLES,
-    project_arrow,
-    project_arrow_columns,
-)
 from tests.unit.core.test_projection_arrow import KS, _batch, _row
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -59,6 +55,7 @@ def as_cql(v: Any) -> Any:
     return v
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(
     st.sampled_from(SOURCE_TABLES).flatmap(
@@ -132,22 +129,22 @@ def test_typed_columns_refuse_what_the_row_path_refuses() -> None:
 
 
 def test_split_cuts_rows_into_zero_copy_pieces_under_the_byte_cap() -> None:
-    from tasks.adapters.sstable import _split
+    from tasks.adapters.sstable_payload import split_rows
 
     texts = pa.array([f"row {i} " + "x" * (i % 50) for i in range(1000)])
     ints = pa.array(range(1000), pa.int64())
-    pieces = _split([texts, ints], max_bytes=4096)
+    pieces = split_rows([texts, ints], max_bytes=4096)
     assert len(pieces) > 1
     assert all(sum(a.nbytes for a in p) <= 2 * 4096 for p in pieces)
     assert pa.concat_arrays([p[0] for p in pieces]).equals(texts)
     assert pa.concat_arrays([p[1] for p in pieces]).equals(ints)
-    assert _split([ints], max_bytes=1 << 20) == [[ints]]
+    assert split_rows([ints], max_bytes=1 << 20) == [[ints]]
 
 
 def test_cassandra_jars_reads_every_classpath_entry(tmp_path: Any) -> None:
     import os
 
-    from tasks.adapters.sstable import cassandra_jars
+    from tasks.adapters.sstable_setup import cassandra_jars
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

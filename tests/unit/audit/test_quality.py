@@ -1,24 +1,22 @@
-"""The read-model expectation suites and tasks.audit.quality, on pandas frames only (no stack).
-
-Every expectation of every suite is shown to fail on a frame that breaks its invariant
-(test_every_expectation_is_exercised keeps VIOLATIONS complete), and good frames pass."""
+"""tasks.audit.quality: frames of read-model rows validated against their suites, on pandas
+frames only (no stack). Every expectation of every suite is shown to fail on a frame that
+breaks its invariant (test_every_expectation_is_exercised keeps VIOLATIONS complete), and good
+frames pass."""
 
 from __future__ import annotations
 
 import copy
-import json
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 
-from tasks.audit import quality
-from tasks.core.errors import ConfigurationError, InvalidInput
-from tasks.core.projection import KEY_COLUMNS, READ_MODELS, VALUE_COLUMNS
+from tasks.audit import quality, suites
+from tasks.core.catalog import READ_MODELS
+from tasks.core.errors import InvalidInput
 from tasks.core.write_policy import DualWritePolicy
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
@@ -151,7 +149,7 @@ def test_good_frames_pass(read_model: str) -> None:
     assert result.success, result.summary()
     assert result.failures == ()
     assert result.row_count == len(good_rows(read_model))
-    assert result.evaluated == len(quality.expectation_names(read_model)) > 5
+    assert result.evaluated == len(suites.expectation_names(read_model)) > 5
     assert result.suite == read_model
 
 
@@ -189,6 +187,7 @@ def test_a_small_clock_skew_is_tolerated_a_large_one_is_not() -> None:
     assert [f.name for f in result.failures] == ["expect_column_values_to_be_between(created_at)"]
 
 
+@pytest.mark.slow  # three validations
 def test_parameters_follow_the_write_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     rows = good_rows("sessions_by_id")
     rows[0]["title"] = "t" * (POLICY.max_title_chars + 1)
@@ -325,6 +324,8 @@ VIOLATIONS: list[tuple[str, str, Mutation]] = [
 ]
 
 
+# One GX validation per case (about half a second each, dozens of cases): the matrix is slow.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("read_model", "expectation", "mutate"),
     VIOLATIONS,
@@ -347,7 +348,7 @@ def test_a_violation_fails_naming_the_expectation(
 
 def test_every_expectation_is_exercised() -> None:
     covered = {(rm, name) for rm, name, _ in VIOLATIONS}
-    declared = {(rm, name) for rm in READ_MODELS for name in quality.expectation_names(rm)}
+    declared = {(rm, name) for rm in READ_MODELS for name in suites.expectation_names(rm)}
     assert declared - covered == set(), "expectations no test shows failing"
     assert covered - declared == set(), "tests naming expectations no suite has"
 
@@ -385,83 +386,12 @@ def test_a_missing_column_is_a_failure_with_an_error() -> None:
     assert f is not None and f.error is not None and "payload" in f.error
 
 
-# --------------------------------------------------------------------------------------------
-# Suites on disk
-
-
-@pytest.mark.parametrize("read_model", READ_MODELS)
-def test_suite_files_are_gx_1_suites_of_known_columns(read_model: str) -> None:
-    path = quality.EXPECTATIONS_DIR / f"{read_model}.json"
-    doc = json.loads(path.read_text())
-    assert doc["name"] == read_model
-    suite = quality.load_suite(read_model)
-    assert suite.name == read_model
-    assert len(suite.expectations) == len(doc["expectations"])
-    known = set(KEY_COLUMNS[read_model]) | set(VALUE_COLUMNS[read_model])
-    for e in doc["expectations"]:
-        assert e["type"].startswith("expect_")
-        kw = e["kwargs"]
-        cols = kw.get("column_list") or [kw["column"]]
-        assert set(cols) <= known, e
-        assert e["meta"]["invariant"]
-        # no expectation pins a table's full column list (columns may be added)
-        assert not e["type"].startswith(("expect_table_columns", "expect_table_column_count"))
-    names = quality.expectation_names(read_model)
-    assert len(set(names)) == len(names)
-    # the parameters the suite needs are all supplied by default
-    assert quality.suite_parameters(read_model) <= set(quality.default_parameters(NOW))
-
-
-def test_load_suite_returns_a_fresh_suite_each_time() -> None:
-    a, b = quality.load_suite("sessions_by_id"), quality.load_suite("sessions_by_id")
-    assert a is not b
-    a.expectations.clear()
-    assert quality.load_suite("sessions_by_id").expectations
-
-
 def test_unknown_read_model_and_bad_input_are_refused() -> None:
     with pytest.raises(InvalidInput):
-        quality.load_suite("users")
+        suites.load_suite("users")
     with pytest.raises(InvalidInput):
         quality.validate_frame("users", pd.DataFrame())
     with pytest.raises(InvalidInput):
         quality.validate_frame("sessions_by_id", [{"session_id": S1}])  # type: ignore[arg-type]
     with pytest.raises(InvalidInput):
-        quality.default_parameters(datetime(2026, 1, 1))
-
-
-def test_a_misnamed_or_broken_suite_is_a_configuration_error(tmp_path: Path) -> None:
-    (tmp_path / "sessions_by_id.json").write_text(json.dumps({"name": "x", "expectations": []}))
-    with pytest.raises(ConfigurationError, match="suite name"):
-        quality.load_suite("sessions_by_id", tmp_path)
-    (tmp_path / "steps_by_turn.json").write_text("{not json")
-    with pytest.raises(ConfigurationError):
-        quality.load_suite("steps_by_turn", tmp_path)
-    with pytest.raises(ConfigurationError, match="no expectation suite"):
-        quality.load_suite("conversation_timeline", tmp_path)
-    (tmp_path / "recent_conversations.json").write_text(
-        json.dumps(
-            {
-                "name": "recent_conversations",
-                "expectations": [{"type": "expect_no_such_thing", "kwargs": {}}],
-            }
-        )
-    )
-    # GX's ExpectationSuite would log and drop these; load_suite refuses them
-    with pytest.raises(ConfigurationError, match=r"expectations\[0\] \(expect_no_such_thing"):
-        quality.load_suite("recent_conversations", tmp_path)
-    (tmp_path / "recent_conversations.json").write_text(
-        json.dumps(
-            {
-                "name": "recent_conversations",
-                "expectations": [
-                    {
-                        "type": "expect_column_values_to_be_in_set",
-                        "kwargs": {"column": "role", "value_sett": ["human"]},
-                    }
-                ],
-            }
-        )
-    )
-    with pytest.raises(ConfigurationError, match="invalid expectation suite"):
-        quality.load_suite("recent_conversations", tmp_path)
+        suites.default_parameters(datetime(2026, 1, 1))

@@ -1,5 +1,5 @@
 """Worker-process side of the shared rate-limit test. Its own module, so spawned processes
-import tasks.backfill.load only, not the test module's flows and Prefect."""
+import tasks.backfill.rate_limit only, not the test module's flows and Prefect."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import time
 from typing import Any
 
-from tasks.backfill.load import RowRateLimiter
+from tasks.backfill.rate_limit import RowRateLimiter
 
 _joined: list[RowRateLimiter] = []
 

@@ -1,38 +1,22 @@
-"""Pure tests of the backfill: parameter validation, the command line, chunk planning, the
-rate limiter and the gap rule. No stack needed."""
+"""The backfill's parameters and command line: validated as a whole before any work, each bad
+value named. No stack needed."""
 
 from __future__ import annotations
 
 import inspect
-import itertools
 import json
-import multiprocessing
-import random
-import time
 import uuid
-from concurrent.futures import ProcessPoolExecutor
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from flows.backfill import backfill_flow, build_parser, main
-from tasks.backfill.load import RowRateLimiter
+from tasks.backfill.manifest import Manifest
 from tasks.backfill.params import BackfillParams, validate
-from tasks.backfill.snapshot import (
-    FEEDS,
-    KeyRange,
-    SnapshotFilter,
-    check_cdc_slot,
-    plan_table,
-    tables_for,
-    where,
-)
+from tasks.backfill.plan import SnapshotFilter
+from tasks.core.catalog import READ_MODELS
 from tasks.core.errors import ConfigurationError
-from tasks.core.projection import READ_MODELS, SOURCE_TABLES
-from tests.unit.backfill import limiter_worker
 
 # --------------------------------------------------------------------------------------------
 # Parameters
@@ -132,189 +116,6 @@ def test_cli_rejects_bad_parameters_before_starting_a_flow(
 
 
 # --------------------------------------------------------------------------------------------
-# Chunk planning
-
-
-def _boundaries(keys: list[uuid.UUID], chunk_size: int) -> list[uuid.UUID]:
-    """What the planning query returns: every chunk_size-th key in key order."""
-    return sorted(keys)[::chunk_size]
-
-
-@given(st.lists(st.uuids(), unique=True, max_size=300), st.integers(1, 50))
-def test_chunks_partition_the_keys(keys: list[uuid.UUID], chunk_size: int) -> None:
-    plan = plan_table("human_turns", _boundaries(keys, chunk_size), len(keys), chunk_size)
-    assert sum(c.rows for c in plan) == len(keys)
-    assert [c.index for c in plan] == list(range(len(plan)))
-    for key in keys:  # each key in exactly one chunk
-        assert sum(c.key_range.contains(key) for c in plan) == 1
-    for c in plan:  # and each chunk holds the rows it was planned with, at most chunk_size
-        assert sum(c.key_range.contains(k) for k in keys) == c.rows <= chunk_size
-    if plan:  # open at both ends: a row is never outside every chunk
-        assert plan[0].key_range.lo is None and plan[-1].key_range.hi is None
-        for a, b in itertools.pairwise(plan):
-            assert a.key_range.hi == b.key_range.lo
-
-
-def test_skewed_keys_still_give_even_chunks() -> None:
-    # Time-ordered keys crowd one corner of the uuid space; bounds from the data don't care.
-    keys = [uuid.UUID(int=(1 << 100) + i) for i in range(1000)]
-    plan = plan_table("steps", _boundaries(keys, 100), 1000, 100)
-    assert [c.rows for c in plan] == [100] * 10
-    assert [sum(c.key_range.contains(k) for k in keys) for c in plan] == [100] * 10
-
-
-def test_plan_rejects_inconsistent_input() -> None:
-    a, b = sorted([uuid.uuid4(), uuid.uuid4()])
-    assert plan_table("sessions", [], 0, 10) == []
-    with pytest.raises(ValueError, match="expected 2"):
-        plan_table("sessions", [a], 15, 10)
-    with pytest.raises(ValueError, match="ascending"):
-        plan_table("sessions", [b, a], 15, 10)
-    with pytest.raises(ValueError, match="chunk_size"):
-        plan_table("sessions", [a], 1, 0)
-
-
-def test_key_range_agrees_with_postgres_uuid_order() -> None:
-    # Postgres compares uuids as 16 bytes, big-endian: the order of UUID.int and of bytes.
-    keys = [uuid.uuid4() for _ in range(200)]
-    assert sorted(keys) == sorted(keys, key=lambda u: u.bytes)
-    lo, hi = sorted(random.sample(keys, 2))
-    r = KeyRange(lo, hi)
-    assert r.contains(lo) and not r.contains(hi)
-
-
-def test_tables_follow_the_projection() -> None:
-    assert FEEDS["sessions"] == {"recent_conversations", "sessions_by_id"}
-    assert FEEDS["human_turns"] == FEEDS["agent_turns"] == {"conversation_timeline"}
-    assert FEEDS["steps"] == {"steps_by_turn"}
-    assert tables_for(["conversation_timeline"]) == ("human_turns", "agent_turns")
-    assert tables_for(READ_MODELS) == SOURCE_TABLES
-
-
-def test_filters_become_sql_conditions() -> None:
-    u = uuid.uuid4()
-    t0 = datetime(2026, 1, 1, tzinfo=UTC)
-    lo = uuid.uuid4()
-    _, params = where("sessions", SnapshotFilter((u,), t0, None), KeyRange(lo, None))
-    assert params == [[u], t0, lo]
-    clause, params = where("steps", SnapshotFilter((u,)))
-    assert "session_id IN (SELECT id FROM sessions" in repr(clause) and params == [[u]]
-    _, params = where("steps", SnapshotFilter())
-    assert params == []
-
-
-def test_equal_filters_have_equal_manifest_json() -> None:
-    a, b = uuid.uuid4(), uuid.uuid4()
-    t = datetime(2026, 1, 1, tzinfo=UTC)
-    plus2 = t.astimezone(timezone(timedelta(hours=2)))
-    assert SnapshotFilter((a, b), t).to_json() == SnapshotFilter((b, a), plus2).to_json()
-    assert SnapshotFilter((a,)).to_json() != SnapshotFilter((b,)).to_json()
-
-
-def test_filter_round_trips_through_the_manifest() -> None:
-    f = SnapshotFilter((uuid.uuid4(),), datetime(2026, 1, 1, tzinfo=UTC), None)
-    back = SnapshotFilter.from_json(json.loads(json.dumps(f.to_json())))
-    assert back == f and back.to_json() == f.to_json()
-
-
-# --------------------------------------------------------------------------------------------
-# The gap rule and the rate limiter
-
-
-def test_gap_rule() -> None:
-    check_cdc_slot({"exists": True, "active": True}, "s")
-    with pytest.raises(ConfigurationError, match=r"does not exist.*gap"):
-        check_cdc_slot({"exists": False}, "s")
-    with pytest.raises(ConfigurationError, match="no connector is streaming"):
-        check_cdc_slot({"exists": True, "active": False}, "s")
-
-
-@pytest.mark.parametrize("limit", [500.0, 4000.0])
-def test_rate_limiter_never_runs_ahead_of_the_limit(limit: float) -> None:
-    limiter = RowRateLimiter(limit)
-    try:
-        rows, started = 0, time.monotonic()
-        while rows < limit * 0.8:  # ~0.8 s of rows in odd-sized writes
-            n = random.randint(1, int(limit // 5))
-            limiter.acquire(n)
-            rows += n
-            # The bucket starts empty: rows taken by any moment never exceed limit x elapsed
-            # (plus one 1/10 s piece, taken at the start of its slot).
-            assert rows <= limit * (time.monotonic() - started) + limiter.burst + 1
-        rate = rows / (time.monotonic() - started)
-    finally:
-        limiter.close()
-    assert limit * 0.85 <= rate <= limit * 1.05, rate
-
-
-def test_rate_limiter_makes_up_for_a_stall() -> None:
-    limiter = RowRateLimiter(1000.0)
-    try:
-        started = time.monotonic()
-        limiter.acquire(100)
-        time.sleep(0.3)  # a stall: its tokens are kept (up to 0.5 s), not lost
-        limiter.acquire(300)
-        elapsed = time.monotonic() - started
-    finally:
-        limiter.close()
-    assert elapsed < 0.45, elapsed
-
-
-def test_one_rate_limit_holds_for_several_worker_processes() -> None:
-    # Three spawned processes share one limit (the loader's workers > 1): together they take
-    # the limit's rows, not three times as many.
-    limit = 600.0
-    limiter = RowRateLimiter.shared(limit)
-    ctx = multiprocessing.get_context("spawn")
-    try:
-        with ProcessPoolExecutor(
-            3, mp_context=ctx, initializer=limiter_worker.join, initargs=(limiter.for_worker(),)
-        ) as pool:
-            # All three processes started and imported before the clock starts.
-            pids: set[int] = set()
-            for _ in range(20):
-                pids |= {
-                    f.result(timeout=120)
-                    for f in [pool.submit(limiter_worker.ready, 0.3) for _ in range(3)]
-                }
-                if len(pids) == 3:
-                    break
-            assert len(pids) == 3, pids
-            end_at = time.monotonic() + 4.0
-            futures = [pool.submit(limiter_worker.take_rows, end_at) for _ in range(3)]
-            shares = [f.result(timeout=60) for f in futures]
-    finally:
-        limiter.close()
-    rows = sum(n for n, _ in shares)
-    # From the first process's first row on, the bucket is taken at the full rate by
-    # whoever is running; it refilled at most catch_up_s (0.5 s) of rows before that.
-    window = end_at - min(started for _, started in shares)
-    assert window > 3, f"a worker took {4 - window:.1f} s to take its first rows"
-    assert limit * window * 0.9 <= rows <= limit * (window + 0.5) + 3 * 20, (rows, window)
-
-
-def test_batching_writer_drops_only_the_replica_batch_warning(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # The server warns on every batch over 10 partitions; the loader's batches span
-    # partitions of one replica set on purpose. Other server warnings still get through.
-    from cassandra.protocol import log as driver_log
-
-    from tasks.adapters.scylla import ScyllaWriter
-
-    ScyllaWriter(object(), "ks", batch_rows=20)  # type: ignore[arg-type]
-    with caplog.at_level("WARNING", logger="cassandra.protocol"):
-        driver_log.warning(
-            "Server warning: %s",
-            "Unlogged batch covering 13 partitions detected against table [ks.t].",
-        )
-        driver_log.warning("Server warning: %s", "Batch for [ks.t] is of size 6.1KiB")
-    assert [r.getMessage() for r in caplog.records] == [
-        "Server warning: Batch for [ks.t] is of size 6.1KiB"
-    ]
-
-
-# --------------------------------------------------------------------------------------------
 # Values that used to pass: each now stops the run with a message naming it
 
 
@@ -385,21 +186,5 @@ def test_a_corrupt_manifest_names_the_file(tmp_path: Path, text: str) -> None:
     (tmp_path / "manifest.json").write_text(text)
     with pytest.raises(ConfigurationError, match=r"manifest\.json"):
         validate({"snapshot_dir": str(tmp_path)})
-    from tasks.backfill.snapshot import Manifest
-
     with pytest.raises(ConfigurationError, match=r"manifest\.json"):
         Manifest.read(tmp_path)
-
-
-def test_snapshot_age_against_gc_grace_seconds() -> None:
-    from tasks.backfill.snapshot import check_snapshot_age
-
-    taken = datetime(2026, 1, 1, tzinfo=UTC)
-    grace = {"conversation_timeline": 864_000, "sessions_by_id": 3_600}
-    check_snapshot_age(taken, grace, now=taken + timedelta(seconds=3_599))
-    with pytest.raises(
-        ConfigurationError,
-        match=r"older than .*gc_grace_seconds.*sessions_by_id.*allow_old_snapshot",
-    ):
-        check_snapshot_age(taken, grace, now=taken + timedelta(seconds=3_601))
-    check_snapshot_age(taken, grace, now=taken + timedelta(days=30), allow=True)

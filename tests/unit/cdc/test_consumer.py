@@ -12,7 +12,9 @@ import pytest
 from cassandra import InvalidRequest
 from confluent_kafka import Message
 
-from tasks.cdc.consumer import CdcConsumer, CdcOptions, stops_the_run
+from tasks.cdc.apply import stops_the_run
+from tasks.cdc.consumer import CdcConsumer
+from tasks.cdc.options import CdcOptions
 from tasks.core.errors import RejectedData, TerminalError, TransientError, classify
 from tasks.core.projection import Mutation
 from tasks.settings import KafkaSettings
@@ -73,12 +75,16 @@ class FakeDeadLetters:
 
 def consumer(writer: FakeWriter) -> CdcConsumer:
     c = CdcConsumer(
-        writer,
-        CdcOptions(retry_initial_s=0.001, retry_max_s=0.002),  # type: ignore[arg-type]
+        writer,  # type: ignore[arg-type]
+        CdcOptions(retry_initial_s=0.001, retry_max_s=0.002),
         KafkaSettings(bootstrap_servers="127.0.0.1:1"),
     )
-    c.dead_letters = FakeDeadLetters()  # type: ignore[assignment]
+    c.applier.dead_letters = FakeDeadLetters()  # type: ignore[assignment]
     return c
+
+
+def dead_lettered(c: CdcConsumer) -> list[tuple[Message, BaseException]]:
+    return c.applier.dead_letters.sent  # type: ignore[attr-defined,no-any-return]
 
 
 def contents(mutations: Sequence[Mutation]) -> set[str]:
@@ -96,7 +102,7 @@ def test_a_change_the_store_rejects_is_dead_lettered_once_and_the_rest_applied()
     batch = c._prepare(messages(event("ok1"), event("bad"), event("ok2")))
     assert c._apply(batch)
     assert contents(w.written) >= {"ok1", "ok2"} and "bad" not in contents(w.written)
-    assert [(m.offset(), e) for m, e in c.dead_letters.sent] == [(1, rejected)]  # type: ignore[attr-defined]
+    assert [(m.offset(), e) for m, e in dead_lettered(c)] == [(1, rejected)]
     assert batch.changes == 2 and batch.offsets == {("cqrs.public.human_turns", 0): 3}
 
 
@@ -105,7 +111,7 @@ def test_an_unknown_error_about_one_change_does_not_stop_the_run() -> None:
     c = consumer(w)
     batch = c._prepare(messages(event("bad"), event("ok")))
     assert c._apply(batch)
-    assert [m.offset() for m, _ in c.dead_letters.sent] == [0]  # type: ignore[attr-defined]
+    assert [m.offset() for m, _ in dead_lettered(c)] == [0]
 
 
 def test_a_systemic_error_stops_the_run_naming_it_and_nothing_is_dead_lettered() -> None:
@@ -115,7 +121,7 @@ def test_a_systemic_error_stops_the_run_naming_it_and_nothing_is_dead_lettered()
     batch = c._prepare(messages(event("a"), event("b")))
     with pytest.raises(TerminalError, match="conversation_timeline"):
         c._apply(batch)
-    assert c.dead_letters.sent == []  # type: ignore[attr-defined]
+    assert dead_lettered(c) == []
 
 
 def test_a_transient_error_while_setting_aside_retries_without_duplicate_dead_letters() -> None:
@@ -130,7 +136,7 @@ def test_a_transient_error_while_setting_aside_retries_without_duplicate_dead_le
     c = consumer(w)
     batch = c._prepare(messages(event("bad"), event("ok1"), event("ok2")))
     assert c._apply(batch)
-    assert [m.offset() for m, _ in c.dead_letters.sent] == [0]  # type: ignore[attr-defined]
+    assert [m.offset() for m, _ in dead_lettered(c)] == [0]
     assert {"ok1", "ok2"} <= contents(w.written)
 
 

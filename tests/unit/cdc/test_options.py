@@ -9,9 +9,9 @@ import math
 import pytest
 
 import flows.cdc as cdc_flow_module
-from tasks.cdc.consumer import CdcOptions
+from tasks.cdc.options import CdcOptions
+from tasks.core.catalog import READ_MODELS
 from tasks.core.errors import ConfigurationError
-from tasks.core.projection import READ_MODELS
 
 SHARED = "cqrs-sync-cdc"
 

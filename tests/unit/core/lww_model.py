@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tasks.core.projection import KEY_COLUMNS, VALUE_COLUMNS, Delete, Key, Mutation, Upsert
+from tasks.core.catalog import KEY_COLUMNS, VALUE_COLUMNS
+from tasks.core.projection import Delete, Key, Mutation, Upsert
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

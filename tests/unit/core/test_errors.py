@@ -306,8 +306,9 @@ def _turn(content: str) -> Upsert:
 
 def _writer(session: FakeSession, **kw: Any) -> Any:
     from tasks.adapters.scylla import ScyllaWriter
+    from tasks.settings import ScyllaSettings
 
-    return ScyllaWriter(session, "ks", **kw)  # type: ignore[arg-type]
+    return ScyllaWriter(session, ScyllaSettings(), keyspace="ks", **kw)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("method", ["write", "write_batch"])
@@ -346,7 +347,7 @@ def test_writer_unencodable_value_is_rejected_data(method: str, timeout: float |
 
 def test_a_row_over_the_byte_limit_goes_as_a_plain_statement() -> None:
     session = FakeSession()
-    writer = _writer(session, batch_rows=20, batch_max_bytes=4000)
+    writer = _writer(session, replica_batch_rows=20, batch_max_bytes=4000)
     big = _turn("x" * (1 << 20))
     statements = writer.bound([_turn("a"), _turn("b"), big, _turn("c"), _turn("d")])
     requests = writer.requests(statements)

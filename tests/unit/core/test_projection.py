@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tasks.core.catalog import READ_MODELS, SOURCE_TABLES
+from tasks.core.cql import to_cql
 from tasks.core.errors import DecodeError, InvalidInput
 from tasks.core.projection import (
     PLACEHOLDER_TEXT,
-    READ_MODELS,
-    SOURCE_TABLES,
     UNAVAILABLE,
     Change,
     Delete,
@@ -28,7 +28,6 @@ from tasks.core.projection import (
     normalize_row,
     project,
     project_row,
-    to_cql,
     tombstone_version,
     version_of,
 )
@@ -363,6 +362,7 @@ def test_timestamp_text_forms(text: str, expected: datetime) -> None:
     assert normalize_row("human_turns", human(created_at=text))["created_at"] == expected
 
 
+@pytest.mark.slow
 def test_native_timestamp_forms() -> None:
     pd = pytest.importorskip("pandas")
     tz = timezone(timedelta(hours=2))
@@ -581,6 +581,7 @@ def ms_key(row: dict[str, Any], table: str) -> tuple[Any, ...]:
     )
 
 
+@pytest.mark.slow
 @settings(
     max_examples=300,
     deadline=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -13,18 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.backfill.snapshot import arrow_schema
+from tasks.core.catalog import READ_MODELS, SOURCE_TABLES
+from tasks.core.columnar import arrow_schema, project_arrow, project_arrow_columns
+from tasks.core.cql import to_cql
 from tasks.core.errors import DecodeError, InvalidInput
-from tasks.core.projection import (
-    PLACEHOLDER_TEXT,
-    READ_MODELS,
-    SOURCE_TABLES,
-    project_arrow,
-    project_row,
-    to_cql,
-)
+from tasks.core.projection import PLACEHOLDER_TEXT, project_row
 
 KS = "ks"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _moments = st.datetimes(
     min_value=datetime(1960, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
 )
@@ -79,6 +75,7 @@ def _batch(table: str, rows: list[dict[str, Any]]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(
     st.sampled_from(SOURCE_TABLES).flatmap(
@@ -137,3 +134,36 @@ def test_columnar_refuses_what_row_by_row_refuses() -> None:
     with pytest.raises(DecodeError, match=r"steps.payload"):
         project_arrow("steps", _batch("steps", [step]), KS)
     assert project_arrow("human_turns", batch.slice(0, 0), KS)[0].params == []
+
+
+def _as_cql(v: Any) -> Any:
+    """A bound parameter as the CQL wire carries it: uuids as 16 bytes, timestamps as ms."""
+    if isinstance(v, uuid.UUID):
+        return v.bytes
+    if isinstance(v, datetime):
+        return (v - EPOCH) // timedelta(milliseconds=1)
+    return v
+
+
+@pytest.mark.slow
+@settings(max_examples=100, deadline=None)
+@given(
+    st.sampled_from(SOURCE_TABLES).flatmap(
+        lambda t: st.tuples(st.just(t), st.lists(_row(t), min_size=1, max_size=12))
+    ),
+    st.sets(st.sampled_from(READ_MODELS), min_size=1),
+)
+def test_cql_typed_columns_equal_the_columnar_parameters(
+    table_rows: tuple[str, list[dict[str, Any]]], models: set[str]
+) -> None:
+    table, rows = table_rows
+    batch = _batch(table, rows)
+    want = {u.read_model: u for u in project_arrow(table, batch, KS, models)}
+    got = {u.read_model: u for u in project_arrow_columns(table, batch, KS, models)}
+    assert set(got) == set(want)
+    for rm, up in got.items():
+        assert up.cql == want[rm].cql
+        columns = [a.to_pylist() for a in up.arrays]
+        assert list(zip(*columns, strict=True)) == [
+            tuple(_as_cql(v) for v in p) for p in want[rm].params
+        ]

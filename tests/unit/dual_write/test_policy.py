@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from tasks.core.catalog import KEY_COLUMNS, READ_MODELS
+from tasks.core.cql import to_cql
 from tasks.core.errors import InvalidInput, ServiceUnavailable, TransientError
-from tasks.core.projection import KEY_COLUMNS, PLACEHOLDER_TEXT, READ_MODELS, project_row, to_cql
+from tasks.core.projection import PLACEHOLDER_TEXT, project_row
 from tasks.core.write_policy import (
     DualWritePolicy,
     Operation,
@@ -25,6 +27,10 @@ from tasks.core.write_policy import (
 )
 from tasks.dual_write import service as dual_write
 from tasks.dual_write.read_model import ScyllaHandle, warm_up_statements
+from tasks.settings import ScyllaSettings
+
+# The handles here never connect: they read only the batch limit.
+SCYLLA = ScyllaSettings()
 
 ENV_FIELDS = (
     "CREATE_SESSION",
@@ -213,7 +219,7 @@ class _Untouchable:
 
 def _deps(policy: DualWritePolicy | None = None) -> dual_write.DualWriteDeps:
     return dual_write.DualWriteDeps(
-        _Untouchable(),
+        _Untouchable(),  # type: ignore[arg-type]
         _Untouchable(),  # type: ignore[arg-type]
         policy or DualWritePolicy(),
     )
@@ -277,7 +283,7 @@ class _SlowWriter:
 
 
 def test_scylla_step_returns_within_its_deadline_even_if_the_driver_blocks() -> None:
-    handle = ScyllaHandle(_SlowWriter(0.5), max_in_flight=2)  # type: ignore[arg-type]
+    handle = ScyllaHandle(SCYLLA, _SlowWriter(0.5), max_in_flight=2)  # type: ignore[arg-type]
     try:
         t0 = time.monotonic()
         with pytest.raises(TransientError, match="exceeded the 50 ms deadline"):
@@ -297,7 +303,7 @@ def test_scylla_step_returns_within_its_deadline_even_if_the_driver_blocks() -> 
 
 def test_scylla_step_succeeds_when_the_writer_is_fast() -> None:
     writer = _SlowWriter(0.0)
-    handle = ScyllaHandle(writer, max_in_flight=1)  # type: ignore[arg-type]
+    handle = ScyllaHandle(SCYLLA, writer, max_in_flight=1)  # type: ignore[arg-type]
     try:
         for _ in range(3):  # the slot is given back after each write
             handle.write([], 0.5)
@@ -308,7 +314,7 @@ def test_scylla_step_succeeds_when_the_writer_is_fast() -> None:
 
 def test_scylla_step_batches_small_writes_and_not_large_ones() -> None:
     writer = _SlowWriter(0.0)
-    handle = ScyllaHandle(writer, batch_max_bytes=1000)  # type: ignore[arg-type]
+    handle = ScyllaHandle(SCYLLA, writer, batch_max_bytes=1000)  # type: ignore[arg-type]
     sid, now = uuid.uuid4(), datetime.now(UTC)
     turn = {"id": uuid.uuid4(), "session_id": sid, "created_at": now, "updated_at": now}
     try:
@@ -321,4 +327,4 @@ def test_scylla_step_batches_small_writes_and_not_large_ones() -> None:
     finally:
         handle.close()
     with pytest.raises(ServiceUnavailable, match="not connected"):
-        ScyllaHandle(connect=False).write([], 0.05)
+        ScyllaHandle(SCYLLA, connect=False).write([], 0.05)

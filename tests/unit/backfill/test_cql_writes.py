@@ -1,6 +1,6 @@
-"""BatchingWriter's pipeline (pure: a fake writer and session): at most `concurrency`
-requests in flight, everything acknowledged by flush(), and a failure anywhere in the
-pipeline surfaces as one TransientError with nothing left in flight."""
+"""The cql load method's writes (pure: a fake writer and session). PipelinedWriter: at most
+`concurrency` requests in flight, everything acknowledged by flush(), and a failure anywhere in
+the pipeline surfaces as one TransientError with nothing left in flight."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from cassandra import OperationTimedOut
 
-from tasks.backfill.load import BatchingWriter
+from tasks.backfill.cql_writes import PipelinedWriter
 from tasks.core.errors import TransientError
 
 
@@ -52,7 +52,7 @@ class _Writer:
 
 def test_bounded_in_flight_and_all_acknowledged_after_flush() -> None:
     session = _Session()
-    w = BatchingWriter(_Writer(session))  # type: ignore[arg-type]
+    w = PipelinedWriter(_Writer(session))  # type: ignore[arg-type]
     assert w.submit_rows("q", [(i,) for i in range(10)]) == 10
     assert session.peak <= 3 and len(session.acked) == 7  # the oldest awaited beyond 3
     w.flush()
@@ -62,7 +62,7 @@ def test_bounded_in_flight_and_all_acknowledged_after_flush() -> None:
 @pytest.mark.parametrize("where", ["while submitting", "in flush"])
 def test_a_failed_request_raises_transient_and_leaves_nothing_in_flight(where: str) -> None:
     session = _Session(failing={(1,) if where == "while submitting" else (9,)})
-    w = BatchingWriter(_Writer(session))  # type: ignore[arg-type]
+    w = PipelinedWriter(_Writer(session))  # type: ignore[arg-type]
     with pytest.raises(TransientError, match="OperationTimedOut"):
         w.submit_rows("q", [(i,) for i in range(10)])
         w.flush()
@@ -71,3 +71,25 @@ def test_a_failed_request_raises_transient_and_leaves_nothing_in_flight(where: s
     assert session.acked == acked
     with pytest.raises(TransientError, match="prepare timed out"):
         w.submit_rows("unpreparable", [(1,)])
+
+
+def test_replica_batches_drop_only_the_server_warning_they_cause(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The server warns on every batch over 10 partitions; the loader's batches span
+    # partitions of one replica set on purpose. Other server warnings still get through.
+    from cassandra.protocol import log as driver_log
+
+    from tasks.adapters.scylla import ScyllaWriter
+    from tasks.settings import ScyllaSettings
+
+    ScyllaWriter(object(), ScyllaSettings(), keyspace="ks", replica_batch_rows=20)  # type: ignore[arg-type]
+    with caplog.at_level("WARNING", logger="cassandra.protocol"):
+        driver_log.warning(
+            "Server warning: %s",
+            "Unlogged batch covering 13 partitions detected against table [ks.t].",
+        )
+        driver_log.warning("Server warning: %s", "Batch for [ks.t] is of size 6.1KiB")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Server warning: Batch for [ks.t] is of size 6.1KiB"
+    ]

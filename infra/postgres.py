@@ -1,0 +1,136 @@
+"""PostgreSQL for the local stack: Debian's server package, a cluster of the project's own
+under ``.stack/data/postgres`` with ``wal_level=logical`` (infra/conf/postgresql.conf)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+from pathlib import Path
+
+from infra.processes import (
+    DATA,
+    HOST,
+    INFRA,
+    PG_PORT,
+    RUN,
+    STACK,
+    StackError,
+    run,
+    say,
+    spawn,
+    stop_pid,
+)
+
+
+def pg_bindir() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        say("PostgreSQL server not found: installing Debian's postgresql package")
+        if os.geteuid() != 0:
+            raise StackError(
+                "PostgreSQL is missing and installing it needs root: apt-get install -y postgresql"
+            )
+        run(["apt-get", "update", "-q"])
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        run(["apt-get", "install", "-y", "-q", "postgresql", "postgresql-contrib"], env=env)
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not found:
+            raise StackError("apt-get installed postgresql but no initdb was found")
+    return found[-1].parent
+
+
+def _pg_owner() -> str | None:
+    return "postgres" if os.geteuid() == 0 else None
+
+
+def pg_start() -> None:
+    bindir = pg_bindir()
+    pgdata, sockdir = DATA / "postgres", RUN / "pg"
+    owner = _pg_owner()
+    for d in (pgdata.parent, sockdir):
+        d.mkdir(parents=True, exist_ok=True)
+    if owner:
+        # Postgres refuses to run as root: the cluster belongs to the postgres user, which
+        # must be able to traverse the path down to it.
+        pw = pwd.getpwnam(owner)
+        for d in (pgdata.parent, sockdir):
+            os.chown(d, pw.pw_uid, pw.pw_gid)
+        for parent in [STACK, *STACK.parents]:
+            if parent == Path("/"):
+                break
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                parent.chmod(mode | 0o001)
+    as_owner = ["runuser", "-u", owner, "--"] if owner else []
+    if not (pgdata / "PG_VERSION").exists():
+        say("initialising the Postgres cluster")
+        pwfile = RUN / "pg.pw"
+        pwfile.write_text(os.environ.get("CQRS_PG_ADMIN_PASSWORD", "postgres-local") + "\n")
+        if owner:
+            pw = pwd.getpwnam(owner)
+            os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+        try:
+            run(
+                [
+                    *as_owner,
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(pgdata),
+                    "-U",
+                    "postgres",
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "-E",
+                    "UTF8",
+                    "--locale=C.UTF-8",
+                ]
+            )
+        finally:
+            pwfile.unlink()
+        conf = (INFRA / "conf" / "postgresql.conf").read_text()
+        conf = conf.replace("@PORT@", str(PG_PORT)).replace("@SOCKDIR@", str(sockdir))
+        (pgdata / "postgresql.auto.conf").write_text(conf)
+        (pgdata / "pg_hba.conf").write_text((INFRA / "conf" / "pg_hba.conf").read_text())
+    spawn("postgres", [str(bindir / "postgres"), "-D", str(pgdata)], user=owner)
+
+
+def pg_healthy() -> bool:
+    bindir = pg_bindir()
+    ok = subprocess.run([str(bindir / "pg_isready"), "-h", HOST, "-p", str(PG_PORT), "-q"])
+    if ok.returncode != 0:
+        return False
+    # Create the project database once the server answers.
+    import psycopg
+
+    admin = (
+        f"host={HOST} port={PG_PORT} dbname=postgres user=postgres "
+        f"password={os.environ.get('CQRS_PG_ADMIN_PASSWORD', 'postgres-local')}"
+    )
+    db = os.environ.get("CQRS_PG_DATABASE", "cqrs")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
+            conn.execute(f'CREATE DATABASE "{db}"')
+        level = conn.execute("SHOW wal_level").fetchone()
+        if not level or level[0] != "logical":
+            raise StackError(f"Postgres runs with wal_level={level}, Debezium needs 'logical'")
+    return True
+
+
+def pg_stop(pid: int) -> None:
+    owner = _pg_owner()
+    as_owner = ["runuser", "-u", owner, "--"] if owner else []
+    subprocess.run(
+        [
+            *as_owner,
+            str(pg_bindir() / "pg_ctl"),
+            "-D",
+            str(DATA / "postgres"),
+            "-m",
+            "fast",
+            "-w",
+            "stop",
+        ],
+        capture_output=True,
+    )
+    stop_pid("postgres", pid, timeout=30)
