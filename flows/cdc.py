@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
@@ -34,6 +35,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
+from prefect.variables import Variable
 
 from flows.cli import run_cli
 from tasks.adapters import postgres, scylla
@@ -42,7 +44,7 @@ from tasks.cdc.consumer import CdcConsumer
 from tasks.cdc.options import CdcOptions, consumer_group_for
 from tasks.core.catalog import READ_MODELS
 from tasks.core.errors import CqrsSyncError, ServiceUnavailable
-from tasks.core.metrics import MetricsReport
+from tasks.core.metrics import LatencyRecord, MetricsReport, latency_variable
 from tasks.settings import PostgresSettings, Settings, get_settings
 
 # Retained WAL above which the slot is reported as a risk to the database's disk.
@@ -109,7 +111,21 @@ def markdown(rep: MetricsReport, slot_retained: int | None) -> str:
     )
 
 
-def make_reporter(log: Any, pg: PostgresSettings) -> Callable[[MetricsReport], None]:
+def publish_latency(log: Any, rep: MetricsReport, consumer_group: str) -> None:
+    """The interval's end-to-end latency, if it applied changes, overwritten in a Prefect
+    variable per consumer group: the audit reads the last measured value from any machine."""
+    record = LatencyRecord.of(rep, consumer_group, time.time())
+    if record is None:
+        return  # nothing applied this interval: the last measured value stays
+    try:
+        Variable.set(latency_variable(consumer_group), record.as_json(), overwrite=True)
+    except Exception as exc:  # the Prefect API down must not stop the consumer
+        log.warning("latency not published: %s: %s", type(exc).__name__, exc)
+
+
+def make_reporter(
+    log: Any, pg: PostgresSettings, consumer_group: str | None = None
+) -> Callable[[MetricsReport], None]:
     def report(rep: MetricsReport) -> None:
         retained = None
         try:
@@ -134,6 +150,8 @@ def make_reporter(log: Any, pg: PostgresSettings) -> Callable[[MetricsReport], N
             )
         except Exception as exc:  # the Prefect API down must not stop the consumer
             log.warning("cdc-metrics artifact not published: %s: %s", type(exc).__name__, exc)
+        if consumer_group is not None:
+            publish_latency(log, rep, consumer_group)
 
     return report
 
@@ -232,7 +250,8 @@ def cdc_flow(
         )
         try:
             result = consumer.run(
-                report=make_reporter(log, settings.postgres), should_stop=cancellation_requested
+                report=make_reporter(log, settings.postgres, kafka_settings.consumer_group),
+                should_stop=cancellation_requested,
             )
         finally:
             for sig, handler in previous.items():

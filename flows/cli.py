@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, get_args, get_origin
+
+from pydantic import BaseModel
 
 from tasks.core.errors import ConfigurationError
 
@@ -31,3 +33,32 @@ def run_cli(
         print(f"error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     return run(args)
+
+
+def parser_from_model(
+    prog: str, description: str | None, model: type[BaseModel]
+) -> argparse.ArgumentParser:
+    """Options generated from a parameter model, so the command line and the flow's form in
+    the UI accept the same parameters with the same descriptions: a flag per boolean that
+    defaults to False, a list per tuple, a string for the rest (the model parses it, with
+    the same messages as in the UI)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    for name, info in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = info.get_default()
+        kinds = {info.annotation, *get_args(info.annotation)} - {type(None)}
+        if default is False:
+            parser.add_argument(flag, dest=name, action="store_true", help=info.description)
+        elif any(get_origin(k) is tuple or k is tuple for k in kinds):
+            parser.add_argument(
+                flag, dest=name, nargs="+", metavar=name.upper().rstrip("S"), help=info.description
+            )
+        else:
+            shown = "" if default is None else f" (default: {default})"
+            parser.add_argument(flag, dest=name, help=f"{info.description}{shown}")
+    return parser

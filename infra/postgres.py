@@ -37,7 +37,29 @@ def pg_bindir() -> Path:
         found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
         if not found:
             raise StackError("apt-get installed postgresql but no initdb was found")
-    return found[-1].parent
+    bindir = found[-1].parent
+    _ensure_hll(bindir.parent.name)
+    return bindir
+
+
+def _ensure_hll(major: str) -> None:
+    """The audit computes Cassandra's Murmur3 token of a key inside Postgres with the ``hll``
+    extension's ``hll_hash_bytea`` (docs/decisions.md, "The audit buckets by token, computed
+    in Postgres"): Debian packages it as postgresql-<major>-hll."""
+    if Path(f"/usr/share/postgresql/{major}/extension/hll.control").exists():
+        return
+    package = f"postgresql-{major}-hll"
+    say(f"the hll extension is missing: installing Debian's {package} package")
+    if os.geteuid() != 0:
+        raise StackError(
+            f"{package} is missing and installing it needs root: apt-get install -y {package}"
+        )
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    try:
+        run(["apt-get", "install", "-y", "-q", package], env=env)
+    except StackError:
+        run(["apt-get", "update", "-q"])
+        run(["apt-get", "install", "-y", "-q", package], env=env)
 
 
 def _pg_owner() -> str | None:

@@ -155,6 +155,40 @@ class KafkaSettings(BaseSettings):
         return f"{self.topic_prefix}.public.{table}"
 
 
+class AuditSettings(BaseSettings):
+    """The audit and reconcile paths (flows/audit.py, flows/reconcile.py): how the comparison
+    is bucketed, where reports go, and the thresholds past which an audit fails."""
+
+    model_config = SettingsConfigDict(env_prefix="CQRS_AUDIT_")
+
+    # Rows per checksum bucket on average: smaller buckets make the drill-down of a mismatch
+    # cheaper and the bucket lists longer (docs/decisions.md, "The audit buckets by token").
+    rows_per_bucket: int = Field(default=64, ge=1, le=1_000_000)
+    max_bucket_bits: int = Field(default=18, ge=1, le=24)  # at most 2^18 buckets per model
+    # Token ranges scanned at once per read model, and rows per page of each.
+    scan_concurrency: int = Field(default=8, ge=1, le=256)
+    fetch_size: int = Field(default=5000, ge=100, le=100_000)
+    # A difference whose source changed this recently is re-checked once before it counts
+    # as drift; None derives it from the consumer's lag (3x the oldest unconsumed
+    # change's age, at least min_freshness_window_s).
+    freshness_window_s: float | None = Field(default=None, ge=0)
+    min_freshness_window_s: float = Field(default=2.0, ge=0)
+    max_freshness_window_s: float = Field(default=120.0, ge=0)
+    # Rows of each read model validated by its expectation suite, sampled by partition.
+    quality_sample_partitions: int = Field(default=200, ge=0, le=100_000)
+    quality_sample_rows: int = Field(default=20_000, ge=0, le=1_000_000)
+    report_dir: str = ".stack/data/audits"  # one folder per audit run: report, Data Docs
+    # Thresholds: an audit over any of them fails (a Failed state and a Prefect event).
+    max_differences: int = Field(default=0, ge=0)
+    max_slot_lag_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    max_slot_lag_s: float = Field(default=300.0, ge=0)
+    max_consumer_lag: int = Field(default=100_000, ge=0)  # messages, all partitions
+    max_consumer_lag_s: float = Field(default=300.0, ge=0)
+    max_dead_letters: int = Field(default=0, ge=0)
+    # Reconcile: keys repaired per run at most (the rest waits for the next run).
+    reconcile_max_keys: int = Field(default=10_000, ge=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CQRS_")
 
@@ -162,6 +196,7 @@ class Settings(BaseSettings):
     scylla: ScyllaSettings = Field(default_factory=ScyllaSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     sstable: SSTableSettings = Field(default_factory=SSTableSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     prefect_api_url: str = "http://127.0.0.1:4200/api"
 
 

@@ -130,6 +130,18 @@ class KafkaConnectClient:
                 return lsn
         return None
 
+    def source_offset(self, name: str) -> dict[str, Any] | None:
+        """Debezium's last recorded source offset: ``lsn`` (what it confirms to the slot),
+        ``txId``, and ``ts_usec`` (that transaction's commit time, µs); None if none."""
+        resp = self._request("GET", f"/connectors/{name}/offsets")
+        if resp.status_code == 404:
+            return None
+        for item in resp.json().get("offsets", []):
+            offset = item.get("offset")
+            if isinstance(offset, dict) and isinstance(offset.get("lsn"), int):
+                return offset
+        return None
+
     def restart(self, name: str) -> None:
         self._request(
             "POST",

@@ -3,7 +3,8 @@
 them.
 
 GX's ephemeral context is created once per process and reused; nothing is written to disk,
-nothing goes over the network.
+nothing goes over the network. :func:`run_validation` also returns GX's own result, from which
+tasks/audit/sampled_quality.py renders Data Docs.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from great_expectations.core.batch_definition import BatchDefinition
     from great_expectations.core.expectation_suite import ExpectationSuite
     from great_expectations.core.expectation_validation_result import (
+        ExpectationSuiteValidationResult,
         ExpectationValidationResult,
     )
     from great_expectations.datasource.fluent import PandasDatasource
@@ -198,6 +200,16 @@ def _failure(res: ExpectationValidationResult) -> ExpectationFailure:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Validation:
+    """A validation's :class:`QualityResult` with what Data Docs render it from: the suite
+    used and GX's result (SUMMARY format: counts and a few values, never the rows)."""
+
+    result: QualityResult
+    suite: ExpectationSuite
+    gx_result: ExpectationSuiteValidationResult
+
+
 def validate_frame(
     read_model: str,
     frame: pd.DataFrame,
@@ -213,6 +225,21 @@ def validate_frame(
     ``clock_skew``). Timestamp columns may be naive (taken as UTC) or tz-aware. An expectation
     that GX cannot evaluate (a missing column, say) counts as a failure with ``error`` set.
     """
+    return run_validation(
+        read_model, frame, parameters=parameters, now=now, clock_skew=clock_skew, suite=suite
+    ).result
+
+
+def run_validation(
+    read_model: str,
+    frame: pd.DataFrame,
+    *,
+    parameters: Mapping[str, Any] | None = None,
+    now: datetime | None = None,
+    clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
+    suite: ExpectationSuite | None = None,
+) -> Validation:
+    """:func:`validate_frame`, keeping the suite and GX's result (for Data Docs)."""
     check_read_model(read_model)
     if not isinstance(frame, pd.DataFrame):
         raise InvalidInput(f"expected a pandas DataFrame, got {type(frame).__name__}")
@@ -224,7 +251,7 @@ def validate_frame(
         batch = _batch_definition(read_model).get_batch(batch_parameters={"dataframe": data})
         outcome = batch.validate(suite, result_format=result_format, expectation_parameters=params)
     failures = tuple(_failure(r) for r in outcome.results if not r.success)
-    return QualityResult(
+    result = QualityResult(
         read_model=read_model,
         suite=suite.name,
         success=bool(outcome.success) and not failures,
@@ -232,3 +259,4 @@ def validate_frame(
         evaluated=len(outcome.results),
         failures=failures,
     )
+    return Validation(result=result, suite=suite, gx_result=outcome)

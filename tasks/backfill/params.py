@@ -21,7 +21,7 @@ from pydantic import (
 
 from tasks.backfill.manifest import MANIFEST, Manifest
 from tasks.backfill.plan import SnapshotFilter
-from tasks.core.catalog import READ_MODELS
+from tasks.core.catalog import READ_MODELS, read_models_named
 from tasks.core.cql import IDENTIFIER_RULE, is_cql_identifier
 from tasks.core.errors import ConfigurationError, describe_invalid
 
@@ -142,16 +142,7 @@ class BackfillParams(BaseModel):
     @field_validator("read_models", mode="before")
     @classmethod
     def _read_models(cls, v: Any) -> Any:
-        if v is None:
-            return READ_MODELS
-        if isinstance(v, str):
-            v = [v]
-        names = list(v)
-        if not names:
-            raise ValueError("must name at least one read model (omit it for all)")
-        if unknown := [n for n in names if n not in READ_MODELS]:
-            raise ValueError(f"unknown read model(s) {unknown}; known: {list(READ_MODELS)}")
-        return tuple(sorted(set(names)))
+        return read_models_named(v)
 
     @field_validator(*_INTEGERS, mode="before")
     @classmethod

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.core.catalog import READ_MODELS
+from tasks.core.catalog import READ_MODELS, read_models_named
 from tasks.core.errors import ConfigurationError, describe_invalid
 
 # Upper bounds: far above any sensible value, low enough that a typo (an extra few zeros)
@@ -94,21 +94,7 @@ class CdcOptions(BaseModel):
     @field_validator("read_models", mode="before")
     @classmethod
     def _read_models(cls, v: Any) -> Any:
-        if v is None:
-            return READ_MODELS
-        if isinstance(v, str):
-            v = [v]
-        if not isinstance(v, Sequence):
-            raise ValueError(f"must be a list of read model names, got {type(v).__name__}")
-        names = list(v)
-        if not names:
-            raise ValueError("must name at least one read model (omit it, or None, for all)")
-        if bad := [n for n in names if not isinstance(n, str)]:
-            raise ValueError(f"read model names must be strings, got {bad!r}")
-        if unknown := [n for n in names if n not in READ_MODELS]:
-            raise ValueError(f"unknown read model(s) {unknown}; known: {list(READ_MODELS)}")
-        # Canonical order (READ_MODELS'), so equal subsets compare and name groups equally.
-        return tuple(m for m in READ_MODELS if m in names)
+        return read_models_named(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> CdcOptions:

@@ -275,6 +275,26 @@ def feeds_of(table: str, read_models: Collection[str] | None = None) -> tuple[Fe
     return tuple(f for f in feeds if f.read_model in wanted)
 
 
+def read_models_named(v: object) -> tuple[str, ...]:
+    """A parameter naming read models, checked (the flows' and the consumer's one rule):
+    None means all; a string one; a list at least one, each known. ValueError names what is
+    wrong. The result is in catalog order, without repeats, so equal sets compare equal."""
+    if v is None:
+        return READ_MODELS
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, Collection):
+        raise ValueError(f"must be a list of read model names, got {type(v).__name__}")
+    names = list(v)
+    if not names:
+        raise ValueError("must name at least one read model (omit it, or None, for all)")
+    if bad := [n for n in names if not isinstance(n, str)]:
+        raise ValueError(f"read model names must be strings, got {bad!r}")
+    if unknown := [n for n in names if n not in READ_MODELS]:
+        raise ValueError(f"unknown read model(s) {unknown}; known: {list(READ_MODELS)}")
+    return tuple(m for m in READ_MODELS if m in names)
+
+
 def read_models_of(table: str) -> tuple[str, ...]:
     """The read models a source table feeds."""
     return tuple(f.read_model for f in feeds_of(table))

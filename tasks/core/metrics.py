@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
@@ -40,6 +42,60 @@ class MetricsReport:
             f"lag {self.total_lag}, DLQ {self.dead_lettered_total}, "
             f"total {self.events_total}" + (f"; {self.waiting_for}" if self.waiting_for else "")
         )
+
+
+@dataclass(frozen=True)
+class LatencyRecord:
+    """The last end-to-end latency (source commit → applied in Scylla) a CDC flow run measured,
+    kept where a reader on another machine finds it: the CDC flow overwrites a Prefect variable
+    per consumer group (``latency_variable``) after each interval that applied changes, and
+    the audit reads it."""
+
+    consumer_group: str
+    measured_at: float  # Unix time (s) at the end of the interval
+    interval_s: float
+    events: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @classmethod
+    def of(
+        cls, rep: MetricsReport, consumer_group: str, measured_at: float
+    ) -> LatencyRecord | None:
+        """None for an interval that measured no latency (nothing applied): the last value
+        measured stays the one to read."""
+        p50, p99, top = rep.latency_p50_ms, rep.latency_p99_ms, rep.latency_max_ms
+        if p50 is None or p99 is None or top is None:
+            return None
+        return cls(consumer_group, measured_at, rep.interval_s, rep.events, p50, p99, top)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, value: object) -> LatencyRecord:
+        """What ``as_json`` wrote; ValueError for anything else."""
+        if not isinstance(value, dict):
+            raise ValueError(f"a latency record is an object, got {type(value).__name__}")
+        try:
+            return cls(
+                str(value["consumer_group"]),
+                float(value["measured_at"]),
+                float(value["interval_s"]),
+                int(value["events"]),
+                float(value["p50_ms"]),
+                float(value["p99_ms"]),
+                float(value["max_ms"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a latency record: {type(exc).__name__}: {exc}") from None
+
+
+def latency_variable(consumer_group: str) -> str:
+    """The Prefect variable holding a consumer group's ``LatencyRecord`` (variable names allow
+    only lowercase letters, digits, '-' and '_')."""
+    return "cqrs_cdc_latency__" + re.sub(r"[^a-z0-9_-]", "_", consumer_group.lower())
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

@@ -123,7 +123,7 @@ def write_varied_data(conn: psycopg.Connection[Any]) -> Data:
     )
     conn.commit()
     # Moves: a turn to another session, a turn and a step to another time, a step to another
-    # agent turn; each moves its read-model row to another key.
+    # agent turn (and its session); each moves its read-model row to another key.
     cur.execute("UPDATE human_turns SET session_id = %s WHERE id = %s", (s[1], humans[1]))
     cur.execute(
         "UPDATE human_turns SET created_at = created_at - interval '1 day 1 microsecond'"
@@ -131,9 +131,9 @@ def write_varied_data(conn: psycopg.Connection[Any]) -> Data:
         (humans[3],),
     )
     cur.execute(
-        "UPDATE steps SET agent_turn_id = %s, "
+        "UPDATE steps SET agent_turn_id = %s, session_id = %s, "
         "created_at = created_at + interval '7 microseconds' WHERE id = %s",
-        (agents[2], steps[0]),
+        (agents[2], s[2], steps[0]),
     )
     cur.execute("UPDATE sessions SET user_id = %s WHERE id = %s", (d.users[1], s[1]))
     conn.commit()

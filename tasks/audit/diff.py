@@ -1,0 +1,414 @@
+"""The key-level diff of one read model: Postgres (the expected rows of schemas/postgres/0010)
+against Scylla, data-diff's way (docs/decisions.md, "The audit buckets by token, computed in
+Postgres"):
+
+1. both sides reduced to (row count, sum of row fingerprints) per token bucket: Postgres in
+   one aggregate query, Scylla by a parallel scan of token ranges, at the same time;
+2. only the buckets whose sums differ are read row by row on both sides (a filtered pass in
+   Postgres, the buckets' token ranges in Scylla), and each difference classified: missing,
+   extra, or stale (naming the differing columns, and the write time against the version);
+3. differences that live traffic may explain (a source change younger than the freshness
+   window, or a row whose source is gone) are read again once after the window; only what
+   is still different, and not merely behind, counts as drift.
+
+Memory: a bucket is two integers per side, and the bucket count is capped
+(``AuditSettings.max_bucket_bits``); rows are held only for the mismatching buckets.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Collection, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from psycopg import sql
+
+from tasks.audit.fingerprints import Shape, fingerprint, fingerprint_scanned, shape
+from tasks.audit.scan import Buckets, bucket_bits, ensure_profile, scan, scan_parts
+from tasks.core import catalog
+from tasks.core.cql import check_keyspace
+from tasks.core.errors import classify
+
+if TYPE_CHECKING:
+    from cassandra.cluster import Session
+    from psycopg import Connection
+
+    from tasks.settings import AuditSettings, ScyllaSettings
+
+Kind = Literal["missing", "extra", "stale"]
+Key = tuple[str | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Difference:
+    """One row that differs. ``key`` maps the primary key's columns to their compared text;
+    values never appear here (reports and logs carry ids only)."""
+
+    read_model: str
+    kind: Kind
+    key: dict[str, str | None]
+    token: int
+    columns: tuple[str, ...] = ()  # stale: the columns whose values differ
+    expected_version_us: int | None = None  # the source row's version (missing, stale)
+    writetime_us: int | None = None  # the version column's write time (extra, stale)
+    max_writetime_us: int | None = None  # the newest write time of any value cell
+
+    @property
+    def source_id(self) -> str | None:
+        return self.key.get(shape(self.read_model).source_id_column)
+
+    def describe(self) -> str:
+        keys = ", ".join(f"{k}={v}" for k, v in self.key.items())
+        if self.kind != "stale":
+            return f"{self.kind} {self.read_model}({keys})"
+        what = ", ".join(self.columns) + " differ" if self.columns else "only the version differs"
+        wt, v = self.writetime_us, self.expected_version_us
+        when = ""
+        if wt is not None and v is not None and wt != v:
+            when = "; written at an older version" if wt < v else "; a newer write shadows it"
+        return f"stale {self.read_model}({keys}): {what}{when} (writetime {wt}, version {v})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class ModelAudit:
+    """What the diff of one read model found, and what it cost."""
+
+    read_model: str
+    bucket_bits: int
+    rows_expected: int = 0
+    rows_actual: int = 0
+    mismatched_buckets: int = 0
+    drilled_rows: int = 0
+    rechecked: int = 0
+    settled_by_recheck: int = 0
+    differences: list[Difference] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)  # partition keys, for the GX suites
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def count(self, kind: Kind) -> int:
+        return sum(1 for d in self.differences if d.kind == kind)
+
+
+# --------------------------------------------------------------------------------------------
+# Postgres: the expected side
+
+
+def estimate_rows(conn: Connection[Any], read_model: str) -> int:
+    """Rows the read model should hold, from the planner's statistics of its source tables
+    (a count where the tables were never analyzed)."""
+    tables = [t for t in catalog.SOURCE_TABLES if read_model in catalog.read_models_of(t)]
+    total = 0
+    for t in tables:
+        (tuples,) = conn.execute(
+            "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass", (t,)
+        ).fetchone() or (-1,)
+        if tuples < 0:
+            (tuples,) = conn.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(t))
+            ).fetchone() or (0,)
+        total += int(tuples)
+    return total
+
+
+def expected_sums(conn: Connection[Any], sh: Shape, buckets: Buckets) -> dict[int, tuple[int, int]]:
+    """(rows, sum of fingerprints) per bucket, computed by Postgres."""
+    rows = conn.execute(
+        sql.SQL("SELECT token >> %s, count(*), sum(fingerprint) FROM {} GROUP BY 1").format(
+            sql.Identifier(sh.view)
+        ),
+        (buckets.shift,),
+    ).fetchall()
+    return {int(b): (int(n), int(s)) for b, n, s in rows}
+
+
+def expected_rows(
+    conn: Connection[Any], sh: Shape, buckets: Buckets, bucket_ids: Collection[int]
+) -> tuple[dict[Key, tuple[int, tuple[str | None, ...], int]], int]:
+    """The expected rows of these buckets, by key: (token, columns, version); and the
+    database's clock (µs) when they were read. The bucket filter is a hashed subplan in the
+    scan, so only matching rows are rendered and hashed."""
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in sh.columns)
+    query = sql.SQL(
+        "SELECT token, version_us, {} FROM {} WHERE token >> %s IN (SELECT unnest(%s::bigint[]))"
+    ).format(cols, sql.Identifier(sh.view))
+    (now_us,) = conn.execute("SELECT cqrs_version_us(clock_timestamp())").fetchone() or (0,)
+    out: dict[Key, tuple[int, tuple[str | None, ...], int]] = {}
+    if bucket_ids:
+        for token, version, *fields in conn.execute(query, (buckets.shift, list(bucket_ids))):
+            out[tuple(fields[: sh.key_width])] = (int(token), tuple(fields), int(version))
+    return out, int(now_us)
+
+
+# --------------------------------------------------------------------------------------------
+# Scylla: the actual side
+
+
+def actual_sums(
+    session: Session,
+    keyspace: str,
+    sh: Shape,
+    buckets: Buckets,
+    rows_hint: int,
+    cfg: AuditSettings,
+    profile: str,
+    samples: int,
+) -> tuple[dict[int, list[int]], list[str]]:
+    """(rows, sum of fingerprints) per bucket from a scan of the whole ring, and a uniform
+    sample of ``samples`` partition keys (reservoir sampling over rows)."""
+    stmt = session.prepare(sh.scan_cql(keyspace))
+    parts = scan_parts(buckets, rows_hint, cfg.fetch_size, cfg.scan_concurrency)
+    sums: dict[int, list[int]] = {}
+    width, shift = len(sh.columns), buckets.shift
+    reservoir: list[str] = []
+    seen = 0
+    rng = random.Random(0x5C4)
+    for page in scan(
+        session,
+        stmt,
+        buckets.ranges(parts),
+        concurrency=cfg.scan_concurrency,
+        fetch_size=cfg.fetch_size,
+        profile=profile,
+        what=f"scanning {keyspace}.{sh.read_model}",
+    ):
+        for row in page:
+            b = row[0] >> shift
+            acc = sums.get(b)
+            if acc is None:
+                acc = sums[b] = [0, 0]
+            acc[0] += 1
+            acc[1] += fingerprint_scanned(row, width)
+        if samples:
+            for row in page:
+                seen += 1
+                if len(reservoir) < samples:
+                    reservoir.append(row[1])
+                elif (j := rng.randrange(seen)) < samples:
+                    reservoir[j] = row[1]
+    return sums, list(dict.fromkeys(reservoir))
+
+
+def actual_rows(
+    session: Session,
+    keyspace: str,
+    sh: Shape,
+    buckets: Buckets,
+    bucket_ids: Collection[int],
+    cfg: AuditSettings,
+    profile: str,
+) -> dict[Key, tuple[int, tuple[str | None, ...], int | None, int | None]]:
+    """The rows Scylla holds in these buckets, by key: (token, columns as text, the version
+    column's write time, the newest write time of any value cell)."""
+    stmt = session.prepare(sh.scan_cql(keyspace, writetimes=True))
+    width = len(sh.columns)
+    out: dict[Key, tuple[int, tuple[str | None, ...], int | None, int | None]] = {}
+    for page in scan(
+        session,
+        stmt,
+        buckets.runs(bucket_ids),
+        concurrency=cfg.scan_concurrency,
+        fetch_size=cfg.fetch_size,
+        profile=profile,
+        what=f"reading differing buckets of {keyspace}.{sh.read_model}",
+    ):
+        for row in page:
+            fields = tuple(
+                None if v is None else v if v.__class__ is str else str(v)
+                for v in row[1 : width + 1]
+            )
+            times = [t for t in row[width + 2 :] if t is not None]
+            out[fields[: sh.key_width]] = (row[0], fields, row[width + 1], max(times, default=None))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison
+
+
+def compare(
+    sh: Shape,
+    expected: dict[Key, tuple[int, tuple[str | None, ...], int]],
+    actual: dict[Key, tuple[int, tuple[str | None, ...], int | None, int | None]],
+) -> list[Difference]:
+    """Every key whose rows differ, classified."""
+    out: list[Difference] = []
+    key_cols = sh.columns[: sh.key_width]
+    for key in expected.keys() | actual.keys():
+        exp, act = expected.get(key), actual.get(key)
+        named = dict(zip(key_cols, key, strict=True))
+        if act is None:
+            assert exp is not None
+            out.append(
+                Difference(sh.read_model, "missing", named, exp[0], expected_version_us=exp[2])
+            )
+        elif exp is None:
+            out.append(
+                Difference(
+                    sh.read_model,
+                    "extra",
+                    named,
+                    act[0],
+                    writetime_us=act[2],
+                    max_writetime_us=act[3],
+                )
+            )
+        elif fingerprint(exp[1], exp[2]) != fingerprint(act[1], act[2]):
+            columns = tuple(c for c, e, a in zip(sh.columns, exp[1], act[1], strict=True) if e != a)
+            out.append(
+                Difference(sh.read_model, "stale", named, exp[0], columns, exp[2], act[2], act[3])
+            )
+    out.sort(key=lambda d: (d.token, tuple(map(str, d.key.values()))))
+    return out
+
+
+def needs_recheck(d: Difference, now_us: int, window_us: int) -> bool:
+    """Whether live traffic may explain the difference: a source version younger than the
+    window, or an extra row (its source's delete leaves no version to date it by)."""
+    if d.kind == "extra":
+        return True
+    return d.expected_version_us is None or d.expected_version_us >= now_us - window_us
+
+
+def settled(first: Difference, again: Difference | None) -> bool:
+    """Whether a difference seen twice is only behind: gone, or the source moved on and
+    Scylla holds at least the version first expected."""
+    if again is None:
+        return True
+    v1, v2, wt = first.expected_version_us, again.expected_version_us, again.writetime_us
+    return v1 is not None and v2 is not None and v2 > v1 and wt is not None and wt >= v1
+
+
+def diff_buckets(
+    conn: Connection[Any],
+    session: Session,
+    keyspace: str,
+    sh: Shape,
+    buckets: Buckets,
+    bucket_ids: Collection[int],
+    cfg: AuditSettings,
+    profile: str,
+) -> tuple[list[Difference], int, int]:
+    """The differences in these buckets, the rows read, and Postgres's clock (µs)."""
+    exp, now_us = expected_rows(conn, sh, buckets, bucket_ids)
+    act = actual_rows(session, keyspace, sh, buckets, bucket_ids, cfg, profile)
+    return compare(sh, exp, act), len(exp) + len(act), now_us
+
+
+def audit_read_model(
+    pg_conn: Connection[Any],
+    session: Session,
+    scylla: ScyllaSettings,
+    read_model: str,
+    cfg: AuditSettings,
+    *,
+    window_s: float,
+    samples: int = 0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ModelAudit:
+    """Diff one read model; ``pg_conn`` is a reader-role connection in autocommit mode."""
+    keyspace = check_keyspace(scylla.keyspace)
+    sh = shape(read_model)
+    started = time.perf_counter()
+    rows_hint = estimate_rows(pg_conn, read_model)
+    buckets = Buckets(bucket_bits(rows_hint, cfg.rows_per_bucket, cfg.max_bucket_bits))
+    result = ModelAudit(read_model, buckets.bits)
+    profile = ensure_profile(session, scylla.read_consistency_level, scylla.request_timeout_s)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="audit-pg") as pool:
+            t0 = time.perf_counter()
+            expected_future = pool.submit(expected_sums, pg_conn, sh, buckets)
+            actual, result.samples = actual_sums(
+                session, keyspace, sh, buckets, rows_hint, cfg, profile, samples
+            )
+            result.seconds["scylla_scan"] = time.perf_counter() - t0
+            expected = expected_future.result()
+            result.seconds["checksums"] = time.perf_counter() - t0
+        result.rows_expected = sum(n for n, _ in expected.values())
+        result.rows_actual = sum(n for n, _ in actual.values())
+        mismatched = sorted(
+            b
+            for b in expected.keys() | actual.keys()
+            if tuple(expected.get(b, (0, 0))) != tuple(actual.get(b, (0, 0)))
+        )
+        result.mismatched_buckets = len(mismatched)
+        t1 = time.perf_counter()
+        first, drilled, now_us = diff_buckets(
+            pg_conn, session, keyspace, sh, buckets, mismatched, cfg, profile
+        )
+        result.drilled_rows = drilled
+        result.seconds["drill_down"] = time.perf_counter() - t1
+        result.differences = _recheck(
+            pg_conn,
+            session,
+            keyspace,
+            sh,
+            buckets,
+            first,
+            now_us,
+            cfg,
+            profile,
+            window_s,
+            sleep,
+            result,
+        )
+    except Exception as exc:
+        raise classify(exc, f"auditing {read_model}") from exc
+    result.seconds["total"] = time.perf_counter() - started
+    return result
+
+
+def _recheck(
+    conn: Connection[Any],
+    session: Session,
+    keyspace: str,
+    sh: Shape,
+    buckets: Buckets,
+    first: list[Difference],
+    now_us: int,
+    cfg: AuditSettings,
+    profile: str,
+    window_s: float,
+    sleep: Callable[[float], None],
+    result: ModelAudit,
+) -> list[Difference]:
+    again_needed = [d for d in first if needs_recheck(d, now_us, int(window_s * 1e6))]
+    if not again_needed:
+        return first
+    t = time.perf_counter()
+    sleep(window_s)
+    second, _, _ = diff_buckets(
+        conn,
+        session,
+        keyspace,
+        sh,
+        buckets,
+        {buckets.of(d.token) for d in again_needed},
+        cfg,
+        profile,
+    )
+    by_key = {tuple(d.key.values()): d for d in second}
+    recheck_keys = {tuple(d.key.values()) for d in again_needed}
+    confirmed: list[Difference] = []
+    for d in first:
+        k = tuple(d.key.values())
+        if k not in recheck_keys:
+            confirmed.append(d)
+        elif not settled(d, by_key.get(k)):
+            confirmed.append(by_key[k])
+    result.rechecked = len(again_needed)
+    result.settled_by_recheck = len(first) - len(confirmed)
+    result.seconds["recheck"] = time.perf_counter() - t
+    return confirmed
+
+
+def differing_keys(differences: Iterable[Difference]) -> dict[str, list[Difference]]:
+    out: dict[str, list[Difference]] = {}
+    for d in differences:
+        out.setdefault(d.read_model, []).append(d)
+    return out
