@@ -11,10 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import serve
+from prefect.events import DeploymentEventTrigger
+from prefect.schedules import Cron
 
+from flows.audit import FAILED_EVENT, audit_flow
 from flows.backfill import backfill_flow
 from flows.cdc import cdc_flow
+from flows.reconcile import reconcile_flow
 from flows.setup import setup_flow
+from tasks.core.catalog import READ_MODELS
 
 
 def main() -> None:
@@ -23,6 +28,23 @@ def main() -> None:
         cdc_flow.to_deployment(name="cdc", parameters={"report_interval_s": 10}),
         backfill_flow.to_deployment(name="backfill"),
         setup_flow.to_deployment(name="setup"),
+        audit_flow.to_deployment(
+            name="audit", schedule=Cron("17 * * * *", timezone="UTC"), tags=["audit"]
+        ),
+        reconcile_flow.to_deployment(
+            name="reconcile",
+            schedule=Cron(
+                "43 3 * * *", timezone="UTC", parameters={"read_models": list(READ_MODELS)}
+            ),
+            triggers=[
+                DeploymentEventTrigger(
+                    expect={FAILED_EVENT},
+                    match={"prefect.resource.id": "cqrs.audit.*"},
+                    parameters={"audit_run": "{{ event.payload.audit_run }}"},
+                )
+            ],
+            tags=["reconcile"],
+        ),
     ]
     serve(*deployments)
 

@@ -10,11 +10,16 @@ a freshness window of a second or two, since the consumer is in-process and idle
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -44,6 +49,7 @@ from tests.integration.test_oracle import (
     write_varied_data,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 Ident = tuple[str, str, tuple[str | None, ...]]  # read model, kind, key
 
 
@@ -440,3 +446,88 @@ def test_the_audit_flow_fails_on_drift_and_reconcile_repairs_it(
             assert again.is_completed(), again.message
         finally:
             get_settings.cache_clear()
+
+
+def _flow_runs_of(deployment_id: str) -> list[dict[str, Any]]:
+    api = get_settings().prefect_api_url
+    r = httpx.post(
+        f"{api}/flow_runs/filter",
+        json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "limit": 50},
+        timeout=10,
+    )
+    r.raise_for_status()
+    return list(r.json())
+
+
+def test_a_failed_audit_triggers_reconcile_through_the_automation(
+    pg_app: psycopg.Connection[Any],
+    cql: Session,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+) -> None:
+    """deployments/serve.py's reconcile deployment has a trigger on cqrs.audit.failed: the
+    failed audit's event starts a reconcile run of that audit, which repairs the row."""
+    env = {
+        **os.environ,
+        "CQRS_AUDIT_REPORT_DIR": str(tmp_path),
+        "CQRS_AUDIT_MAX_DEAD_LETTERS": str(10**9),
+        "CQRS_AUDIT_FRESHNESS_WINDOW_S": "1",
+    }
+    for k in (
+        "CQRS_AUDIT_REPORT_DIR",
+        "CQRS_AUDIT_MAX_DEAD_LETTERS",
+        "CQRS_AUDIT_FRESHNESS_WINDOW_S",
+    ):
+        monkeypatch.setenv(k, env[k])
+    get_settings.cache_clear()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "deployments.serve"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        api = get_settings().prefect_api_url
+
+        def reconcile_deployment() -> str | None:
+            r = httpx.get(f"{api}/deployments/name/reconcile/reconcile", timeout=10)
+            return str(r.json()["id"]) if r.status_code == 200 else None
+
+        assert readmodels.wait_for(lambda: reconcile_deployment() is not None, 60)
+        deployment = reconcile_deployment()
+        assert deployment is not None
+        time.sleep(3)  # the served deployment's trigger registered with the server
+        settings = get_settings()
+        with LocalCdc(settings, CdcOptions(report_interval_s=3600)):
+            data = write_varied_data(pg_app)
+            settle(settings, data)
+        before = {r["id"] for r in _flow_runs_of(deployment)}
+        # A row the audit will find missing (deleted at the row's own version).
+        gone = row_key(cql, "sessions_by_id", data.sessions[2])
+        cql.execute(
+            "DELETE FROM sessions_by_id USING TIMESTAMP %s WHERE session_id = %s",
+            (gone["wt"], data.sessions[2]),
+        )
+        failed = audit_flow(read_models=["sessions_by_id"], quality=False, return_state=True)
+        assert failed.is_failed()
+        run_id = str(failed.state_details.flow_run_id)
+
+        def triggered() -> list[dict[str, Any]]:
+            return [
+                r
+                for r in _flow_runs_of(deployment)
+                if r["id"] not in before and r["parameters"].get("audit_run") == run_id
+            ]
+
+        assert readmodels.wait_for(
+            lambda: any(r["state_type"] == "COMPLETED" for r in triggered()), 120, 1.0
+        ), [(r["name"], r["state_type"], r["parameters"]) for r in triggered()]
+        assert cql.execute(
+            "SELECT session_id FROM sessions_by_id WHERE session_id = %s", (data.sessions[2],)
+        ).one()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+        get_settings.cache_clear()
