@@ -531,3 +531,29 @@ def test_a_failed_audit_triggers_reconcile_through_the_automation(
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
         get_settings.cache_clear()
+
+
+def test_reconcile_of_named_partitions_with_a_dry_run_first(
+    pg_app: psycopg.Connection[Any], cql: Session, settings: Settings
+) -> None:
+    with LocalCdc(settings, CdcOptions(report_interval_s=3600)):
+        data = write_varied_data(pg_app)
+        settle(settings, data)
+    target = data.sessions[0]
+    other = data.sessions[2]
+    for sid in (target, other):  # both lost, only one named
+        cql.execute("DELETE FROM sessions_by_id WHERE session_id = %s", (sid,))
+    named = [f"sessions_by_id:{target}"]
+
+    planned = reconcile_flow(partitions=named, dry_run=True)
+    assert planned["planned"] == 1 and planned["rewritten"] == 0, planned
+    assert (
+        cql.execute("SELECT * FROM sessions_by_id WHERE session_id = %s", (target,)).one() is None
+    )
+
+    done = reconcile_flow(partitions=named)
+    assert done["remaining"] == 0 and done["new_version"] == 1, done
+    assert cql.execute("SELECT * FROM sessions_by_id WHERE session_id = %s", (target,)).one()
+    # The partition not named is left alone, and the audit still sees it.
+    assert cql.execute("SELECT * FROM sessions_by_id WHERE session_id = %s", (other,)).one() is None
+    assert reconcile_flow(partitions=[f"sessions_by_id:{other}"])["remaining"] == 0
