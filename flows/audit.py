@@ -32,7 +32,7 @@ from flows.cli import parser_from_model, run_cli
 from tasks.adapters import postgres, scylla
 from tasks.audit import freshness as freshness_checks
 from tasks.audit.cross_model import recheck_keys
-from tasks.audit.diff import ModelAudit, audit_read_model
+from tasks.audit.diff import ModelAudit, first_pass, recheck
 from tasks.audit.freshness import FreshnessReport
 from tasks.audit.params import AuditParams, validate_audit
 from tasks.audit.report import AuditReport, run_directory
@@ -69,30 +69,44 @@ def freshness_window(p: AuditParams, cfg: Settings, fresh: FreshnessReport) -> f
 
 
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient, cache_policy=NONE)
-def diff_read_model(read_model: str, window_s: float, samples: int, cfg: Settings) -> ModelAudit:
-    """The key-level diff of one read model (tasks/audit/diff.py)."""
+def diff_read_model(read_model: str, samples: int, cfg: Settings) -> ModelAudit:
+    """The key-level diff of one read model, before re-checks (tasks/audit/diff.py)."""
     with (
         postgres.connect("reader", cfg.postgres, autocommit=True) as conn,
         scylla.session(cfg.scylla) as session,
     ):
-        result = audit_read_model(
-            conn, session, cfg.scylla, read_model, cfg.audit, window_s=window_s, samples=samples
+        return first_pass(conn, session, cfg.scylla, read_model, cfg.audit, samples=samples)
+
+
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient, cache_policy=NONE)
+def recheck_differences(
+    models: list[ModelAudit], window_s: float, cfg: Settings
+) -> list[ModelAudit]:
+    """Differences live traffic may explain, read again once after the freshness window
+    (one wait for every read model)."""
+    with (
+        postgres.connect("reader", cfg.postgres, autocommit=True) as conn,
+        scylla.session(cfg.scylla) as session,
+    ):
+        recheck(models, conn, session, cfg.scylla, cfg.audit, window_s=window_s)
+    log = get_run_logger()
+    for m in models:
+        log.info(
+            "%s: %d rows expected, %d in Scylla, %d of %d buckets differ; %d missing, "
+            "%d extra, %d stale (%d re-checked, %d settled) in %.1f s",
+            m.read_model,
+            m.rows_expected,
+            m.rows_actual,
+            m.mismatched_buckets,
+            1 << m.bucket_bits,
+            m.count("missing"),
+            m.count("extra"),
+            m.count("stale"),
+            m.rechecked,
+            m.settled_by_recheck,
+            m.seconds.get("total", 0.0),
         )
-    get_run_logger().info(
-        "%s: %d rows expected, %d in Scylla, %d of %d buckets differ; %d missing, %d extra, "
-        "%d stale (%d re-checked) in %.1f s",
-        read_model,
-        result.rows_expected,
-        result.rows_actual,
-        result.mismatched_buckets,
-        1 << result.bucket_bits,
-        result.count("missing"),
-        result.count("extra"),
-        result.count("stale"),
-        result.rechecked,
-        result.seconds.get("total", 0.0),
-    )
-    return result
+    return models
 
 
 @task(retries=1, retry_condition_fn=retry_if_transient, cache_policy=NONE)
@@ -175,7 +189,8 @@ def audit_flow(
     window = freshness_window(p, cfg, report.freshness)
     log.info("freshness window %.1f s", window)
     sample_size = cfg.audit.quality_sample_partitions if p.quality else 0
-    report.models = [diff_read_model(rm, window, sample_size, cfg) for rm in p.read_models]
+    first = [diff_read_model(rm, sample_size, cfg) for rm in p.read_models]
+    report.models = recheck_differences(first, window, cfg)
     if p.quality:
         samples = {m.read_model: m.samples for m in report.models}
         report.quality = validate_quality(samples, report.directory, run_id, window, cfg)

@@ -89,6 +89,7 @@ class ModelAudit:
     settled_by_recheck: int = 0
     differences: list[Difference] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)  # partition keys, for the GX suites
+    read_at_us: int = 0  # Postgres's clock when the differences were read
     seconds: dict[str, float] = field(default_factory=dict)
 
     def count(self, kind: Kind) -> int:
@@ -294,9 +295,14 @@ def diff_buckets(
     cfg: AuditSettings,
     profile: str,
 ) -> tuple[list[Difference], int, int]:
-    """The differences in these buckets, the rows read, and Postgres's clock (µs)."""
-    exp, now_us = expected_rows(conn, sh, buckets, bucket_ids)
-    act = actual_rows(session, keyspace, sh, buckets, bucket_ids, cfg, profile)
+    """The differences in these buckets, the rows read, and Postgres's clock (µs) before it
+    read them. Both sides are read at once."""
+    if not bucket_ids:
+        return [], 0, 0
+    with ThreadPoolExecutor(1, thread_name_prefix="audit-pg") as pool:
+        expected_future = pool.submit(expected_rows, conn, sh, buckets, bucket_ids)
+        act = actual_rows(session, keyspace, sh, buckets, bucket_ids, cfg, profile)
+        exp, now_us = expected_future.result()
     return compare(sh, exp, act), len(exp) + len(act), now_us
 
 
@@ -311,15 +317,32 @@ def audit_read_model(
     samples: int = 0,
     sleep: Callable[[float], None] = time.sleep,
 ) -> ModelAudit:
-    """Diff one read model; ``pg_conn`` is a reader-role connection in autocommit mode."""
+    """Diff one read model, re-checking what live traffic may explain;
+    ``pg_conn`` is a reader-role connection in autocommit mode."""
+    result = first_pass(pg_conn, session, scylla, read_model, cfg, samples=samples)
+    recheck([result], pg_conn, session, scylla, cfg, window_s=window_s, sleep=sleep)
+    return result
+
+
+def first_pass(
+    pg_conn: Connection[Any],
+    session: Session,
+    scylla: ScyllaSettings,
+    read_model: str,
+    cfg: AuditSettings,
+    *,
+    samples: int = 0,
+) -> ModelAudit:
+    """Checksums of both sides, and the rows of the buckets that differ compared: the
+    differences before any re-check (see :func:`recheck`)."""
     keyspace = check_keyspace(scylla.keyspace)
     sh = shape(read_model)
     started = time.perf_counter()
-    rows_hint = estimate_rows(pg_conn, read_model)
-    buckets = Buckets(bucket_bits(rows_hint, cfg.rows_per_bucket, cfg.max_bucket_bits))
-    result = ModelAudit(read_model, buckets.bits)
-    profile = ensure_profile(session, scylla.read_consistency_level, scylla.request_timeout_s)
     try:
+        rows_hint = estimate_rows(pg_conn, read_model)
+        buckets = Buckets(bucket_bits(rows_hint, cfg.rows_per_bucket, cfg.max_bucket_bits))
+        result = ModelAudit(read_model, buckets.bits)
+        profile = ensure_profile(session, scylla.read_consistency_level, scylla.request_timeout_s)
         with ThreadPoolExecutor(1, thread_name_prefix="audit-pg") as pool:
             t0 = time.perf_counter()
             expected_future = pool.submit(expected_sums, pg_conn, sh, buckets)
@@ -338,73 +361,78 @@ def audit_read_model(
         )
         result.mismatched_buckets = len(mismatched)
         t1 = time.perf_counter()
-        first, drilled, now_us = diff_buckets(
+        result.differences, result.drilled_rows, result.read_at_us = diff_buckets(
             pg_conn, session, keyspace, sh, buckets, mismatched, cfg, profile
         )
-        result.drilled_rows = drilled
         result.seconds["drill_down"] = time.perf_counter() - t1
-        result.differences = _recheck(
-            pg_conn,
-            session,
-            keyspace,
-            sh,
-            buckets,
-            first,
-            now_us,
-            cfg,
-            profile,
-            window_s,
-            sleep,
-            result,
-        )
     except Exception as exc:
         raise classify(exc, f"auditing {read_model}") from exc
     result.seconds["total"] = time.perf_counter() - started
     return result
 
 
-def _recheck(
-    conn: Connection[Any],
+def recheck(
+    results: Iterable[ModelAudit],
+    pg_conn: Connection[Any],
     session: Session,
-    keyspace: str,
-    sh: Shape,
-    buckets: Buckets,
-    first: list[Difference],
-    now_us: int,
+    scylla: ScyllaSettings,
     cfg: AuditSettings,
-    profile: str,
+    *,
     window_s: float,
-    sleep: Callable[[float], None],
-    result: ModelAudit,
-) -> list[Difference]:
-    again_needed = [d for d in first if needs_recheck(d, now_us, int(window_s * 1e6))]
-    if not again_needed:
-        return first
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Read again, once, the differences live traffic may explain (see
+    :func:`needs_recheck`), after the freshness window has passed since they were first
+    read; keep those still different and not merely behind. One wait serves every read
+    model, so an audit of several waits once."""
+    results = list(results)
+    window_us = int(window_s * 1e6)
+    todo = {
+        id(r): [d for d in r.differences if needs_recheck(d, r.read_at_us, window_us)]
+        for r in results
+    }
+    if not any(todo.values()):
+        return
     t = time.perf_counter()
-    sleep(window_s)
-    second, _, _ = diff_buckets(
-        conn,
-        session,
-        keyspace,
-        sh,
-        buckets,
-        {buckets.of(d.token) for d in again_needed},
-        cfg,
-        profile,
-    )
-    by_key = {tuple(d.key.values()): d for d in second}
-    recheck_keys = {tuple(d.key.values()) for d in again_needed}
-    confirmed: list[Difference] = []
-    for d in first:
-        k = tuple(d.key.values())
-        if k not in recheck_keys:
-            confirmed.append(d)
-        elif not settled(d, by_key.get(k)):
-            confirmed.append(by_key[k])
-    result.rechecked = len(again_needed)
-    result.settled_by_recheck = len(first) - len(confirmed)
-    result.seconds["recheck"] = time.perf_counter() - t
-    return confirmed
+    (now_us,) = pg_conn.execute("SELECT cqrs_version_us(clock_timestamp())").fetchone() or (0,)
+    first_read = min(r.read_at_us for r in results if todo[id(r)])
+    sleep(max(0.0, window_s - (int(now_us) - first_read) / 1e6))
+    profile = ensure_profile(session, scylla.read_consistency_level, scylla.request_timeout_s)
+    try:
+        for r in results:
+            again_needed = todo[id(r)]
+            if not again_needed:
+                continue
+            buckets = Buckets(r.bucket_bits)
+            second, _, _ = diff_buckets(
+                pg_conn,
+                session,
+                check_keyspace(scylla.keyspace),
+                shape(r.read_model),
+                buckets,
+                {buckets.of(d.token) for d in again_needed},
+                cfg,
+                profile,
+            )
+            by_key = {tuple(d.key.values()): d for d in second}
+            recheck_keys = {tuple(d.key.values()) for d in again_needed}
+            confirmed: list[Difference] = []
+            for d in r.differences:
+                k = tuple(d.key.values())
+                if k not in recheck_keys:
+                    confirmed.append(d)
+                elif not settled(d, by_key.get(k)):
+                    confirmed.append(by_key[k])
+            r.rechecked = len(again_needed)
+            r.settled_by_recheck = len(r.differences) - len(confirmed)
+            r.differences = confirmed
+    except Exception as exc:
+        raise classify(exc, "re-checking differences") from exc
+    elapsed = time.perf_counter() - t
+    for r in results:
+        if todo[id(r)]:
+            r.seconds["recheck"] = elapsed
+            r.seconds["total"] = r.seconds.get("total", 0.0) + elapsed
 
 
 def differing_keys(differences: Iterable[Difference]) -> dict[str, list[Difference]]:
