@@ -4,7 +4,8 @@
 -- - token: Cassandra's Murmur3Partitioner token of the row's partition key, which the audit
 --   buckets both sides by, so the Scylla side scans the same buckets as token ranges;
 -- - version_us: the source row's version (updated_at in µs), which the row's cells carry as
---   their write time in Scylla;
+--   their write time in Scylla; source_id: the source row's id (indexed: a re-check reads
+--   single rows by it);
 -- - every column of the read model (catalog order: partition key, clustering key, values) as
 --   the text the audit compares: uuids in their canonical text, timestamps as milliseconds
 --   since the epoch (what a CQL timestamp keeps), ints in decimal, text as is;
@@ -48,7 +49,7 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 RETURN ('x' || left(md5(t), 16))::bit(64)::bigint;
 
 CREATE VIEW audit_recent_conversations AS
-SELECT token, version_us, user_id, created_at, session_id, title, last_message,
+SELECT token, version_us, source_id, user_id, created_at, session_id, title, last_message,
        last_message_at, turn_count,
        cqrs_fp_hash(cqrs_fp_field(user_id) || cqrs_fp_field(created_at)
                     || cqrs_fp_field(session_id) || cqrs_fp_field(title)
@@ -57,6 +58,7 @@ SELECT token, version_us, user_id, created_at, session_id, title, last_message,
          AS fingerprint
   FROM (SELECT cqrs_token(user_id)                   AS token,
                cqrs_version_us(updated_at)           AS version_us,
+               id                                    AS source_id,
                user_id::text                         AS user_id,
                cqrs_epoch_ms(created_at)::text       AS created_at,
                id::text                              AS session_id,
@@ -67,8 +69,8 @@ SELECT token, version_us, user_id, created_at, session_id, title, last_message,
           FROM sessions) r;
 
 CREATE VIEW audit_conversation_timeline AS
-SELECT token, version_us, session_id, created_at, created_at_micros, turn_id, role, content,
-       model,
+SELECT token, version_us, source_id, session_id, created_at, created_at_micros, turn_id, role,
+       content, model,
        cqrs_fp_hash(cqrs_fp_field(session_id) || cqrs_fp_field(created_at)
                     || cqrs_fp_field(created_at_micros) || cqrs_fp_field(turn_id)
                     || cqrs_fp_field(role) || cqrs_fp_field(content) || cqrs_fp_field(model)
@@ -76,6 +78,7 @@ SELECT token, version_us, session_id, created_at, created_at_micros, turn_id, ro
          AS fingerprint
   FROM (SELECT cqrs_token(session_id)                AS token,
                cqrs_version_us(updated_at)           AS version_us,
+               id                                    AS source_id,
                session_id::text                      AS session_id,
                cqrs_epoch_ms(created_at)::text       AS created_at,
                cqrs_cql_micros(created_at)::text     AS created_at_micros,
@@ -87,6 +90,7 @@ SELECT token, version_us, session_id, created_at, created_at_micros, turn_id, ro
         UNION ALL
         SELECT cqrs_token(session_id),
                cqrs_version_us(updated_at),
+               id,
                session_id::text,
                cqrs_epoch_ms(created_at)::text,
                cqrs_cql_micros(created_at)::text,
@@ -97,7 +101,7 @@ SELECT token, version_us, session_id, created_at, created_at_micros, turn_id, ro
           FROM agent_turns) r;
 
 CREATE VIEW audit_sessions_by_id AS
-SELECT token, version_us, session_id, user_id, title, created_at, last_message,
+SELECT token, version_us, source_id, session_id, user_id, title, created_at, last_message,
        last_message_at, turn_count,
        cqrs_fp_hash(cqrs_fp_field(session_id) || cqrs_fp_field(user_id)
                     || cqrs_fp_field(title) || cqrs_fp_field(created_at)
@@ -106,6 +110,7 @@ SELECT token, version_us, session_id, user_id, title, created_at, last_message,
          AS fingerprint
   FROM (SELECT cqrs_token(id)                        AS token,
                cqrs_version_us(updated_at)           AS version_us,
+               id                                    AS source_id,
                id::text                              AS session_id,
                user_id::text                         AS user_id,
                title,
@@ -116,8 +121,8 @@ SELECT token, version_us, session_id, user_id, title, created_at, last_message,
           FROM sessions) r;
 
 CREATE VIEW audit_steps_by_turn AS
-SELECT token, version_us, agent_turn_id, created_at, created_at_micros, step_id, session_id,
-       kind, payload,
+SELECT token, version_us, source_id, agent_turn_id, created_at, created_at_micros, step_id,
+       session_id, kind, payload,
        cqrs_fp_hash(cqrs_fp_field(agent_turn_id) || cqrs_fp_field(created_at)
                     || cqrs_fp_field(created_at_micros) || cqrs_fp_field(step_id)
                     || cqrs_fp_field(session_id) || cqrs_fp_field(kind)
@@ -125,6 +130,7 @@ SELECT token, version_us, agent_turn_id, created_at, created_at_micros, step_id,
          AS fingerprint
   FROM (SELECT cqrs_token(agent_turn_id)             AS token,
                cqrs_version_us(updated_at)           AS version_us,
+               id                                    AS source_id,
                agent_turn_id::text                   AS agent_turn_id,
                cqrs_epoch_ms(created_at)::text       AS created_at,
                cqrs_cql_micros(created_at)::text     AS created_at_micros,

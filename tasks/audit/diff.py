@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from psycopg import sql
 
-from tasks.audit.fingerprints import Shape, fingerprint, fingerprint_scanned, shape
+from tasks.audit.fingerprints import Shape, fingerprint, fingerprint_scanned, shape, typed_key
 from tasks.audit.scan import Buckets, bucket_bits, ensure_profile, scan, scan_parts
 from tasks.core import catalog
 from tasks.core.cql import check_keyspace
@@ -228,6 +228,48 @@ def actual_rows(
     return out
 
 
+def expected_by_source(
+    conn: Connection[Any], sh: Shape, source_ids: Collection[str]
+) -> dict[Key, tuple[int, tuple[str | None, ...], int]]:
+    """The expected rows of these source rows (by the source's primary key: index reads)."""
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in sh.columns)
+    query = sql.SQL(
+        "SELECT token, version_us, {} FROM {} WHERE source_id = ANY(%s::uuid[])"
+    ).format(cols, sql.Identifier(sh.view))
+    out: dict[Key, tuple[int, tuple[str | None, ...], int]] = {}
+    for token, version, *fields in conn.execute(query, (list(source_ids),)):
+        out[tuple(fields[: sh.key_width])] = (int(token), tuple(fields), int(version))
+    return out
+
+
+def actual_by_key(
+    session: Session, keyspace: str, sh: Shape, keys: Collection[Key], profile: str
+) -> dict[Key, tuple[int, tuple[str | None, ...], int | None, int | None]]:
+    """The rows Scylla holds at these keys (single-row reads)."""
+    from cassandra.concurrent import execute_concurrent_with_args
+
+    stmt = session.prepare(sh.point_cql(keyspace))
+    key_cols = sh.columns[: sh.key_width]
+    args = [
+        tuple(v for _, v in typed_key(sh.read_model, dict(zip(key_cols, k, strict=True))))
+        for k in keys
+    ]
+    width = len(sh.columns)
+    out: dict[Key, tuple[int, tuple[str | None, ...], int | None, int | None]] = {}
+    results = execute_concurrent_with_args(
+        session, stmt, args, concurrency=32, raise_on_first_error=True, execution_profile=profile
+    )
+    for _ok, rows in results:
+        for row in rows:
+            fields = tuple(
+                None if v is None else v if v.__class__ is str else str(v)
+                for v in row[1 : width + 1]
+            )
+            times = [t for t in row[width + 2 :] if t is not None]
+            out[fields[: sh.key_width]] = (row[0], fields, row[width + 1], max(times, default=None))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Comparison
 
@@ -403,17 +445,13 @@ def recheck(
             again_needed = todo[id(r)]
             if not again_needed:
                 continue
-            buckets = Buckets(r.bucket_bits)
-            second, _, _ = diff_buckets(
-                pg_conn,
-                session,
-                check_keyspace(scylla.keyspace),
-                shape(r.read_model),
-                buckets,
-                {buckets.of(d.token) for d in again_needed},
-                cfg,
-                profile,
-            )
+            sh = shape(r.read_model)
+            keys = [tuple(d.key.values()) for d in again_needed]
+            wanted = set(keys)
+            sources = {d.source_id for d in again_needed if d.source_id is not None}
+            exp = {k: v for k, v in expected_by_source(pg_conn, sh, sources).items() if k in wanted}
+            act = actual_by_key(session, check_keyspace(scylla.keyspace), sh, keys, profile)
+            second = compare(sh, exp, act)
             by_key = {tuple(d.key.values()): d for d in second}
             recheck_keys = {tuple(d.key.values()) for d in again_needed}
             confirmed: list[Difference] = []

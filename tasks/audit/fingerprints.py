@@ -19,8 +19,10 @@ audit shares no code with what it checks.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import cache
 from typing import Any, Final
 
@@ -28,6 +30,7 @@ from tasks.core import catalog
 from tasks.core.catalog import READ_MODELS
 from tasks.core.cql import check_keyspace
 from tasks.core.errors import InvalidInput
+from tasks.core.timestamps import EPOCH
 
 # A column every upsert of the read model writes (never NULL, never left out as an unchanged
 # TOAST value): its WRITETIME is the version of the row's last write.
@@ -67,9 +70,9 @@ class Shape:
         """The Postgres view of the expected rows (schemas/postgres/0010)."""
         return f"audit_{self.read_model}"
 
-    def scan_cql(self, keyspace: str, *, writetimes: bool = False) -> str:
+    def select_cql(self, keyspace: str, *, writetimes: bool = False) -> str:
         """token, the columns as text/ints, the version column's write time (and with
-        ``writetimes`` the write time of every value column), over one token range."""
+        ``writetimes`` the write time of every value column)."""
         check_keyspace(keyspace)
         table = catalog.TABLES[self.read_model]
         types = {c.name: c.cql_type for c in (*table.key, *table.values)}
@@ -78,10 +81,20 @@ class Shape:
         parts.append(f"WRITETIME({self.version_column})")
         if writetimes:
             parts += [f"WRITETIME({c})" for c in self.value_columns]
+        return f"SELECT {', '.join(parts)} FROM {keyspace}.{self.read_model}"
+
+    def scan_cql(self, keyspace: str, *, writetimes: bool = False) -> str:
+        """:meth:`select_cql` over one token range (two bind markers: first, last)."""
+        p = self.partition_column
         return (
-            f"SELECT {', '.join(parts)} FROM {keyspace}.{self.read_model} "
-            f"WHERE token({self.partition_column}) >= ? AND token({self.partition_column}) <= ?"
+            f"{self.select_cql(keyspace, writetimes=writetimes)} "
+            f"WHERE token({p}) >= ? AND token({p}) <= ?"
         )
+
+    def point_cql(self, keyspace: str) -> str:
+        """:meth:`select_cql` (all write times) of one row, by its whole primary key."""
+        where = " AND ".join(f"{c} = ?" for c in self.columns[: self.key_width])
+        return f"{self.select_cql(keyspace, writetimes=True)} WHERE {where}"
 
 
 @cache
@@ -138,3 +151,19 @@ def fingerprint_scanned(row: Sequence[Any], width: int) -> int:
     parts.append("~" if version is None else f"{len(v := str(version))}:{v}")
     digest = hashlib.md5("".join(parts).encode(), usedforsecurity=False).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def typed_key(read_model: str, key: Mapping[str, str | None]) -> tuple[tuple[str, Any], ...]:
+    """A key as compared (its columns' text) back to the values the CQL columns bind."""
+    out: list[tuple[str, Any]] = []
+    for col in catalog.TABLES[read_model].key:
+        text = key[col.name]
+        value: Any = text
+        if text is not None and col.cql_type == "uuid":
+            value = uuid.UUID(text)
+        elif text is not None and col.cql_type == "timestamp":
+            value = EPOCH + timedelta(milliseconds=int(text))
+        elif text is not None and col.cql_type == "int":
+            value = int(text)
+        out.append((col.name, value))
+    return tuple(out)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from psycopg import sql
@@ -28,11 +27,10 @@ from psycopg.types.string import TextLoader
 from tasks.adapters import postgres
 from tasks.adapters.scylla import ScyllaWriter
 from tasks.audit.diff import Difference, diff_buckets
-from tasks.audit.fingerprints import TOKEN_MAX, TOKEN_MIN, shape
+from tasks.audit.fingerprints import TOKEN_MAX, TOKEN_MIN, shape, typed_key
 from tasks.audit.scan import Buckets, ensure_profile
 from tasks.core import catalog
 from tasks.core.projection import Delete, Mutation, Upsert, change_from_row, project
-from tasks.core.timestamps import EPOCH
 
 if TYPE_CHECKING:
     from cassandra.cluster import Session
@@ -67,22 +65,6 @@ class ReconcileResult:
 
     def count(self, action: Action) -> int:
         return sum(1 for r in self.repairs if r.action == action)
-
-
-def typed_key(read_model: str, key: Mapping[str, str | None]) -> tuple[tuple[str, Any], ...]:
-    """A difference's key (compared text) as the values the CQL columns bind."""
-    out: list[tuple[str, Any]] = []
-    for col in catalog.TABLES[read_model].key:
-        text = key[col.name]
-        value: Any = text
-        if text is not None and col.cql_type == "uuid":
-            value = uuid.UUID(text)
-        elif text is not None and col.cql_type == "timestamp":
-            value = EPOCH + timedelta(milliseconds=int(text))
-        elif text is not None and col.cql_type == "int":
-            value = int(text)
-        out.append((col.name, value))
-    return tuple(out)
 
 
 def _jsonb_as_text(cur: Any) -> None:
