@@ -4,49 +4,62 @@
 
 Runs triggered from the UI execute here. For production, register deployments/prefect.yaml
 on a work pool and start workers on as many machines as needed instead.
+
+The deployments served are read from deployments/prefect.yaml, the one list of them: name,
+entrypoint, description, tags, parameters, schedules, triggers and concurrency limit, so
+serving locally and registering on a work pool cannot drift apart.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from pathlib import Path
+from typing import Any, Final
 
-from prefect import serve
+import yaml
+from prefect import Flow, serve
 from prefect.events import DeploymentEventTrigger
 from prefect.schedules import Cron
 
-from flows.audit import FAILED_EVENT, audit_flow
-from flows.backfill import backfill_flow
-from flows.cdc import cdc_flow
-from flows.reconcile import reconcile_flow
-from flows.setup import setup_flow
-from tasks.core.catalog import READ_MODELS
+PREFECT_YAML: Final = Path(__file__).resolve().parent / "prefect.yaml"
+
+
+def specs(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
+    """The deployments of prefect.yaml, as written."""
+    return list(yaml.safe_load(path.read_text())["deployments"])
+
+
+def load_flow(entrypoint: str) -> Flow[Any, Any]:
+    """``flows/audit.py:audit_flow`` → the flow object."""
+    file, _, name = entrypoint.partition(":")
+    module = importlib.import_module(file.removesuffix(".py").replace("/", "."))
+    flow = getattr(module, name)
+    if not isinstance(flow, Flow):
+        raise TypeError(f"{entrypoint} is not a Prefect flow")
+    return flow
+
+
+def build(spec: dict[str, Any]) -> Any:
+    """One deployment of prefect.yaml as a servable deployment."""
+    schedules = [
+        Cron(s["cron"], timezone=s.get("timezone"), parameters=s.get("parameters"))
+        for s in spec.get("schedules") or ()
+    ]
+    triggers: list[Any] = [DeploymentEventTrigger(**t) for t in spec.get("triggers") or ()]
+    # to_deployment is sync/async-compatible; called from sync code it returns the deployment.
+    return load_flow(spec["entrypoint"]).to_deployment(
+        name=spec["name"],
+        description=spec.get("description"),
+        tags=spec.get("tags"),
+        parameters=spec.get("parameters"),
+        schedules=schedules or None,
+        triggers=triggers or None,
+        concurrency_limit=spec.get("concurrency_limit"),
+    )
 
 
 def main() -> None:
-    # to_deployment is sync/async-compatible; called from sync code it returns the deployment.
-    deployments: list[Any] = [
-        cdc_flow.to_deployment(name="cdc", parameters={"report_interval_s": 10}),
-        backfill_flow.to_deployment(name="backfill"),
-        setup_flow.to_deployment(name="setup"),
-        audit_flow.to_deployment(
-            name="audit", schedule=Cron("17 * * * *", timezone="UTC"), tags=["audit"]
-        ),
-        reconcile_flow.to_deployment(
-            name="reconcile",
-            schedule=Cron(
-                "43 3 * * *", timezone="UTC", parameters={"read_models": list(READ_MODELS)}
-            ),
-            triggers=[
-                DeploymentEventTrigger(
-                    expect={FAILED_EVENT},
-                    match={"prefect.resource.id": "cqrs.audit.*"},
-                    parameters={"audit_run": "{{ event.payload.audit_run }}"},
-                )
-            ],
-            tags=["reconcile"],
-        ),
-    ]
-    serve(*deployments)
+    serve(*(build(s) for s in specs()))
 
 
 if __name__ == "__main__":
