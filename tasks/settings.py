@@ -19,9 +19,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class PostgresSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CQRS_PG_")
 
+    # The write model's server and database.
     host: str = "127.0.0.1"
     port: int = 54329
     database: str = "cqrs"
+    # Roles (least privilege): admin applies migrations; app writes the write model; reader
+    # snapshots and audits; debezium replicates. Passwords: set them in production.
     admin_user: str = "postgres"
     admin_password: SecretStr = SecretStr("postgres-local")
     app_user: str = "cqrs_app"
@@ -30,8 +33,8 @@ class PostgresSettings(BaseSettings):
     reader_password: SecretStr = SecretStr("reader-local")
     debezium_user: str = "cqrs_debezium"
     debezium_password: SecretStr = SecretStr("debezium-local")
-    slot_name: str = "cqrs_sync"
-    publication_name: str = "cqrs_sync"
+    slot_name: str = "cqrs_sync"  # Debezium's logical replication slot
+    publication_name: str = "cqrs_sync"  # the tables Debezium publishes
 
     def conninfo(self, role: str = "app") -> str:
         """A libpq connection string for one of the roles: admin, app, reader, debezium."""
@@ -54,16 +57,18 @@ def _single_node_replication() -> dict[str, str | int]:
 class ScyllaSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CQRS_SCYLLA_", populate_by_name=True)
 
+    # The cluster (a JSON list of hosts), its CQL port, and the read models' keyspace.
     contact_points: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
     port: int = 9042
     keyspace: str = "cqrs"
     # Replication for the keyspace the migration creates; production passes e.g.
     # {"class": "NetworkTopologyStrategy", "dc1": 3}.
     replication: dict[str, str | int] = Field(default_factory=lambda: _single_node_replication())
-    local_dc: str | None = None
+    local_dc: str | None = None  # the data center to route to (token-aware, DC-aware)
+    # Authentication, when the cluster requires it.
     username: str | None = None
     password: SecretStr | None = None
-    request_timeout_s: float = 10.0
+    request_timeout_s: float = 10.0  # per request, before the driver gives up
     # Writes in flight at once from one process (execute_concurrent's window).
     concurrency: int = 64
     # Rows per UNLOGGED batch of writes that share their replicas (CDC and backfill); 1 sends
@@ -77,7 +82,7 @@ class ScyllaSettings(BaseSettings):
         le=500,
         validation_alias=AliasChoices("CQRS_SCYLLA_REPLICA_BATCH_ROWS", "CQRS_SCYLLA_BATCH_ROWS"),
     )
-    batch_max_bytes: int = Field(default=4000, ge=100, le=40_000)
+    batch_max_bytes: int = Field(default=4000, ge=100, le=40_000)  # see replica_batch_rows
     # Consistency levels (names of cassandra.ConsistencyLevel). QUORUM in the local DC for
     # both: a write acknowledged by a majority of the replicas is seen by any later
     # majority read, so a user reads their own dual-written message whichever replica
@@ -120,6 +125,8 @@ class SSTableSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CQRS_SSTABLE_")
 
+    # The Java 17+ that runs the SSTable writer (default: $JAVA_HOME/bin/java, else java),
+    # and the cassandra-all jars it needs (default: the local stack's).
     java: str = Field(
         default_factory=lambda: (
             str(Path(os.environ["JAVA_HOME"]) / "bin" / "java")
@@ -127,7 +134,7 @@ class SSTableSettings(BaseSettings):
             else "java"
         )
     )
-    classpath: str = Field(default_factory=_local_stack_jars)
+    classpath: str = Field(default_factory=_local_stack_jars)  # see java
     storage_port: int = 7000  # the cluster's internode port, which streaming uses
     heap: str = "512m"  # the JVM's heap, fixed: its memory does not grow with the snapshot
     # Rows each SSTable writer buffers before it writes an SSTable in the background.
@@ -141,15 +148,15 @@ class SSTableSettings(BaseSettings):
 class KafkaSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CQRS_KAFKA_")
 
-    bootstrap_servers: str = "127.0.0.1:9092"
-    topic_prefix: str = "cqrs"
-    consumer_group: str = "cqrs-sync-cdc"
-    dead_letter_topic: str = "cqrs.dlq"
+    bootstrap_servers: str = "127.0.0.1:9092"  # Kafka's brokers
+    topic_prefix: str = "cqrs"  # Debezium's topic.prefix: topics are <prefix>.public.<table>
+    consumer_group: str = "cqrs-sync-cdc"  # the CDC consumers' group: scale out by members
+    dead_letter_topic: str = "cqrs.dlq"  # changes that cannot be decoded or written
     # How long the group waits for a member that stopped without leaving it (a crash, kill -9)
     # before its partitions move to the others: librdkafka's session.timeout.ms, its default.
     session_timeout_ms: int = Field(default=45_000, ge=6_000, le=300_000)
-    connect_url: str = "http://127.0.0.1:8083"
-    connector_name: str = "cqrs-postgres"
+    connect_url: str = "http://127.0.0.1:8083"  # Kafka Connect's REST API
+    connector_name: str = "cqrs-postgres"  # the Debezium connector's name there
 
     def topic(self, table: str) -> str:
         return f"{self.topic_prefix}.public.{table}"
