@@ -28,7 +28,7 @@ from prefect.cache_policies import NONE
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from flows.cli import parser_from_model, run_cli
+from flows.cli import documented, parser_from_model, run_cli
 from tasks.adapters import postgres, scylla
 from tasks.audit import freshness as freshness_checks
 from tasks.audit.cross_model import recheck_keys
@@ -168,6 +168,7 @@ def _run_id() -> str:
 
 
 @flow(name="audit", validate_parameters=False)  # AuditParams validates, with clear messages
+@documented(AuditParams)
 def audit_flow(
     read_models: list[str] | None = None,
     freshness_window_s: float | None = None,
@@ -175,6 +176,7 @@ def audit_flow(
     reconcile_on_drift: bool = False,
     max_differences: int | None = None,
 ) -> dict[str, Any]:
+    """Audit the read models against Postgres: key-level diff, freshness, expectations."""
     # First statement: every parameter is validated before anything is read.
     p = validate_audit(dict(locals()))
     cfg = get_settings()

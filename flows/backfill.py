@@ -32,7 +32,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NONE
 from prefect.runtime import task_run
 
-from flows.cli import run_cli
+from flows.cli import documented, run_cli
 from tasks.adapters import postgres, scylla, sstable_setup
 from tasks.adapters.kafka_connect import KafkaConnectClient
 from tasks.backfill import checkpoints, load, progress, safety, snapshot
@@ -280,6 +280,7 @@ def snapshot_to_resume(p: BackfillParams) -> Path | None:
 
 
 @flow(name="backfill", validate_parameters=False)  # BackfillParams validates, with clear messages
+@documented(BackfillParams)
 def backfill_flow(
     read_models: list[str] | None = None,
     user_ids: list[str] | None = None,
@@ -301,6 +302,7 @@ def backfill_flow(
     snapshot_root: str = "snapshots",
     keyspace: str | None = None,
 ) -> dict[str, Any]:
+    """Ad-hoc backfill: a consistent Postgres snapshot, projected and bulk-loaded."""
     # First statement: every parameter is validated before anything is read or written.
     p = validate(dict(locals()))
     cfg = get_settings()

@@ -5,9 +5,10 @@ its own errors), then run the flow and return its exit status."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, get_args, get_origin
+from typing import Any, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -62,3 +63,24 @@ def parser_from_model(
             shown = "" if default is None else f" (default: {default})"
             parser.add_argument(flag, dest=name, help=f"{info.description}{shown}")
     return parser
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def documented(model: type[BaseModel]) -> Callable[[F], F]:
+    """Give a flow function a Google-style "Args:" section made of ``model``'s field
+    descriptions, so the Prefect UI's run form describes every parameter the way --help
+    does. Apply it under ``@flow`` (Prefect reads the docstring when the flow is built)."""
+
+    def decorate(fn: F) -> F:
+        names = inspect.signature(fn).parameters
+        lines = [(fn.__doc__ or "").rstrip(), "", "Args:"]
+        for name in names:
+            info = model.model_fields.get(name)
+            if info is not None and info.description:
+                lines.append(f"    {name}: {' '.join(info.description.split())}")
+        fn.__doc__ = "\n".join(lines).lstrip("\n")
+        return fn
+
+    return decorate

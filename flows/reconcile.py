@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from flows.cli import parser_from_model, run_cli
+from flows.cli import documented, parser_from_model, run_cli
 from tasks.adapters import postgres, scylla
 from tasks.audit.diff import Difference, audit_read_model
 from tasks.audit.params import ReconcileParams, validate_reconcile
@@ -103,6 +103,7 @@ def publish(result: ReconcileResult) -> None:
 
 
 @flow(name="reconcile", validate_parameters=False)  # ReconcileParams validates
+@documented(ReconcileParams)
 def reconcile_flow(
     audit_run: str | None = None,
     partitions: list[str] | None = None,
@@ -110,6 +111,7 @@ def reconcile_flow(
     dry_run: bool = False,
     max_keys: int | None = None,
 ) -> dict[str, Any]:
+    """Repair read-model rows that differ from what Postgres implies."""
     # First statement: every parameter is validated before anything is read or written.
     p = validate_reconcile(dict(locals()))
     cfg = get_settings()
