@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from cassandra import ConsistencyLevel
+from psycopg.conninfo import make_conninfo
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -44,9 +45,15 @@ class PostgresSettings(BaseSettings):
             "reader": (self.reader_user, self.reader_password),
             "debezium": (self.debezium_user, self.debezium_password),
         }[role]
-        return (
-            f"host={self.host} port={self.port} dbname={self.database} "
-            f"user={user} password={password.get_secret_value()} application_name=cqrs-sync"
+        # make_conninfo quotes every value: a password holding " host=elsewhere" stays a
+        # password, and a space in it cannot split it into a part shown in an error.
+        return make_conninfo(
+            host=self.host,
+            port=self.port,
+            dbname=self.database,
+            user=user,
+            password=password.get_secret_value(),
+            application_name="cqrs-sync",
         )
 
 
