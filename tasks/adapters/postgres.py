@@ -3,7 +3,12 @@ replication slot's health (existence, activity, retained WAL)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
+import os
+import stringprep
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,11 +95,55 @@ def _migrate(cfg: PostgresSettings) -> list[str]:
         ):
             conn.execute(
                 sql.SQL("ALTER ROLE {} WITH PASSWORD {}").format(
-                    sql.Identifier(user), sql.Literal(secret.get_secret_value())
+                    sql.Identifier(user), sql.Literal(scram_verifier(secret.get_secret_value()))
                 )
             )
         conn.commit()
     return applied_now
+
+
+def _saslprep(password: str) -> str:
+    """RFC 4013 SASLprep, as Postgres applies it to a SCRAM password (and libpq when it logs
+    in): a password SASLprep refuses is used as it is, as Postgres does."""
+    if password.isascii():
+        return password
+    mapped = "".join(
+        " " if stringprep.in_table_c12(c) else c for c in password if not stringprep.in_table_b1(c)
+    )
+    normal = unicodedata.normalize("NFKC", mapped)
+    prohibited = (
+        stringprep.in_table_c12,
+        stringprep.in_table_c21,
+        stringprep.in_table_c22,
+        stringprep.in_table_c3,
+        stringprep.in_table_c4,
+        stringprep.in_table_c5,
+        stringprep.in_table_c6,
+        stringprep.in_table_c7,
+        stringprep.in_table_c8,
+        stringprep.in_table_c9,
+        stringprep.in_table_a1,
+    )
+    if any(test(c) for c in normal for test in prohibited):
+        return password
+    return normal
+
+
+def scram_verifier(password: str, *, iterations: int = 4096, salt: bytes | None = None) -> str:
+    """The SCRAM-SHA-256 verifier Postgres stores for ``password`` (RFC 5802 / 7677), computed
+    here so that ``ALTER ROLE ... PASSWORD`` sends the verifier, never the password: a
+    statement log or pg_stat_statements would otherwise keep it in the clear. Postgres
+    accepts a verifier in this form as an already-hashed password."""
+    salt = os.urandom(16) if salt is None else salt
+    salted = hashlib.pbkdf2_hmac("sha256", _saslprep(password).encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = base64.b64encode
+    return (
+        f"SCRAM-SHA-256${iterations}:{b64(salt).decode()}"
+        f"${b64(stored_key).decode()}:{b64(server_key).decode()}"
+    )
 
 
 @dataclass(frozen=True)
