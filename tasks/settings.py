@@ -163,6 +163,11 @@ class KafkaSettings(BaseSettings):
     # before its partitions move to the others: librdkafka's session.timeout.ms, its default.
     session_timeout_ms: int = Field(default=45_000, ge=6_000, le=300_000)
     connect_url: str = "http://127.0.0.1:8083"  # Kafka Connect's REST API
+    # How the Debezium connector's config names the replication role's password: a
+    # reference Kafka Connect resolves with a config provider of its worker (env or file),
+    # so the password itself is never in the connector config its REST API returns. The
+    # worker needs that provider and the value (docs/operations.md, "Secrets").
+    debezium_password_ref: str = "${env:CQRS_PG_DEBEZIUM_PASSWORD}"
     connector_name: str = "cqrs-postgres"  # the Debezium connector's name there
 
     def topic(self, table: str) -> str:
@@ -177,11 +182,11 @@ class AuditSettings(BaseSettings):
 
     # Rows per checksum bucket on average: smaller buckets make the drill-down of a mismatch
     # cheaper and the bucket lists longer (docs/decisions.md, "The audit buckets by token").
-    rows_per_bucket: int = Field(default=64, ge=1, le=1_000_000)
+    rows_per_bucket: int = Field(default=16, ge=1, le=1_000_000)
     max_bucket_bits: int = Field(default=18, ge=1, le=24)  # at most 2^18 buckets per model
     # Token ranges scanned at once per read model, and rows per page of each.
     scan_concurrency: int = Field(default=8, ge=1, le=256)
-    fetch_size: int = Field(default=5000, ge=100, le=100_000)
+    fetch_size: int = Field(default=2000, ge=100, le=100_000)
     # A difference whose source changed this recently is re-checked once before it counts
     # as drift; None derives it from the consumer's lag (3x the oldest unconsumed
     # change's age, at least min_freshness_window_s).
