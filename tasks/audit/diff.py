@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -132,11 +132,13 @@ def expected_rows(
     conn: Connection[Any], sh: Shape, buckets: Buckets, bucket_ids: Collection[int]
 ) -> tuple[dict[Key, tuple[int, tuple[str | None, ...], int]], int]:
     """The expected rows of these buckets, by key: (token, columns, version); and the
-    database's clock (µs) when they were read. The bucket filter is a hashed subplan in the
-    scan, so only matching rows are rendered and hashed."""
+    database's clock (µs) when they were read. The bucket filter is pushed into each branch
+    of the view (a hashed array test in the scan), so only matching rows are rendered; an
+    ``IN (SELECT unnest(...))`` was joined above the view instead, rendering every row
+    (measured on 625,000 timeline rows and 610 buckets: 2.06 s against 0.80 s)."""
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in sh.columns)
     query = sql.SQL(
-        "SELECT token, version_us, {} FROM {} WHERE token >> %s IN (SELECT unnest(%s::bigint[]))"
+        "SELECT token, version_us, {} FROM {} WHERE token >> %s = ANY(%s::bigint[])"
     ).format(cols, sql.Identifier(sh.view))
     (now_us,) = conn.execute("SELECT cqrs_version_us(clock_timestamp())").fetchone() or (0,)
     out: dict[Key, tuple[int, tuple[str | None, ...], int]] = {}
@@ -195,6 +197,9 @@ def actual_sums(
     return sums, list(dict.fromkeys(reservoir))
 
 
+ActualRow = tuple[int, tuple[str | None, ...], int | None, int | None]
+
+
 def actual_rows(
     session: Session,
     keyspace: str,
@@ -203,12 +208,11 @@ def actual_rows(
     bucket_ids: Collection[int],
     cfg: AuditSettings,
     profile: str,
-) -> dict[Key, tuple[int, tuple[str | None, ...], int | None, int | None]]:
-    """The rows Scylla holds in these buckets, by key: (token, columns as text, the version
-    column's write time, the newest write time of any value cell)."""
+) -> Iterator[tuple[Key, ActualRow]]:
+    """The rows Scylla holds in these buckets, as they come, by key: (token, columns as
+    text, the version column's write time, the newest write time of any value cell)."""
     stmt = session.prepare(sh.scan_cql(keyspace, writetimes=True))
     width = len(sh.columns)
-    out: dict[Key, tuple[int, tuple[str | None, ...], int | None, int | None]] = {}
     for page in scan(
         session,
         stmt,
@@ -224,8 +228,7 @@ def actual_rows(
                 for v in row[1 : width + 1]
             )
             times = [t for t in row[width + 2 :] if t is not None]
-            out[fields[: sh.key_width]] = (row[0], fields, row[width + 1], max(times, default=None))
-    return out
+            yield fields[: sh.key_width], (row[0], fields, row[width + 1], max(times, default=None))
 
 
 def expected_by_source(
@@ -277,20 +280,18 @@ def actual_by_key(
 def compare(
     sh: Shape,
     expected: dict[Key, tuple[int, tuple[str | None, ...], int]],
-    actual: dict[Key, tuple[int, tuple[str | None, ...], int | None, int | None]],
+    actual: dict[Key, ActualRow] | Iterable[tuple[Key, ActualRow]],
 ) -> list[Difference]:
-    """Every key whose rows differ, classified."""
+    """Every key whose rows differ, classified. ``actual`` may be a stream of (key, row):
+    matched expected rows are dropped as it goes, so only one side is held (and
+    ``expected`` is emptied)."""
     out: list[Difference] = []
     key_cols = sh.columns[: sh.key_width]
-    for key in expected.keys() | actual.keys():
-        exp, act = expected.get(key), actual.get(key)
-        named = dict(zip(key_cols, key, strict=True))
-        if act is None:
-            assert exp is not None
-            out.append(
-                Difference(sh.read_model, "missing", named, exp[0], expected_version_us=exp[2])
-            )
-        elif exp is None:
+    items = actual.items() if isinstance(actual, dict) else actual
+    for key, act in items:
+        exp = expected.pop(key, None)
+        if exp is None:
+            named = dict(zip(key_cols, key, strict=True))
             out.append(
                 Difference(
                     sh.read_model,
@@ -302,10 +303,15 @@ def compare(
                 )
             )
         elif fingerprint(exp[1], exp[2]) != fingerprint(act[1], act[2]):
+            named = dict(zip(key_cols, key, strict=True))
             columns = tuple(c for c, e, a in zip(sh.columns, exp[1], act[1], strict=True) if e != a)
             out.append(
                 Difference(sh.read_model, "stale", named, exp[0], columns, exp[2], act[2], act[3])
             )
+    for key, exp in expected.items():
+        named = dict(zip(key_cols, key, strict=True))
+        out.append(Difference(sh.read_model, "missing", named, exp[0], expected_version_us=exp[2]))
+    expected.clear()
     out.sort(key=lambda d: (d.token, tuple(map(str, d.key.values()))))
     return out
 
@@ -338,14 +344,27 @@ def diff_buckets(
     profile: str,
 ) -> tuple[list[Difference], int, int]:
     """The differences in these buckets, the rows read, and Postgres's clock (µs) before it
-    read them. Both sides are read at once."""
+    read them. Postgres's rows are held, Scylla's compared as they stream in, so memory
+    holds one side of the mismatching buckets."""
     if not bucket_ids:
         return [], 0, 0
-    with ThreadPoolExecutor(1, thread_name_prefix="audit-pg") as pool:
-        expected_future = pool.submit(expected_rows, conn, sh, buckets, bucket_ids)
-        act = actual_rows(session, keyspace, sh, buckets, bucket_ids, cfg, profile)
-        exp, now_us = expected_future.result()
-    return compare(sh, exp, act), len(exp) + len(act), now_us
+    exp, now_us = expected_rows(conn, sh, buckets, bucket_ids)
+    read = len(exp)
+    counted = _counting(actual_rows(session, keyspace, sh, buckets, bucket_ids, cfg, profile))
+    found = compare(sh, exp, counted)
+    return found, read + counted.count, now_us
+
+
+class _counting:
+    """An iterator that counts what went through it."""
+
+    def __init__(self, items: Iterator[tuple[Key, ActualRow]]) -> None:
+        self.items, self.count = items, 0
+
+    def __iter__(self) -> Iterator[tuple[Key, ActualRow]]:
+        for item in self.items:
+            self.count += 1
+            yield item
 
 
 def audit_read_model(
