@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -280,14 +280,14 @@ def actual_by_key(
 def compare(
     sh: Shape,
     expected: dict[Key, tuple[int, tuple[str | None, ...], int]],
-    actual: dict[Key, ActualRow] | Iterable[tuple[Key, ActualRow]],
+    actual: Mapping[Any, ActualRow] | Iterable[tuple[Key, ActualRow]],
 ) -> list[Difference]:
     """Every key whose rows differ, classified. ``actual`` may be a stream of (key, row):
     matched expected rows are dropped as it goes, so only one side is held (and
     ``expected`` is emptied)."""
     out: list[Difference] = []
     key_cols = sh.columns[: sh.key_width]
-    items = actual.items() if isinstance(actual, dict) else actual
+    items = actual.items() if isinstance(actual, Mapping) else actual
     for key, act in items:
         exp = expected.pop(key, None)
         if exp is None:
