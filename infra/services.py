@@ -155,7 +155,16 @@ def connect_start() -> None:
             "org.apache.kafka.connect.cli.ConnectDistributed",
             str(props),
         ],
+        # The connector's database.password is ${env:CQRS_PG_DEBEZIUM_PASSWORD}
+        # (connect.properties' config provider): the worker holds the value.
+        env={"CQRS_PG_DEBEZIUM_PASSWORD": _debezium_password()},
     )
+
+
+def _debezium_password() -> str:
+    from tasks.settings import PostgresSettings
+
+    return PostgresSettings().debezium_password.get_secret_value()
 
 
 def connect_healthy() -> bool:

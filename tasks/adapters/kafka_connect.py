@@ -24,7 +24,9 @@ def connector_config(settings: Settings) -> dict[str, str]:
         "database.hostname": pg.host,
         "database.port": str(pg.port),
         "database.user": pg.debezium_user,
-        "database.password": pg.debezium_password.get_secret_value(),
+        # A reference (${env:...}), resolved by the Connect worker's config provider: the
+        # password is not part of the config Kafka Connect stores and shows.
+        "database.password": kafka.debezium_password_ref,
         "database.dbname": pg.database,
         "topic.prefix": kafka.topic_prefix,
         "table.include.list": ",".join(f"public.{t}" for t in SOURCE_TABLES),
