@@ -54,6 +54,7 @@ bench: schemas    ## every benchmark, ~30 min; results in bench/results/, tables
 	$(PY) -m bench.cdc --rates 200 500 1000 2000 3000 4000 --backlog 50000 --soak-seconds 600
 	$(PY) -m bench.backfill --turns 100000
 	$(PY) -m bench.backfill --turns 1000000
+	$(PY) -m bench.audit --rows 100000 1000000
 
 cdc: schemas      ## run the CDC consumer in the foreground until interrupted
 	$(PY) -m flows.cdc
