@@ -188,9 +188,25 @@ def test_a_wrong_projection_is_caught_by_the_audit(
 # Every kind of drift: reported exactly, repaired, and a second audit is clean
 
 
+def no_other_consumer(settings: Settings) -> None:
+    """This test stops its consumer to let Postgres change unseen: a CDC run of the main group
+    (a demo's, say) writing the same keyspace would apply those changes. Say so plainly."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers})
+    group = settings.kafka.consumer_group
+    (described,) = admin.describe_consumer_groups([group]).values()
+    members = described.result(timeout=10).members
+    assert not members, (
+        f"{len(members)} member(s) of the CDC group {group!r} are running (a demo's CDC run?): "
+        "stop them first (python -m flows.demo --stop)"
+    )
+
+
 def test_each_kind_of_drift_is_reported_exactly_and_reconciled(
     pg_app: psycopg.Connection[Any], cql: Session, settings: Settings
 ) -> None:
+    no_other_consumer(settings)
     baseline = audit_all(settings)
     with LocalCdc(settings, CdcOptions(report_interval_s=3600)) as cdc:
         data = write_varied_data(pg_app)
