@@ -175,9 +175,9 @@ def stage_load(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def stage_audit(cfg: dict[str, Any]) -> dict[str, Any]:
     """The four read models audited as flows/audit.py does: the first pass of each (checksums
-    of both sides at once, then the differing buckets), one model after the other, then one
+    of both sides at once, then the differing buckets), two models at a time, then one
     re-check of what live traffic may explain, after one freshness-window wait for all."""
-    from tasks.audit.diff import first_pass, recheck
+    from tasks.audit.diff import first_passes, recheck
 
     settings = get_settings()
     sc = settings.scylla.model_copy(update={"keyspace": cfg["keyspace"]})
@@ -188,17 +188,22 @@ def stage_audit(cfg: dict[str, Any]) -> dict[str, Any]:
         time.sleep(s)
 
     started = time.perf_counter()
-    with postgres.connect("reader", settings.postgres, autocommit=True) as conn:
-        pg0 = pg_backend_cpu_s(conn)
+    n = settings.audit.parallel_read_models
+    conns = [postgres.connect("reader", settings.postgres, autocommit=True) for _ in range(n)]
+    conn = conns[0]
+    with conn:
+        pg0 = sum(pg_backend_cpu_s(c) or 0.0 for c in conns)
         with scylla.session(sc) as session:
-            results = [first_pass(conn, session, sc, rm, settings.audit) for rm in READ_MODELS]
+            results = first_passes(conns, session, sc, list(READ_MODELS), settings.audit)
             first_s = time.perf_counter() - started
             t = time.perf_counter()
             recheck(
                 results, conn, session, sc, settings.audit, window_s=cfg["window_s"], sleep=sleep
             )
             recheck_s = time.perf_counter() - t
-        pg1 = pg_backend_cpu_s(conn)
+        pg1 = sum(pg_backend_cpu_s(c) or 0.0 for c in conns)
+    for c in conns[1:]:
+        c.close()
     models = {
         r.read_model: {
             "bucket_bits": r.bucket_bits,

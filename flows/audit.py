@@ -15,6 +15,7 @@ reconcile from it).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import uuid
@@ -32,7 +33,7 @@ from flows.cli import documented, parser_from_model, run_cli
 from tasks.adapters import postgres, scylla
 from tasks.audit import freshness as freshness_checks
 from tasks.audit.cross_model import recheck_keys
-from tasks.audit.diff import ModelAudit, first_pass, recheck
+from tasks.audit.diff import ModelAudit, first_passes, recheck
 from tasks.audit.freshness import FreshnessReport
 from tasks.audit.params import AuditParams, validate_audit
 from tasks.audit.report import AuditReport, run_directory
@@ -69,13 +70,17 @@ def freshness_window(p: AuditParams, cfg: Settings, fresh: FreshnessReport) -> f
 
 
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient, cache_policy=NONE)
-def diff_read_model(read_model: str, samples: int, cfg: Settings) -> ModelAudit:
-    """The key-level diff of one read model, before re-checks (tasks/audit/diff.py)."""
-    with (
-        postgres.connect("reader", cfg.postgres, autocommit=True) as conn,
-        scylla.session(cfg.scylla) as session,
-    ):
-        return first_pass(conn, session, cfg.scylla, read_model, cfg.audit, samples=samples)
+def diff_read_models(read_models: list[str], samples: int, cfg: Settings) -> list[ModelAudit]:
+    """The key-level diff of each read model, before re-checks (tasks/audit/diff.py),
+    ``CQRS_AUDIT_PARALLEL_READ_MODELS`` at once."""
+    n = min(cfg.audit.parallel_read_models, len(read_models))
+    with contextlib.ExitStack() as stack:
+        conns = [
+            stack.enter_context(postgres.connect("reader", cfg.postgres, autocommit=True))
+            for _ in range(n)
+        ]
+        session = stack.enter_context(scylla.session(cfg.scylla))
+        return first_passes(conns, session, cfg.scylla, read_models, cfg.audit, samples=samples)
 
 
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient, cache_policy=NONE)
@@ -191,7 +196,7 @@ def audit_flow(
     window = freshness_window(p, cfg, report.freshness)
     log.info("freshness window %.1f s", window)
     sample_size = cfg.audit.quality_sample_partitions if p.quality else 0
-    first = [diff_read_model(rm, sample_size, cfg) for rm in p.read_models]
+    first = diff_read_models(list(p.read_models), sample_size, cfg)
     report.models = recheck_differences(first, window, cfg)
     if p.quality:
         samples = {m.read_model: m.samples for m in report.models}

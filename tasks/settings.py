@@ -184,6 +184,8 @@ class AuditSettings(BaseSettings):
     # cheaper and the bucket lists longer (docs/decisions.md, "The audit buckets by token").
     rows_per_bucket: int = Field(default=16, ge=1, le=1_000_000)
     max_bucket_bits: int = Field(default=18, ge=1, le=24)  # at most 2^18 buckets per model
+    # Read models diffed at once (each with its own Postgres connection).
+    parallel_read_models: int = Field(default=2, ge=1, le=16)
     # Token ranges scanned at once per read model, and rows per page of each.
     scan_concurrency: int = Field(default=8, ge=1, le=256)
     fetch_size: int = Field(default=2000, ge=100, le=100_000)

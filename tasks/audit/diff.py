@@ -17,9 +17,10 @@ Memory: a bucket is two integers per side, and the bucket count is capped
 
 from __future__ import annotations
 
+import queue
 import random
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -430,6 +431,34 @@ def first_pass(
         raise classify(exc, f"auditing {read_model}") from exc
     result.seconds["total"] = time.perf_counter() - started
     return result
+
+
+def first_passes(
+    conns: Sequence[Connection[Any]],
+    session: Session,
+    scylla: ScyllaSettings,
+    read_models: Sequence[str],
+    cfg: AuditSettings,
+    *,
+    samples: int = 0,
+) -> list[ModelAudit]:
+    """:func:`first_pass` of several read models, as many at once as ``conns`` (one
+    reader-role connection each; the Scylla session is shared). Read models load different
+    processes (the timeline's pass waits on Scylla's scan, the steps' on Postgres's
+    fingerprints), so two at once finish sooner than one after the other."""
+    free: queue.SimpleQueue[Connection[Any]] = queue.SimpleQueue()
+    for conn in conns:
+        free.put(conn)
+
+    def one(read_model: str) -> ModelAudit:
+        conn = free.get()
+        try:
+            return first_pass(conn, session, scylla, read_model, cfg, samples=samples)
+        finally:
+            free.put(conn)
+
+    with ThreadPoolExecutor(max(1, len(conns)), thread_name_prefix="audit-model") as pool:
+        return list(pool.map(one, read_models))
 
 
 def recheck(
