@@ -362,7 +362,9 @@ def test_scylla_timeout_or_absence_never_fails_the_call(deps, cql, pg_app, cdc_c
 
 
 # Stops and restarts the stack's Cassandra: `make test` owns its stack, so this always runs.
-def test_cassandra_stopped_calls_succeed_and_cdc_converges(cql, pg_app, cdc_consumer, local_cdc):
+def test_cassandra_stopped_calls_succeed_and_cdc_converges(
+    cql, pg_app, cdc_consumer, local_cdc, deps
+):
     # local_cdc starts at the topics' end: convergence then does not wait for cdc_consumer's
     # replay of the whole topic history (2 min on the shared stack when this was written).
     policy = DualWritePolicy()  # the default 50 ms budget
@@ -427,6 +429,14 @@ def test_cassandra_stopped_calls_succeed_and_cdc_converges(cql, pg_app, cdc_cons
         interval=0.5,
     )
     d.close()
+    # So does the module's shared one, which the next tests use: its driver saw the node go
+    # down too and reconnects on its own schedule (a test right after once met
+    # NoHostAvailable).
+    assert wait_for(
+        lambda: dw.rename_session(sid, "after, shared", deps=deps).read_model_updated,
+        timeout=400,
+        interval=0.5,
+    )
 
 
 # --------------------------------------------------------------------------------------------
