@@ -187,7 +187,7 @@ class AuditSettings(BaseSettings):
     # Read models diffed at once (each with its own Postgres connection).
     parallel_read_models: int = Field(default=2, ge=1, le=16)
     # Token ranges scanned at once per read model, and rows per page of each.
-    scan_concurrency: int = Field(default=8, ge=1, le=256)
+    scan_concurrency: int = Field(default=4, ge=1, le=256)
     fetch_size: int = Field(default=2000, ge=100, le=100_000)
     # A difference whose source changed this recently is re-checked once before it counts
     # as drift; None derives it from the consumer's lag (3x the oldest unconsumed
