@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from psycopg import sql
 
-from tasks.audit.fingerprints import Shape, fingerprint, fingerprint_scanned, shape, typed_key
+from tasks.audit.fingerprints import (
+    Shape,
+    fingerprint,
+    fingerprint_scanned,
+    render,
+    shape,
+    typed_key,
+)
 from tasks.audit.scan import Buckets, bucket_bits, ensure_profile, scan, scan_parts
 from tasks.core import catalog
 from tasks.core.cql import check_keyspace
@@ -201,6 +208,15 @@ def actual_sums(
 ActualRow = tuple[int, tuple[str | None, ...], int | None, int | None]
 
 
+def read_back(row: Sequence[Any], width: int, key_width: int) -> tuple[Key, ActualRow]:
+    """A row read with all write times (``Shape.scan_cql(writetimes=True)``,
+    ``point_cql``): its key, and (token, columns as compared text, the version column's
+    write time, the newest write time of any value cell)."""
+    fields = tuple(render(v) for v in row[1 : width + 1])
+    times = [t for t in row[width + 2 :] if t is not None]
+    return fields[:key_width], (row[0], fields, row[width + 1], max(times, default=None))
+
+
 def actual_rows(
     session: Session,
     keyspace: str,
@@ -224,12 +240,7 @@ def actual_rows(
         what=f"reading differing buckets of {keyspace}.{sh.read_model}",
     ):
         for row in page:
-            fields = tuple(
-                None if v is None else v if v.__class__ is str else str(v)
-                for v in row[1 : width + 1]
-            )
-            times = [t for t in row[width + 2 :] if t is not None]
-            yield fields[: sh.key_width], (row[0], fields, row[width + 1], max(times, default=None))
+            yield read_back(row, width, sh.key_width)
 
 
 def expected_by_source(
@@ -265,12 +276,8 @@ def actual_by_key(
     )
     for _ok, rows in results:
         for row in rows:
-            fields = tuple(
-                None if v is None else v if v.__class__ is str else str(v)
-                for v in row[1 : width + 1]
-            )
-            times = [t for t in row[width + 2 :] if t is not None]
-            out[fields[: sh.key_width]] = (row[0], fields, row[width + 1], max(times, default=None))
+            key, actual = read_back(row, width, sh.key_width)
+            out[key] = actual
     return out
 
 
