@@ -5,7 +5,7 @@ export PREFECT_API_URL ?= http://127.0.0.1:4200/api
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.stack/data/prefect-client
 
-.PHONY: venv up down status clean schemas demo test test-unit lint bench cdc
+.PHONY: venv up down status clean schemas demo demo-stop test test-unit lint bench cdc
 
 venv: .venv/.installed
 .venv/pyvenv.cfg:
@@ -34,6 +34,9 @@ schemas: up       ## apply schemas and register the Debezium connector
 
 demo: schemas     ## the main job: the whole system at work on the local stack
 	$(PY) -m flows.demo
+
+demo-stop: venv   ## cancel the demo's CDC run and stop serving the deployments (stack stays)
+	$(PY) -m flows.demo --stop
 
 test: up          ## install, start the stack, run every test
 	$(PY) -m pytest

@@ -264,7 +264,7 @@ def summary(
         "",
         f"Still running: the stack, the served deployments (log {SERVE_LOG.relative_to(ROOT)})"
         f" and the CDC run. Prefect UI: {ui_url()}",
-        "Stop the served deployments and CDC:  .venv/bin/python -m flows.demo --stop",
+        "Stop the served deployments and CDC:  make demo-stop",
         "Stop the stack:                       make down",
     ]
     return "\n".join(lines)

@@ -115,3 +115,53 @@ def test_the_cdc_deployment_runs_until_cancelled(client: SyncPrefectClient) -> N
     client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
     done = wait(client, flow_run, 90)
     assert done.state is not None and done.state.is_cancelled(), done.state
+
+
+def flow_run_pids(flow_run_id: uuid.UUID) -> list[int]:
+    """The processes the runner started for this flow run (its id is in their env)."""
+    needle = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if needle in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue  # gone, or not ours to read
+    return pids
+
+
+def test_a_crashed_cdc_run_is_started_again_by_its_trigger(client: SyncPrefectClient) -> None:
+    """SIGKILL the consumer's process: its run ends Crashed, and the deployment's trigger
+    starts a new run of the same consumer group, which reaches Running."""
+    group = f"deploy-test-{uuid.uuid4().hex[:8]}"
+    dep = client.read_deployment_by_name("cdc/cdc")
+    first = wait(client, run(client, "cdc/cdc", {"consumer_group": group}), 120, running=True)
+    assert first.state is not None and first.state.is_running(), first.state
+    pids = flow_run_pids(first.id)
+    assert pids, "no process found for the cdc run"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    crashed = wait(client, first, 60)
+    assert crashed.state is not None and crashed.state.is_crashed(), crashed.state
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    deadline = time.monotonic() + 90
+    restarted: FlowRun | None = None
+    while restarted is None and time.monotonic() < deadline:
+        for fr in client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id]))
+        ):
+            if fr.id != first.id and fr.parameters.get("consumer_group") == group:
+                restarted = fr
+        time.sleep(1)
+    assert restarted is not None, "no new run of the crashed consumer's group"
+    try:
+        again = wait(client, restarted, 120, running=True)
+        assert again.state is not None and again.state.is_running(), again.state
+        assert again.parameters["consumer_group"] == group
+    finally:
+        client.set_flow_run_state(restarted.id, Cancelling(), force=True)
+        done = wait(client, restarted, 90)
+    assert done.state is not None and done.state.is_cancelled(), done.state

@@ -22,6 +22,7 @@ def test_each_deployment_builds_as_written(spec: dict[str, Any]) -> None:
     d = serve.build(spec)
     assert d.name == spec["name"]
     assert d.description and d.description == spec["description"]
+    assert spec.get("tags") and d.tags == spec["tags"]
     assert d.concurrency_limit == spec.get("concurrency_limit")
     flow = serve.load_flow(spec["entrypoint"])
     # Parameters given in the yaml are parameters of the flow, with these defaults.
@@ -48,6 +49,39 @@ def test_a_failed_audit_triggers_reconcile_with_its_run_id() -> None:
     from flows.audit import FAILED_EVENT
 
     assert FAILED_EVENT in trigger["expect"]
+
+
+def test_a_crashed_consumer_is_restarted_with_its_group_and_bounds() -> None:
+    """The cdc deployment's trigger: a Crashed run of it starts a run with the crashed
+    run's optional parameters, rendered as the server renders them (types kept; a
+    parameter the crashed run did not set is passed as None, its default)."""
+    from prefect.server.events.actions import RunDeployment
+    from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+
+    from flows.cdc import cdc_flow
+
+    (cdc,) = [s for s in SPECS if s["name"] == "cdc"]
+    (trigger,) = cdc["triggers"]
+    assert trigger["expect"] == ["prefect.flow-run.Crashed"]
+    assert trigger["match_related"] == {
+        "prefect.resource.role": "deployment",
+        "prefect.resource.name": "cdc",
+    }
+    defaults = {n: p.default for n, p in inspect.signature(cdc_flow.fn).parameters.items()}
+    assert all(defaults[n] is None for n in trigger["parameters"])
+
+    crashed = {"consumer_group": "g2", "read_models": ["steps_by_turn"], "max_seconds": 30.5}
+    parameters = dict(trigger["parameters"])
+    RunDeployment._upgrade_v1_templates(parameters)
+    rendered = hydrate(
+        parameters,
+        HydrationContext(
+            render_jinja=True,
+            raise_on_error=True,
+            jinja_context={"flow_run": {"parameters": crashed}},
+        ),
+    )
+    assert rendered == {**dict.fromkeys(trigger["parameters"]), **crashed}
 
 
 def test_a_non_flow_entrypoint_is_refused() -> None:
