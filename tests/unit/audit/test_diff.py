@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tasks.audit.diff import (
+    BucketSums,
     Difference,
     Key,
     ModelAudit,
@@ -20,6 +21,7 @@ from tasks.audit.diff import (
     settled,
 )
 from tasks.audit.fingerprints import shape
+from tasks.audit.scan import Buckets
 
 SH = shape("sessions_by_id")
 SECRET = "s3cr3t: the launch code is 0000"
@@ -288,3 +290,23 @@ def test_model_audit_counts_and_grouping() -> None:
     grouped = differing_keys([*m.differences, other])
     assert list(grouped) == ["sessions_by_id", "steps_by_turn"]
     assert grouped["sessions_by_id"] == m.differences and grouped["steps_by_turn"] == [other]
+
+
+def test_bucket_sums_agree_mod_2_64_and_name_the_differing_buckets() -> None:
+    """Postgres sums fingerprints exactly (numeric), Scylla's side as it scans: both are
+    kept mod 2**64, so a sum that wraps on one side still matches the other's."""
+    buckets = Buckets(3)
+    exact, wrapped = BucketSums(buckets), BucketSums(buckets)
+    big = (1 << 63) - 1
+    exact.add(-4, 3, 3 * big)  # one exact sum
+    for _ in range(3):
+        wrapped.add(-4, 1, big)  # the same rows one by one, wrapping
+    exact.add(3, 1, -5)
+    wrapped.add(3, 1, -5)
+    assert exact.differing(wrapped) == []
+    assert exact.total() == wrapped.total() == 4
+    wrapped.add(0, 1, 7)  # an extra row
+    exact.add(-1, 0, 1)  # the same count, another sum
+    wrapped.add(-1, 0, 2)
+    assert exact.differing(wrapped) == [-1, 0]
+    assert wrapped.differing(exact) == [-1, 0]
