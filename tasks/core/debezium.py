@@ -14,6 +14,7 @@ from typing import Any, Final, Literal
 from tasks.core.catalog import SOURCE_TABLES
 from tasks.core.errors import DecodeError
 from tasks.core.projection import Change, normalize_row, tombstone_version, version_of
+from tasks.core.timestamps import MAX_US, MIN_US
 
 # A bigger event is refused before parsing (it goes to the dead-letter topic). Equal to the
 # record cap of Kafka and Kafka Connect here, and the write model's size caps keep every real
@@ -53,6 +54,8 @@ def _heartbeat(value: bytes | None) -> DecodedEvent:
             body = None
         if isinstance(body, dict) and _is_int(body.get("ts_ms")):
             ts_us = body["ts_ms"] * 1000
+            if not MIN_US <= ts_us <= MAX_US:
+                ts_us = None  # not a time: as if absent (it feeds float latency arithmetic)
     return DecodedEvent("heartbeat", None, ts_us, None)
 
 
@@ -64,6 +67,11 @@ def _commit_ts_us(topic: str, source: dict[str, Any]) -> int | None:
             continue
         if not _is_int(v):
             raise DecodeError(f"{topic}: source.{field} must be an integer, got {v!r:.40}")
+        # Bounded like any timestamp here (years 1 to 9999): the consumer's latency metric
+        # subtracts it from a float, and an int beyond a float's range raised OverflowError
+        # there, after the batch was committed, crashing the run (issue #14).
+        if not MIN_US <= int(v) * scale <= MAX_US:
+            raise DecodeError(f"{topic}: source.{field} is not a time, got {v!r:.40}")
         return int(v) * scale
     return None
 
@@ -95,7 +103,9 @@ def decode_message(topic: str, key: bytes | None, value: bytes | None) -> Decode
 
     op = envelope.get("op")
     source = envelope.get("source")
-    if source is None and op in _SKIP_OPS:
+    # isinstance first: an op that is a JSON array or object is unhashable, and a set lookup
+    # raised TypeError, an unclassified error in the dead-letter topic (issue #14).
+    if source is None and isinstance(op, str) and op in _SKIP_OPS:
         source = {}
     if not isinstance(source, dict):
         raise DecodeError(f"{topic}: event has no source object (op={op!r:.20})")
