@@ -113,8 +113,29 @@ def pg_start() -> None:
         conf = (INFRA / "conf" / "postgresql.conf").read_text()
         conf = conf.replace("@PORT@", str(PG_PORT)).replace("@SOCKDIR@", str(sockdir))
         (pgdata / "postgresql.auto.conf").write_text(conf)
-        (pgdata / "pg_hba.conf").write_text((INFRA / "conf" / "pg_hba.conf").read_text())
+    # On a fresh cluster and on an existing one alike, so that a data dir initialised before
+    # a change of infra/conf/pg_hba.conf starts with the current rules.
+    sync_hba(pgdata)
     spawn("postgres", [str(bindir / "postgres"), "-D", str(pgdata)], user=owner)
+
+
+def hba_text() -> str:
+    """infra/conf/pg_hba.conf with the project's database and Debezium role filled in (the
+    same environment variables the settings read)."""
+    text = (INFRA / "conf" / "pg_hba.conf").read_text()
+    return text.replace("@DATABASE@", os.environ.get("CQRS_PG_DATABASE", "cqrs")).replace(
+        "@DEBEZIUM_USER@", os.environ.get("CQRS_PG_DEBEZIUM_USER", "cqrs_debezium")
+    )
+
+
+def sync_hba(pgdata: Path) -> bool:
+    """Write the cluster's pg_hba.conf if it differs from the project's; True if it did.
+    Written in place, which keeps the file's owner and mode (the postgres user's, 0600)."""
+    path, wanted = pgdata / "pg_hba.conf", hba_text()
+    if path.exists() and path.read_text() == wanted:
+        return False
+    path.write_text(wanted)
+    return True
 
 
 def pg_healthy() -> bool:
@@ -133,6 +154,17 @@ def pg_healthy() -> bool:
     with psycopg.connect(admin, autocommit=True) as conn:
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
             conn.execute(f'CREATE DATABASE "{db}"')
+        # A running server keeps the rules it loaded: a changed pg_hba.conf (a data dir from
+        # before the change, a server left running across it) is written and reloaded here,
+        # as `make up` checks every running service's health.
+        if sync_hba(DATA / "postgres"):
+            say("pg_hba.conf changed: reloading the Postgres configuration")
+            conn.execute("SELECT pg_reload_conf()")
+        bad = conn.execute(
+            "SELECT line_number, error FROM pg_hba_file_rules WHERE error IS NOT NULL"
+        ).fetchall()
+        if bad:
+            raise StackError(f"pg_hba.conf has errors (Postgres keeps its previous rules): {bad}")
         level = conn.execute("SHOW wal_level").fetchone()
         if not level or level[0] != "logical":
             raise StackError(f"Postgres runs with wal_level={level}, Debezium needs 'logical'")

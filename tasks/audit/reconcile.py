@@ -96,18 +96,20 @@ def source_row(
 def new_version(
     app: Connection[Any], table: str, source_id: str, above_us: int | None
 ) -> dict[str, Any] | None:
-    """Give the source row a new version (above ``above_us`` if given) and return it."""
+    """Give the source row a new version (above ``above_us`` if given) and return it. The app
+    role may not write ``updated_at`` (schemas/postgres/0014): ``cqrs_new_version`` does, for
+    one row of a source table, and nothing else."""
     with app.transaction(), app.cursor(row_factory=dict_row) as cur:
         _jsonb_as_text(cur)
-        if above_us is not None:
-            cur.execute("SELECT set_config('cqrs.version_floor_us', %s, true)", (str(above_us),))
-        row = cur.execute(
-            sql.SQL("UPDATE {} SET updated_at = updated_at WHERE id = %s RETURNING *").format(
-                sql.Identifier(table)
-            ),
+        bumped = cur.execute(
+            "SELECT cqrs_new_version(%s, %s, %s)", (table, uuid.UUID(source_id), above_us)
+        ).fetchone()
+        if not bumped or not next(iter(bumped.values())):
+            return None  # the row is gone
+        return cur.execute(
+            sql.SQL("SELECT * FROM {} WHERE id = %s").format(sql.Identifier(table)),
             (uuid.UUID(source_id),),
         ).fetchone()
-    return row
 
 
 def upserts_of(
