@@ -34,7 +34,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from prefect.runtime import flow_run
-from prefect.states import Cancelled, State
+from prefect.states import Cancelled, Failed, State
 from prefect.variables import Variable
 
 from flows.cli import run_cli
@@ -42,41 +42,65 @@ from tasks.adapters import postgres, scylla
 from tasks.adapters.kafka_connect import KafkaConnectClient
 from tasks.cdc.consumer import CdcConsumer
 from tasks.cdc.options import CdcOptions, consumer_group_for
+from tasks.cdc.slot_watch import BACKFILL_ADVICE, SlotGap, SlotVerdict, SlotWatch
 from tasks.core.catalog import READ_MODELS
-from tasks.core.errors import CqrsSyncError, ServiceUnavailable
+from tasks.core.errors import CqrsSyncError
 from tasks.core.metrics import LatencyRecord, MetricsReport, latency_variable
-from tasks.settings import PostgresSettings, Settings, get_settings
-
-# Retained WAL above which the slot is reported as a risk to the database's disk.
-SLOT_RETAINED_WARN_BYTES = 1 << 30
+from tasks.settings import Settings, get_settings
 
 
-def check_source(log: Any, s: Settings) -> None:
-    """Report, before consuming, what would make CDC silently incomplete. A check that cannot
-    be made (a service down, Kafka Connect busy rebalancing) is reported, never fatal: the
-    consumer itself waits for the services it needs."""
+def debezium_lsn(log: Any, s: Settings) -> int | None:
+    """Debezium's last recorded LSN, or None (and a warning) when Kafka Connect cannot say."""
+    try:
+        return KafkaConnectClient(s.kafka.connect_url).source_lsn(s.kafka.connector_name)
+    except CqrsSyncError as exc:
+        log.warning("cannot read Debezium's offset: %s", exc)
+        return None
+
+
+def check_slot(log: Any, s: Settings, watch: SlotWatch, lsn: int | None) -> SlotVerdict | None:
+    """The slot's verdict, its events emitted; a gap logged with what to do. None (and a
+    warning) when the slot cannot be read: the consumer goes on and the next report retries."""
+    try:
+        slot = postgres.slot_status(s.postgres)
+    except CqrsSyncError as exc:
+        log.warning("cannot check the replication slot: %s", exc)
+        return None
+    verdict = watch.verdict(slot, lsn)
+    for event in verdict.events:
+        emit_prefect_event(event.name, event.payload)
+    if verdict.gap:
+        log.error("%s: %s", verdict.gap, BACKFILL_ADVICE)
+    elif watch.lagging:
+        log.warning(
+            "replication slot %r holds %s bytes of WAL Debezium has not confirmed (limit %s): "
+            "is the connector stuck?",
+            slot.name,
+            f"{verdict.lag_bytes:,}",
+            f"{watch.max_lag_bytes:,}",
+        )
+    elif not slot.active:
+        log.warning("replication slot %r exists but no connector is streaming from it", slot.name)
+    return verdict
+
+
+def check_source(log: Any, s: Settings, watch: SlotWatch) -> None:
+    """Report, before consuming, what would make CDC silently incomplete; a slot gap stops
+    the run (SlotGap) before it consumes anything. A check that cannot be made (a service
+    down, Kafka Connect busy rebalancing) is reported, never fatal: the consumer itself
+    waits for the services it needs."""
     connect = KafkaConnectClient(s.kafka.connect_url)
-    debezium_lsn = None
+    lsn = None
     try:
         state = connect.status(s.kafka.connector_name)
         if state is None or not state.running:
             log.error("Debezium connector %r is not running: %s", s.kafka.connector_name, state)
-        debezium_lsn = connect.source_lsn(s.kafka.connector_name)
+        lsn = connect.source_lsn(s.kafka.connector_name)
     except CqrsSyncError as exc:
         log.warning("cannot check the Debezium connector: %s", exc)
-    try:
-        slot = postgres.slot_status(s.postgres)
-        gap = postgres.slot_gap(slot, debezium_lsn)
-        if gap:
-            log.error(
-                "%s. Run `python -m flows.setup` if needed, then a backfill to cover the gap.", gap
-            )
-        elif not slot.active:
-            log.warning(
-                "replication slot %r exists but no connector is streaming from it", slot.name
-            )
-    except CqrsSyncError as exc:
-        log.warning("cannot check the replication slot: %s", exc)
+    verdict = check_slot(log, s, watch, lsn)
+    if verdict is not None and verdict.gap:
+        raise SlotGap(f"{verdict.gap}: {BACKFILL_ADVICE}")
 
 
 def emit_prefect_event(name: str, payload: dict[str, Any]) -> None:
@@ -90,7 +114,7 @@ def emit_prefect_event(name: str, payload: dict[str, Any]) -> None:
     )
 
 
-def markdown(rep: MetricsReport, slot_retained: int | None) -> str:
+def markdown(rep: MetricsReport, slot_lag: int | None) -> str:
     rows = "\n".join(f"| {tp} | {lag} |" for tp, lag in sorted(rep.lag.items()))
 
     def ms(v: float | None) -> str:
@@ -105,7 +129,7 @@ def markdown(rep: MetricsReport, slot_retained: int | None) -> str:
         f"| consumer lag (messages) | {rep.total_lag} |\n"
         f"| dead-lettered (total) | {rep.dead_lettered_total} |\n"
         f"| events (total) | {rep.events_total} |\n"
-        f"| replication slot WAL retained (bytes) | {slot_retained} |\n"
+        f"| replication slot lag (bytes of WAL not confirmed) | {slot_lag} |\n"
         f"| waiting for | {rep.waiting_for or '-'} |\n\n"
         f"| partition | lag |\n|---|---|\n{rows}\n"
     )
@@ -124,28 +148,22 @@ def publish_latency(log: Any, rep: MetricsReport, consumer_group: str) -> None:
 
 
 def make_reporter(
-    log: Any, pg: PostgresSettings, consumer_group: str | None = None
+    log: Any,
+    settings: Settings,
+    watch: SlotWatch,
+    on_gap: Callable[[str], None],
+    consumer_group: str | None = None,
 ) -> Callable[[MetricsReport], None]:
     def report(rep: MetricsReport) -> None:
-        retained = None
-        try:
-            slot = postgres.slot_status(pg)
-            retained = slot.retained_bytes
-            gap = postgres.slot_gap(slot, None)
-            if gap:
-                log.error("%s: backfill once the connector streams again", gap)
-        except ServiceUnavailable as exc:
-            log.warning("slot status unavailable: %s", exc)
-        if retained is not None and retained > SLOT_RETAINED_WARN_BYTES:
-            log.warning(
-                "replication slot holds %.1f GiB of WAL: is the connector stuck?",
-                retained / (1 << 30),
-            )
-        log.info("%s, slot WAL retained %s bytes", rep.as_line(), retained)
+        verdict = check_slot(log, settings, watch, debezium_lsn(log, settings))
+        lag = None if verdict is None else verdict.lag_bytes
+        if verdict is not None and verdict.gap:
+            on_gap(verdict.gap)
+        log.info("%s, slot lag %s bytes", rep.as_line(), lag)
         try:
             create_markdown_artifact(
                 key="cdc-metrics",
-                markdown=markdown(rep, retained),
+                markdown=markdown(rep, lag),
                 description="CDC consumer: lag, throughput, latency, DLQ",
             )
         except Exception as exc:  # the Prefect API down must not stop the consumer
@@ -221,7 +239,9 @@ def cdc_flow(
     log = get_run_logger()
     settings = get_settings()
     kafka_settings = settings.kafka.model_copy(update={"consumer_group": group})
-    check_source(log, settings)
+    watch = SlotWatch(settings.audit.max_slot_lag_bytes)
+    check_source(log, settings, watch)
+    gaps: list[str] = []
     with scylla.session(settings.scylla, settings.scylla.keyspace) as session:
         consumer = CdcConsumer(
             scylla.ScyllaWriter(session, settings.scylla),
@@ -248,9 +268,14 @@ def cdc_flow(
             list(options.read_models),
             kafka_settings.consumer_group,
         )
+
+        def on_gap(gap: str) -> None:
+            gaps.append(gap)
+            consumer.stop()  # after the batch in flight, committed: nothing applied is lost
+
         try:
             result = consumer.run(
-                report=make_reporter(log, settings.postgres, kafka_settings.consumer_group),
+                report=make_reporter(log, settings, watch, on_gap, kafka_settings.consumer_group),
                 should_stop=cancellation_requested,
             )
         finally:
@@ -273,6 +298,11 @@ def cdc_flow(
         result.mutations,
         result.dead_lettered,
     )
+    if gaps:
+        return Failed(
+            message=f"stopped: {gaps[0]}: {BACKFILL_ADVICE}",
+            data={**summary, "stopped_by": "slot gap"},
+        )
     if result.stopped_by in ("signal", "cancelled"):
         return Cancelled(
             message=f"stopped by {result.stopped_by} after committing {result.messages} messages",

@@ -201,6 +201,7 @@ class AuditSettings(BaseSettings):
     report_dir: str = ".stack/data/audits"  # one folder per audit run: report, Data Docs
     # Thresholds: an audit over any of them fails (a Failed state and a Prefect event).
     max_differences: int = Field(default=0, ge=0)
+    # Also the CDC run's limit: over it, it raises cqrs.cdc.slot-lag once (tasks/cdc/slot_watch).
     max_slot_lag_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     max_slot_lag_s: float = Field(default=300.0, ge=0)
     max_consumer_lag: int = Field(default=100_000, ge=0)  # messages, all partitions
