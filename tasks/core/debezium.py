@@ -11,9 +11,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+import orjson
+
 from tasks.core.catalog import SOURCE_TABLES
 from tasks.core.errors import DecodeError
-from tasks.core.projection import Change, normalize_row, tombstone_version, version_of
+from tasks.core.projection import Change, change_of
 from tasks.core.timestamps import MAX_US, MIN_US
 
 # A bigger event is refused before parsing (it goes to the dead-letter topic). Equal to the
@@ -83,6 +85,39 @@ def _image(topic: str, envelope: dict[str, Any], name: str) -> dict[str, Any] | 
     raise DecodeError(f"{topic}: {name} must be an object or null, got {type(v).__name__}")
 
 
+def _parse(value: bytes) -> Any:
+    """``json.loads(value)``, exactly, in a third of the time for a real event.
+
+    orjson reads an event about 3x faster than json, and the two agree on every document both
+    accept but one: an integer beyond 64 bits, which orjson reads as a float. orjson also
+    refuses documents json accepts (NaN and Infinity, lone surrogates, UTF-16 or BOM-prefixed
+    bytes, nesting over 1024). So orjson's reading is kept only for an object holding no float
+    and nesting no deeper than a real envelope (envelope, then source and row images, then
+    scalars); anything else, refused or not, is parsed again by json, which decides as it
+    always did: what it accepts is decoded as before, what it refuses is a DecodeError."""
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return json.loads(value)
+    if type(doc) is not dict or not _flat_and_float_free(doc):
+        return json.loads(value)
+    return doc
+
+
+_NOT_AT_TOP: Final = frozenset({float, list})
+_NOT_IN_IMAGES: Final = frozenset({float, list, dict})
+
+
+def _flat_and_float_free(envelope: dict[str, Any]) -> bool:
+    # isdisjoint over a map: typed at C speed, stopping at the first offending member.
+    if not _NOT_AT_TOP.isdisjoint(map(type, envelope.values())):
+        return False
+    for v in envelope.values():
+        if type(v) is dict and not _NOT_IN_IMAGES.isdisjoint(map(type, v.values())):
+            return False
+    return True
+
+
 def decode_message(topic: str, key: bytes | None, value: bytes | None) -> DecodedEvent:
     """Decode one message. ``key`` (the row's primary key) is not needed: the envelope
     carries the full row images."""
@@ -93,12 +128,16 @@ def decode_message(topic: str, key: bytes | None, value: bytes | None) -> Decode
     if len(value) > MAX_EVENT_BYTES:
         raise DecodeError(f"{topic}: event of {len(value)} bytes exceeds {MAX_EVENT_BYTES}")
     try:
-        envelope = json.loads(value)
+        envelope = _parse(value)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise DecodeError(f"{topic}: invalid JSON: {exc}") from None
     if not isinstance(envelope, dict):
         raise DecodeError(f"{topic}: event must be a JSON object, got {type(envelope).__name__}")
-    if envelope.keys() == {"schema", "payload"} and isinstance(envelope["payload"], dict):
+    if (
+        len(envelope) == 2
+        and envelope.keys() == {"schema", "payload"}
+        and isinstance(envelope["payload"], dict)
+    ):
         envelope = envelope["payload"]  # tolerate schemas.enable=true
 
     op = envelope.get("op")
@@ -127,21 +166,13 @@ def decode_message(topic: str, key: bytes | None, value: bytes | None) -> Decode
         raise DecodeError(f"{topic}: table {table!r:.60} is not a source table")
     before = _image(topic, envelope, "before")
     after = _image(topic, envelope, "after")
+    if op == "d" and before is None:
+        raise DecodeError(f"{topic}: delete without before image (REPLICA IDENTITY FULL?)")
+    if op != "d" and after is None:
+        raise DecodeError(f"{topic}: op {op!r} without after image")
     try:
-        if op == "d":
-            if before is None:
-                raise DecodeError("delete without before image (REPLICA IDENTITY FULL?)")
-            old = normalize_row(table, before, partial=True, toast_placeholders=False)
-            change = Change(table, "d", old, None, tombstone_version(old))
-        else:
-            if after is None:
-                raise DecodeError(f"op {op!r} without after image")
-            # Placeholders appear only in an update's after image (unchanged TOASTed values).
-            new = normalize_row(table, after, toast_placeholders=op == "u")
-            old = None
-            if op == "u" and before is not None:
-                old = normalize_row(table, before, partial=True, toast_placeholders=False)
-            change = Change(table, _CHANGE_OPS[op], old, new, version_of(new))
+        # Normalized once, here: ``project`` takes the change's images as they are.
+        change = change_of(table, _CHANGE_OPS[op], before, after)
     except DecodeError as exc:
         raise DecodeError(f"{topic}: {exc}") from None
     return DecodedEvent("change", change, commit_ts_us, lsn)

@@ -63,9 +63,41 @@ _ISO: Final = re.compile(
 )
 
 
+# What Debezium writes for a timestamptz: YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z (the fraction without
+# its trailing zeros), ASCII: 20 characters, or 22 to 27 with a fraction.
+_FAST_LENGTHS: Final = frozenset({20, 22, 23, 24, 25, 26, 27})
+_fromisoformat: Final = datetime.fromisoformat
+
+
 def parse_iso(v: str) -> datetime:
     """ISO-8601 text with a UTC offset (Debezium's form of a ``timestamptz``) in UTC, to the
     microsecond Postgres keeps; ValueError for anything else."""
+    # Debezium's own form, through the C parser (20x faster than the pattern below): for text
+    # of exactly that shape, ``datetime.fromisoformat`` reads the same fields and refuses the
+    # same values (an hour 24, a 30 February, year 0); tests/unit/core/test_fast_paths.py
+    # compares the two. It refuses non-digits with a message that quotes the text: that case
+    # goes on to the pattern, whose error names no value.
+    n = len(v)
+    if (
+        n in _FAST_LENGTHS
+        and v[-1] == "Z"
+        and v[10] == "T"
+        and v[4] == "-"
+        and v[7] == "-"
+        and v[13] == ":"
+        and v[16] == ":"
+        and (v[19] == "." if n > 20 else True)
+        and v.isascii()
+    ):
+        try:
+            return _fromisoformat(v)
+        except ValueError:
+            pass
+    return parse_iso_pattern(v)
+
+
+def parse_iso_pattern(v: str) -> datetime:
+    """``parse_iso`` by the pattern alone: the reference its fast path is tested against."""
     m = _ISO.match(v)
     if m is None:
         raise ValueError("not an ISO-8601 timestamp with a UTC offset")

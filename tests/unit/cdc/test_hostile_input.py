@@ -717,6 +717,14 @@ NASTY: Final[list[tuple[str, str, bytes | None, type[BaseException] | None]]] = 
         _VALID.replace(b'"ts_us": 1', b'"ts_us": 1' + b"0" * 400),
         DecodeError,
     ),
+    # Beyond 64 bits but within a float: orjson reads it as a float, json as the int it is.
+    (
+        "commit time an integer beyond 64 bits",
+        HT,
+        _VALID.replace(b'"ts_us": 1', b'"ts_us": 1' + b"0" * 25),
+        DecodeError,
+    ),
+    ("NaN in an image", HT, _VALID.replace(b'"content": "hi"', b'"content": NaN'), DecodeError),
     ("truncate of a source table", HT, b'{"op":"t","source":{"table":"steps"}}', RejectedData),
     ("lone surrogate content", HT, _VALID.replace(b'"hi"', b'"\\ud800"'), RejectedData),
 ]
