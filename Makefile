@@ -5,7 +5,7 @@ export PREFECT_API_URL ?= http://127.0.0.1:4200/api
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.stack/data/prefect-client
 
-.PHONY: venv up down status clean schemas demo demo-stop test test-unit lint bench cdc
+.PHONY: venv up down status clean schemas demo demo-stop test test-unit chaos lint bench cdc
 
 venv: .venv/.installed
 .venv/pyvenv.cfg:
@@ -44,6 +44,9 @@ test: up          ## install, start the stack, run every test
 test-unit: venv   ## fast pure tests, no stack (CI also runs the ones marked slow)
 	$(PY) -m pytest tests/unit -m "not slow"
 
+chaos: up         ## the fault suite: faults under a steady write load, then a clean audit (~6 min)
+	$(PY) -m pytest -m chaos
+
 PYDIRS := tasks flows deployments infra support bench tests
 
 lint: venv        ## ruff (lint and format), mypy over every Python folder; the import rules
@@ -54,6 +57,7 @@ lint: venv        ## ruff (lint and format), mypy over every Python folder; the 
 
 bench: schemas    ## every benchmark, ~30 min; results in bench/results/, tables on stdout
 	$(PY) -m bench.dual_write --calls 2000
+	$(PY) -m bench.cdc_cpu
 	$(PY) -m bench.cdc --rates 200 500 1000 2000 3000 4000 --backlog 50000 --soak-seconds 600
 	$(PY) -m bench.backfill --turns 100000
 	$(PY) -m bench.backfill --turns 1000000

@@ -71,6 +71,12 @@ def check_slot(log: Any, s: Settings, watch: SlotWatch, lsn: int | None) -> Slot
         emit_prefect_event(event.name, event.payload)
     if verdict.gap:
         log.error("%s: %s", verdict.gap, BACKFILL_ADVICE)
+    elif verdict.suspect and not watch.suspect_reported:
+        watch.suspect_reported = True
+        log.warning(
+            "%s (or Debezium confirmed past its recorded offset); the audit finds any rows missed",
+            verdict.suspect,
+        )
     elif watch.lagging:
         log.warning(
             "replication slot %r holds %s bytes of WAL Debezium has not confirmed (limit %s): "

@@ -1,9 +1,12 @@
 """What the CDC run makes of its replication slot, checked at start and at every report
 (docs/decisions.md, "The CDC run stops on a slot gap"):
 
-- a gap (the slot missing, its WAL lost, or recreated past Debezium's offset: changes that
-  never reached Kafka) stops the run Failed and raises ``cqrs.cdc.slot-gap``: applying what
-  comes next would hide the hole, and only a backfill closes it;
+- a gap (the slot missing, or its WAL lost: changes that never reached Kafka) stops the run
+  Failed and raises ``cqrs.cdc.slot-gap``: applying what comes next would hide the hole, and
+  only a backfill closes it;
+- a slot that starts past Debezium's recorded offset *may* have been recreated, but a healthy
+  pipeline shows the same when Debezium confirms positions its offsets do not record yet
+  (seen after a connector restart), so that is a warning (``suspect``), never a stop;
 - the slot's lag (WAL Debezium has not confirmed) over ``max_slot_lag_bytes`` raises
   ``cqrs.cdc.slot-lag`` once per crossing, and ``cqrs.cdc.slot-lag-resolved`` when it is back
   under, so an automation alerts once, not every report.
@@ -41,9 +44,10 @@ class SlotEvent:
 
 @dataclass(frozen=True, slots=True)
 class SlotVerdict:
-    gap: str | None  # why changes may be missing, or None
+    gap: str | None  # why changes are missing (slot missing or WAL lost), or None
     lag_bytes: int | None  # WAL after the slot's confirmed position
     events: tuple[SlotEvent, ...] = ()
+    suspect: str | None = None  # the slot starts past Debezium's offset: maybe recreated
 
 
 @dataclass(slots=True)
@@ -54,9 +58,12 @@ class SlotWatch:
     max_lag_bytes: int
     lagging: bool = False
     gap_reported: bool = False
+    suspect_reported: bool = False  # the "maybe recreated" warning, once per run
 
     def verdict(self, slot: SlotStatus, debezium_lsn: int | None) -> SlotVerdict:
-        gap = slot_gap(slot, debezium_lsn)
+        found = slot_gap(slot, debezium_lsn)
+        certain = not slot.exists or slot.wal_status == "lost"
+        gap, suspect = (found, None) if certain else (None, found)
         events: list[SlotEvent] = []
         if gap is not None and not self.gap_reported:
             self.gap_reported = True
@@ -75,4 +82,4 @@ class SlotWatch:
                         {"slot": slot.name, "lag_bytes": lag, "limit_bytes": self.max_lag_bytes},
                     )
                 )
-        return SlotVerdict(gap, lag, tuple(events))
+        return SlotVerdict(gap, lag, tuple(events), suspect)
