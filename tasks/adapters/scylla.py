@@ -23,7 +23,11 @@ from cassandra.cluster import (
     Session,
 )
 from cassandra.concurrent import execute_concurrent
-from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+from cassandra.policies import (
+    DCAwareRoundRobinPolicy,
+    ExponentialReconnectionPolicy,
+    TokenAwarePolicy,
+)
 from cassandra.query import BatchStatement, BatchType, BoundStatement, PreparedStatement
 
 from tasks.adapters.replica_batches import (
@@ -72,6 +76,10 @@ def connect(settings: ScyllaSettings, keyspace: str | None = None) -> Session:
         execution_profiles={EXEC_PROFILE_DEFAULT: execution_profile(cfg)},
         protocol_version=4,
         connect_timeout=5,
+        # The driver's default backs off to 10 minutes: after an outage the consumer and the
+        # dual-writes kept failing ~40 s after Cassandra was back (fault suite, 60 s outage),
+        # and would for minutes after a long one. Retry a node every 1 s up to every 10 s.
+        reconnection_policy=ExponentialReconnectionPolicy(base_delay=1.0, max_delay=10.0),
     )
     try:
         return cluster.connect(keyspace)
