@@ -231,7 +231,13 @@ _Plan = tuple[tuple[Feed, tuple[tuple[str, str, Any], ...], tuple[tuple[str, str
 _FEED_PLANS: dict[tuple[str, Any], _Plan] = {}
 
 
+_PLANS_OF: list[object] = [None]  # the catalog.FEEDS the plans were built from
+
+
 def _feed_plan(table: str, read_models: Collection[str] | None) -> _Plan:
+    if catalog.FEEDS is not _PLANS_OF[0]:  # replaced (tests break the mapping on purpose)
+        _FEED_PLANS.clear()
+        _PLANS_OF[0] = catalog.FEEDS
     try:
         return _FEED_PLANS[table, read_models]
     except (KeyError, TypeError):  # not built yet, or read_models unhashable (a list)
