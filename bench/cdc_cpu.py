@@ -40,15 +40,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
-from unittest import mock
 
-from cassandra import cqltypes
-from cassandra.query import PreparedStatement
 from confluent_kafka import Message
 
+from support.offline_scylla import OfflineSession
 from tasks.adapters.scylla import ScyllaWriter
 from tasks.cdc.batch import ChangeBatch
-from tasks.core.catalog import READ_MODELS, TABLES
+from tasks.core.catalog import READ_MODELS
 from tasks.core.debezium import decode_message
 from tasks.core.projection import PLACEHOLDER_TEXT, Change, project
 from tasks.settings import ScyllaSettings
@@ -249,57 +247,9 @@ def messages(n: int, seed: int = 13) -> list[Message]:
 
 # ----------------------------------------------------------------------------- offline writer
 
-_CQL_TYPES: Final[dict[str, Any]] = {
-    "uuid": cqltypes.UUIDType,
-    "timestamp": cqltypes.DateType,
-    "int": cqltypes.Int32Type,
-    "text": cqltypes.UTF8Type,
-    "bigint": cqltypes.LongType,
-}
-
-
-@dataclass
-class _Column:
-    keyspace_name: str
-    table_name: str
-    name: str
-    type: Any
-
-
-def _offline_prepared(cql: str) -> PreparedStatement:
-    """What Cassandra returns when preparing the writer's INSERT or DELETE, typed from the
-    catalog (as tests/unit/cdc/test_hostile_input.py does)."""
-    table = cql.split(f"{KEYSPACE}.", 1)[1].split(" ", 1)[0]
-    model = TABLES[table]
-
-    def col(name: str) -> _Column:
-        if name == "[timestamp]":
-            return _Column(KEYSPACE, table, name, cqltypes.LongType)
-        return _Column(KEYSPACE, table, name, _CQL_TYPES[model.column(name).cql_type])
-
-    if cql.startswith("INSERT"):
-        names = cql.split("(", 1)[1].split(")", 1)[0].split(", ")
-        columns = [col(n) for n in [*names, "[timestamp]"]]
-    else:
-        where = cql.split(" WHERE ", 1)[1].split(" AND ")
-        columns = [col("[timestamp]"), *(col(w.split(" = ")[0]) for w in where)]
-    pk = [i for i, c in enumerate(columns) if c.name in {k.name for k in model.partition_key}]
-    return PreparedStatement(columns, b"id", pk, cql, KEYSPACE, 4, None, None)
-
-
-class _OfflineSession:
-    """One host (so the writer groups without a replica lookup), prepares offline."""
-
-    def __init__(self) -> None:
-        self.cluster = mock.Mock()
-        self.cluster.metadata.all_hosts.return_value = [object()]
-
-    def prepare(self, cql: str) -> PreparedStatement:
-        return _offline_prepared(cql)
-
 
 def offline_writer() -> ScyllaWriter:
-    return ScyllaWriter(_OfflineSession(), ScyllaSettings(), keyspace=KEYSPACE)  # type: ignore[arg-type]
+    return ScyllaWriter(OfflineSession(KEYSPACE), ScyllaSettings(), keyspace=KEYSPACE)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- stages

@@ -29,19 +29,19 @@ from typing import Any, Final
 from unittest import mock
 
 import pytest
-from cassandra import cqltypes
 from cassandra.concurrent import ExecutionResult
-from cassandra.query import BatchStatement, BoundStatement, PreparedStatement
+from cassandra.query import BatchStatement, BoundStatement
 from confluent_kafka import Message, TopicPartition
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from support.offline_scylla import OfflineSession
 from tasks.adapters.scylla import ScyllaWriter
 from tasks.cdc import consumer as consumer_module
 from tasks.cdc.consumer import CdcConsumer, RunResult
 from tasks.cdc.dead_letters import dead_letter_headers
 from tasks.cdc.options import CdcOptions
-from tasks.core.catalog import SOURCE_TABLES, SOURCES, TABLES
+from tasks.core.catalog import SOURCE_TABLES, SOURCES
 from tasks.core.debezium import HEARTBEAT_TOPIC_PREFIX, MAX_EVENT_BYTES, decode_message
 from tasks.core.errors import DecodeError, RejectedData
 from tasks.settings import KafkaSettings, ScyllaSettings
@@ -108,56 +108,6 @@ class FakeDeadLetters:
         pass
 
 
-_CQL_TYPES: Final[dict[str, type[cqltypes._CassandraType]]] = {
-    "uuid": cqltypes.UUIDType,
-    "timestamp": cqltypes.DateType,
-    "int": cqltypes.Int32Type,
-    "text": cqltypes.UTF8Type,
-    "bigint": cqltypes.LongType,
-}
-
-
-@dataclass
-class Column:
-    keyspace_name: str
-    table_name: str
-    name: str
-    type: type[cqltypes._CassandraType]
-
-
-def offline_prepared(cql: str) -> PreparedStatement:
-    """A prepared statement as Cassandra would return it for the writer's INSERT or DELETE,
-    its bind markers typed from the catalog's read-model columns (checked against the real
-    schema by tests/integration/test_catalog.py)."""
-    table = cql.split(f"{KEYSPACE}.", 1)[1].split(" ", 1)[0]
-    model = TABLES[table]
-
-    def col(name: str) -> Column:
-        if name == "[timestamp]":
-            return Column(KEYSPACE, table, name, cqltypes.LongType)
-        return Column(KEYSPACE, table, name, _CQL_TYPES[model.column(name).cql_type])
-
-    if cql.startswith("INSERT"):
-        names = cql.split("(", 1)[1].split(")", 1)[0].split(", ")
-        columns = [col(n) for n in [*names, "[timestamp]"]]
-    else:
-        where = cql.split(" WHERE ", 1)[1].split(" AND ")
-        columns = [col("[timestamp]"), *(col(w.split(" = ")[0]) for w in where)]
-    pk = [i for i, c in enumerate(columns) if c.name in {k.name for k in model.partition_key}]
-    return PreparedStatement(columns, b"id", pk, cql, KEYSPACE, 4, None, None)
-
-
-class OfflineSession:
-    """Prepares offline; one host, so the writer batches without a replica lookup."""
-
-    def __init__(self) -> None:
-        self.cluster = mock.Mock()
-        self.cluster.metadata.all_hosts.return_value = [object()]
-
-    def prepare(self, cql: str) -> PreparedStatement:
-        return offline_prepared(cql)
-
-
 @dataclass
 class Executed:
     """The bound values of every request the writer sent, in order."""
@@ -204,7 +154,7 @@ def run_consumer(messages: list[tuple[str, bytes | None]]) -> Outcome:
         for i, (topic, value) in enumerate(messages)
     ]
     with offline_io() as executed:
-        writer = ScyllaWriter(OfflineSession(), ScyllaSettings(), keyspace=KEYSPACE)  # type: ignore[arg-type]
+        writer = ScyllaWriter(OfflineSession(KEYSPACE), ScyllaSettings(), keyspace=KEYSPACE)  # type: ignore[arg-type]
         c = CdcConsumer(
             writer,
             CdcOptions(
