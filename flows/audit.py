@@ -54,6 +54,8 @@ def check_freshness(cfg: Settings) -> FreshnessReport:
     report = freshness_checks.check_freshness(cfg)
     for problem in report.problems:
         get_run_logger().warning("freshness: %s", problem)
+    for warning in report.warnings:
+        get_run_logger().warning("freshness (not a failure): %s", warning)
     return report
 
 

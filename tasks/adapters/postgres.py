@@ -185,6 +185,17 @@ def slot_gap(slot: SlotStatus, debezium_lsn: int | None) -> str | None:
     return None
 
 
+def slot_gap_or_suspect(
+    slot: SlotStatus, debezium_lsn: int | None
+) -> tuple[str | None, str | None]:
+    """``slot_gap`` split by certainty: (gap, suspect). A missing slot or lost WAL is a gap;
+    a slot past Debezium's offset is only a suspect, because a healthy connector shows the
+    same for a while after a restart (docs/decisions.md, "The CDC run stops on a slot gap")."""
+    found = slot_gap(slot, debezium_lsn)
+    certain = not slot.exists or slot.wal_status == "lost"
+    return (found, None) if certain else (None, found)
+
+
 def slot_status(settings: PostgresSettings) -> SlotStatus:
     cfg = settings
     try:

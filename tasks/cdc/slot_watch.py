@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from tasks.adapters.postgres import SlotStatus, slot_gap
+from tasks.adapters.postgres import SlotStatus, slot_gap_or_suspect
 from tasks.core.errors import TerminalError
 
 GAP_EVENT: Final = "cqrs.cdc.slot-gap"
@@ -61,9 +61,7 @@ class SlotWatch:
     suspect_reported: bool = False  # the "maybe recreated" warning, once per run
 
     def verdict(self, slot: SlotStatus, debezium_lsn: int | None) -> SlotVerdict:
-        found = slot_gap(slot, debezium_lsn)
-        certain = not slot.exists or slot.wal_status == "lost"
-        gap, suspect = (found, None) if certain else (None, found)
+        gap, suspect = slot_gap_or_suspect(slot, debezium_lsn)
         events: list[SlotEvent] = []
         if gap is not None and not self.gap_reported:
             self.gap_reported = True

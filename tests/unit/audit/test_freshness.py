@@ -302,6 +302,18 @@ def test_markdown_lists_problems_then_the_table() -> None:
     assert "| slot cqrs_sync lag (bytes) | 200 | 1,000 |\n" in text
 
 
+def test_a_slot_past_debeziums_offset_is_a_warning_not_a_problem() -> None:
+    # A healthy connector shows this for a while after a restart (docs/decisions.md).
+    suspect = "replication slot 'cqrs_sync' starts at 0/9000, past Debezium's last offset"
+    fresh = report(slot=replace(SLOT, suspect=suspect))
+    assert fresh.problems == ()
+    assert fresh.warnings == (suspect,)
+    assert f"No problems.\n- warning: {suspect}\n" in fresh.markdown()
+    lost = report(slot=replace(SLOT, gap="replication slot 'cqrs_sync' lost WAL it needed"))
+    assert lost.problems == ("replication slot 'cqrs_sync' lost WAL it needed",)
+    assert lost.warnings == ()
+
+
 def test_markdown_of_a_healthy_report_and_missing_values() -> None:
     text = report(
         slot=SlotFreshness("cqrs_sync"), latency=LatencyReading(reason="no run has published one")
