@@ -45,7 +45,14 @@ from tasks.audit.fingerprints import (
     shape,
     typed_key,
 )
-from tasks.audit.scan import Buckets, bucket_bits, ensure_profile, scan, scan_parts
+from tasks.audit.scan import (
+    Buckets,
+    bucket_bits,
+    ensure_profile,
+    responsive_io,
+    scan,
+    scan_parts,
+)
 from tasks.core import catalog
 from tasks.core.cql import check_keyspace
 from tasks.core.errors import TerminalError, classify
@@ -506,10 +513,17 @@ def first_passes(
     """:func:`first_pass` of several read models, as many at once as ``conns`` (one
     reader-role connection each; the Scylla session is shared). Read models load different
     processes (the timeline's pass waits on Scylla's scan, the steps' on Postgres's
-    fingerprints), so two at once finish sooner than one after the other."""
+    fingerprints), so two at once finish sooner than one after the other. The largest
+    start first, so a small one never delays the longest pass; results keep the order of
+    ``read_models``."""
     free: queue.SimpleQueue[Connection[Any]] = queue.SimpleQueue()
     for conn in conns:
         free.put(conn)
+    if conns and len(read_models) > 1:
+        size = {rm: estimate_rows(conns[0], rm) for rm in read_models}
+        largest_first = sorted(read_models, key=lambda rm: -size[rm])
+    else:
+        largest_first = list(read_models)
 
     def one(read_model: str) -> ModelAudit:
         conn = free.get()
@@ -518,8 +532,12 @@ def first_passes(
         finally:
             free.put(conn)
 
-    with ThreadPoolExecutor(max(1, len(conns)), thread_name_prefix="audit-model") as pool:
-        return list(pool.map(one, read_models))
+    with (
+        responsive_io(),
+        ThreadPoolExecutor(max(1, len(conns)), thread_name_prefix="audit-model") as pool,
+    ):
+        done = dict(zip(largest_first, pool.map(one, largest_first), strict=True))
+    return [done[rm] for rm in read_models]
 
 
 def recheck(

@@ -19,6 +19,7 @@ audit shares no code with what it checks.
 from __future__ import annotations
 
 import hashlib
+import struct
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -138,19 +139,33 @@ def fingerprint(fields: Sequence[str | None], version: int | None) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def fingerprint_scanned(row: Sequence[Any], width: int) -> int:
-    """The fingerprint of a scanned row (token, ``width`` columns, version write time)."""
-    parts = []
-    for v in row[1 : width + 1]:
+_SIGNED_64: Final = struct.Struct(">q").unpack_from  # the digest's first 8 bytes, signed
+
+
+def fingerprint_scanned(
+    row: Sequence[Any],
+    width: int,
+    *,
+    _md5: Any = hashlib.md5,
+    _unpack: Any = _SIGNED_64,
+) -> int:
+    """The fingerprint of a scanned row (token, ``width`` columns, version write time).
+
+    This runs once per scanned row, the audit's hottest loop (bench/results/audit.md), so
+    the version is rendered by the same branch as the columns (an int, or None) and the
+    lookups are bound as defaults: 3.3 µs a row instead of 5.1."""
+    parts: list[str] = []
+    add = parts.append
+    for v in row[1 : width + 2]:
         if v is None:
-            parts.append("~")
+            add("~")
+        elif v.__class__ is str:
+            add(f"{len(v)}:{v}")
         else:
-            s = v if v.__class__ is str else str(v)
-            parts.append(f"{len(s)}:{s}")
-    version = row[width + 1]
-    parts.append("~" if version is None else f"{len(v := str(version))}:{v}")
-    digest = hashlib.md5("".join(parts).encode(), usedforsecurity=False).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+            text = str(v)
+            add(f"{len(text)}:{text}")
+    digest = _md5("".join(parts).encode(), usedforsecurity=False).digest()
+    return _unpack(digest)[0]  # type: ignore[no-any-return]
 
 
 def typed_key(read_model: str, key: Mapping[str, str | None]) -> tuple[tuple[str, Any], ...]:

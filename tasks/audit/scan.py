@@ -12,8 +12,11 @@ is bounded by ``concurrency x fetch_size`` rows whatever the table's size.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
+import sys
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
 
 TOKEN_BITS: Final = 64
 AUDIT_PROFILE: Final = "cqrs-audit-scan"
+# The interpreter's thread switch interval while scans run (CPython's default is 5 ms).
+SCAN_SWITCH_INTERVAL_S: Final = 0.0005
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +118,34 @@ def ensure_profile(session: Session, consistency_level: int, timeout_s: float) -
             ),
         )
     return AUDIT_PROFILE
+
+
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.0
+
+
+@contextlib.contextmanager
+def responsive_io(interval_s: float = SCAN_SWITCH_INTERVAL_S) -> Iterator[None]:
+    """Lower the interpreter's switch interval while scans run (docs/decisions.md, "The
+    audit hands the GIL to the driver's I/O thread sooner"). A thread that fingerprints a
+    page holds the GIL for 5 ms at a stretch by default, and the driver's I/O thread waits
+    that long each time it needs the GIL to read a response: the scan then stops
+    overlapping Scylla's work with the client's (measured: 625,000 rows in 5.5 s, 4.2 s with
+    0.5 ms). Nested and concurrent uses share one saved value; the last one out restores it."""
+    global _switch_users, _switch_saved
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(interval_s, _switch_saved))
+        _switch_users += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_users -= 1
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_saved)
 
 
 def scan(

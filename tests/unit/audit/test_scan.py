@@ -496,3 +496,29 @@ def test_no_page_in_time_is_transient() -> None:
     with pytest.raises(TransientError, match="no page from Scylla within 0 s"):
         fake.consume(_scan(fake, 2, page_timeout_s=0.05))
     assert len(fake.consumed) == 1  # what came was handed over first
+
+
+def test_responsive_io_lowers_the_switch_interval_and_the_last_user_restores_it() -> None:
+    import sys
+
+    from tasks.audit.scan import SCAN_SWITCH_INTERVAL_S, responsive_io
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)
+    try:
+        outer = responsive_io()
+        outer.__enter__()
+        assert sys.getswitchinterval() == pytest.approx(SCAN_SWITCH_INTERVAL_S)
+        with responsive_io():  # a second, concurrent model's pass
+            assert sys.getswitchinterval() == pytest.approx(SCAN_SWITCH_INTERVAL_S)
+        assert sys.getswitchinterval() == pytest.approx(SCAN_SWITCH_INTERVAL_S)
+        outer.__exit__(None, None, None)
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+        with pytest.raises(RuntimeError), responsive_io():
+            raise RuntimeError("a failed scan restores it too")
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+        sys.setswitchinterval(0.0001)  # never raised above what the process chose
+        with responsive_io():
+            assert sys.getswitchinterval() == pytest.approx(0.0001, rel=0.05)
+    finally:
+        sys.setswitchinterval(before)
