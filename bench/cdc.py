@@ -79,23 +79,23 @@ def paced_writer(settings: Settings, rate_events: int, seconds: float, user: str
 
 
 def write_backlog(settings: Settings, turns: int) -> int:
-    """A backlog written in bulk by SQL (each turn also updates its session: 2 events)."""
+    """A backlog written in bulk by SQL (each turn also updates its session: 2 events).
+    As the app role, which may not create a temporary table (migration 0014)."""
+    tag = f"backlog {uuid.uuid4().hex[:8]} "
     with postgres.connect("admin", settings.postgres) as conn:
         conn.execute("SET ROLE cqrs_app")
         n_sessions = max(1, turns // 20)
         conn.execute(
             "INSERT INTO sessions (id, user_id, title) SELECT gen_random_uuid(), "
-            "gen_random_uuid(), 'backlog ' || g FROM generate_series(1, %s) g",
-            (n_sessions,),
-        )
-        conn.execute(
-            "CREATE TEMP TABLE bs AS SELECT id, row_number() OVER () AS n FROM sessions "
-            "WHERE title LIKE 'backlog %%' AND turn_count = 0"
+            "gen_random_uuid(), %s || g FROM generate_series(1, %s) g",
+            (tag, n_sessions),
         )
         conn.execute(
             "INSERT INTO human_turns (id, session_id, content) SELECT gen_random_uuid(), bs.id, "
-            "'backlog turn ' || g FROM generate_series(1, %s) g JOIN bs ON bs.n = 1 + g %% %s",
-            (turns, n_sessions),
+            "'backlog turn ' || g FROM generate_series(1, %s) g JOIN "
+            "(SELECT id, row_number() OVER () AS n FROM sessions WHERE title LIKE %s) bs "
+            "ON bs.n = 1 + g %% %s",
+            (turns, tag + "%", n_sessions),
         )
         conn.commit()
     return n_sessions + 2 * turns
