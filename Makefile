@@ -44,7 +44,7 @@ test: up          ## install, start the stack, run every test
 test-unit: venv   ## fast pure tests, no stack (CI also runs the ones marked slow)
 	$(PY) -m pytest tests/unit -m "not slow"
 
-chaos: up         ## the fault suite: faults under a steady write load, then a clean audit (~6 min)
+chaos: up         ## the fault suite: faults under a steady write load, then a clean audit (~5 min)
 	$(PY) -m pytest -m chaos
 
 PYDIRS := tasks flows deployments infra support bench tests

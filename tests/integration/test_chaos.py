@@ -11,7 +11,9 @@ CDC to drain: a marker row written after the load is seen in Kafka and the group
 The audit's own comparison (``tasks.audit.reconcile.current_differences``: checksums of
 token buckets, drill-down, classification) then runs over the partitions the load wrote,
 and must find no missing, extra or stale row. Postgres is the expected side, so a write
-whose transaction failed in an outage is simply not expected.
+whose transaction failed in an outage is simply not expected. Where the fault reaches
+beyond the load's partitions (read models truncated, then rebuilt by the backfill flow),
+the audit's first pass over every row of those read models does instead.
 
 Each scenario records the load it held, what was injected and the time from the end of the
 fault to a clean audit: in a JSON file under pytest's tmp dir, printed, and appended as a
@@ -22,6 +24,7 @@ line to bench/results/chaos.json.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -31,7 +34,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,15 +42,18 @@ from typing import Any
 
 import pytest
 from cassandra.cluster import Session
+from cassandra.query import ValueSequence
+from confluent_kafka import Consumer, TopicPartition
 
 from infra import stack
 from infra.postgres import pg_bindir
 from support.cdc_probe import ChangeTap, position_group_at_end
 from tasks.adapters import kafka, postgres, scylla
 from tasks.adapters.kafka_connect import KafkaConnectClient
-from tasks.audit.diff import Difference
+from tasks.audit.diff import Difference, first_passes
 from tasks.audit.fingerprints import shape
 from tasks.audit.reconcile import current_differences, token_of
+from tasks.core.catalog import READ_MODELS
 from tasks.core.errors import CqrsSyncError
 from tasks.settings import Settings, get_settings
 from tests.integration.chaos_load import Load, LoadStats, Touched
@@ -250,12 +256,14 @@ def audit_settings() -> Settings:
     return s.model_copy(update={"audit": s.audit.model_copy(update={"scan_concurrency": 32})})
 
 
-def audit_load(session: Session, touched: Touched) -> list[Difference]:
+def audit_load(
+    session: Session, touched: Touched, read_models: Collection[str] = READ_MODELS
+) -> list[Difference]:
     """The audit's key-level comparison over the load's partitions only: the buckets holding
     their tokens are diffed (Postgres's audit views against Scylla) and the differences in
     other partitions of those buckets (other tests' data) are left out."""
     settings = audit_settings()
-    parts = touched.partitions()
+    parts = {rm: keys for rm, keys in touched.partitions().items() if rm in read_models}
     tokens = {rm: {token_of(k) for k in keys} for rm, keys in parts.items()}
     wanted = {(rm, str(k)) for rm, keys in parts.items() for k in keys}
     with postgres.connect("reader", settings.postgres, autocommit=True) as reader:
@@ -275,7 +283,14 @@ class Convergence:
     audit_s: float = 0.0
 
 
-def converge(cdc: CdcGroup, load: Load, deadline: float) -> Convergence:
+Audit = Callable[[Session, Load], list[Difference]]
+
+
+def audit_touched(session: Session, load: Load) -> list[Difference]:
+    return audit_load(session, load.touched)
+
+
+def converge(cdc: CdcGroup, load: Load, deadline: float, audit: Audit) -> Convergence:
     """Drain (a marker written after the load reached Kafka and the group's lag is 0), then
     audit; audit again after a second while differences remain, until ``deadline``."""
     out = Convergence()
@@ -305,7 +320,7 @@ def converge(cdc: CdcGroup, load: Load, deadline: float) -> Convergence:
             if out.drained_at is None:
                 out.drained_at = time.monotonic()
             t = time.monotonic()
-            out.differences = audit_load(session, load.touched)
+            out.differences = audit(session, load)
             out.audit_s = time.monotonic() - t
             out.audits += 1
             if out.audits == 1:
@@ -342,6 +357,7 @@ def run_scenario(
     injected: str,
     out_dir: Path,
     capsys: pytest.CaptureFixture[str],
+    audit: Audit = audit_touched,
 ) -> dict[str, Any]:
     wait_stack_healthy(60)
     cdc.ensure_one()
@@ -360,7 +376,7 @@ def run_scenario(
         finally:
             if unhealthy():
                 restore_stack()
-    conv = converge(cdc, load, fault.ended + CONVERGE_TIMEOUT_S)
+    conv = converge(cdc, load, fault.ended + CONVERGE_TIMEOUT_S, audit)
     parts = load.touched.partitions()
     result: dict[str, Any] = {
         "scenario": name,
@@ -608,4 +624,350 @@ def test_two_members_one_killed_mid_batch(
         tmp_path,
         capsys,
     )
+    assert result["fault"]["lag_before_kill"] > 0, result["fault"]
+
+
+# ------------------------------------------------- read models truncated, rebuilt by backfill
+
+
+@dataclass
+class Seed:
+    """Rows written before the fault, in partitions the load never touches, and applied by
+    CDC before it: once truncated, only the backfill can bring them back."""
+
+    users: list[uuid.UUID]
+    sessions: list[uuid.UUID]
+    agent_turns: list[uuid.UUID]
+    expected: dict[str, int]  # read model -> its rows in the seed's partitions
+
+    def partitions(self) -> dict[str, list[uuid.UUID]]:
+        return {
+            "recent_conversations": self.users,
+            "conversation_timeline": self.sessions,
+            "sessions_by_id": self.sessions,
+            "steps_by_turn": self.agent_turns,
+        }
+
+
+def write_seed(settings: Settings, sessions: int = 100) -> Seed:
+    """``sessions`` sessions over 4 users, each with 3 human turns and 2 agent turns of 2
+    steps: plain app-role inserts in one transaction."""
+    users = [uuid.uuid4() for _ in range(4)]
+    sids = [uuid.uuid4() for _ in range(sessions)]
+    humans = [(uuid.uuid4(), sid, f"seed human {i}") for sid in sids for i in range(3)]
+    agents = [(uuid.uuid4(), sid, f"seed agent {i}") for sid in sids for i in range(2)]
+    steps = [
+        (uuid.uuid4(), tid, sid, json.dumps({"seed": i}))
+        for tid, sid, _ in agents
+        for i in range(2)
+    ]
+    with postgres.connect("app", settings.postgres) as conn, conn.transaction():
+        cur = conn.cursor()
+        cur.executemany(
+            "INSERT INTO sessions (id, user_id, title) VALUES (%s, %s, 'seed')",
+            [(sid, users[i % len(users)]) for i, sid in enumerate(sids)],
+        )
+        cur.executemany(
+            "INSERT INTO human_turns (id, session_id, content) VALUES (%s, %s, %s)", humans
+        )
+        cur.executemany(
+            "INSERT INTO agent_turns (id, session_id, content, model) VALUES (%s, %s, %s, 'm')",
+            agents,
+        )
+        cur.executemany(
+            "INSERT INTO steps (id, agent_turn_id, session_id, kind, payload) "
+            "VALUES (%s, %s, %s, 'tool', %s)",
+            steps,
+        )
+    expected = {
+        "recent_conversations": len(sids),
+        "conversation_timeline": len(humans) + len(agents),
+        "sessions_by_id": len(sids),
+        "steps_by_turn": len(steps),
+    }
+    return Seed(users, sids, [tid for tid, _, _ in agents], expected)
+
+
+def seed_rows(session: Session, seed: Seed) -> dict[str, int]:
+    """Read model -> the rows Scylla holds in the seed's partitions now."""
+    out: dict[str, int] = {}
+    for rm, keys in seed.partitions().items():
+        column = shape(rm).partition_column
+        total = 0
+        for i in range(0, len(keys), 100):
+            row = session.execute(
+                f"SELECT COUNT(*) FROM {rm} WHERE {column} IN %s",
+                (ValueSequence(keys[i : i + 100]),),
+            ).one()
+            total += row[0] if row else 0
+        out[rm] = total
+    return out
+
+
+Marks = dict[tuple[str, int], int]  # (change topic, partition) -> offset
+
+
+def change_log_ends() -> Marks:
+    """Every change topic partition's end offset now."""
+    c = Consumer(kafka.consumer_config(get_settings().kafka))
+    try:
+        out: Marks = {}
+        for topic in kafka.change_topics(get_settings().kafka):
+            for p in c.list_topics(topic, timeout=10).topics[topic].partitions:
+                out[(topic, p)] = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+        return out
+    finally:
+        c.close()
+
+
+def consumers_behind(marks: Marks) -> list[str]:
+    """The consumer groups with members that consume the change topics (they committed
+    offsets in them) and have not committed past ``marks`` yet: this suite's group, and any
+    other CDC consumer running beside it (a served ``cdc`` deployment, a test session's)."""
+    settings = get_settings().kafka
+    admin = kafka.admin(settings)  # held: its futures fail if it is collected
+    listed = admin.list_consumer_groups(request_timeout=10).result()
+    ids = [g.group_id for g in listed.valid]
+    live = []
+    for gid, fut in admin.describe_consumer_groups(ids, request_timeout=10).items():
+        with contextlib.suppress(Exception):
+            if fut.result().members:
+                live.append(gid)
+    behind = []
+    for gid in live:
+        c = Consumer(kafka.consumer_config(settings, **{"group.id": gid}))
+        try:
+            tps = c.committed([TopicPartition(t, p) for t, p in marks], timeout=10)
+        finally:
+            c.close()
+        done = {(tp.topic, tp.partition): tp.offset for tp in tps if tp.offset >= 0}
+        if done and any(done.get(k, 0) < mark for k, mark in marks.items()):
+            behind.append(gid)
+    return behind
+
+
+def audit_whole(read_models: Collection[str], facts: dict[str, Any]) -> Audit:
+    """The audit's comparison over every row of ``read_models`` (its first pass: checksums
+    of all token buckets, drill-down of those that differ), and over the load's partitions
+    of the other read models. Rows each whole model holds go to ``facts``."""
+
+    def audit(session: Session, load: Load) -> list[Difference]:
+        settings = get_settings()
+        with contextlib.ExitStack() as stack_:
+            conns = [
+                stack_.enter_context(postgres.connect("reader", settings.postgres, autocommit=True))
+                for _ in range(settings.audit.parallel_read_models)
+            ]
+            passes = first_passes(
+                conns, session, settings.scylla, list(read_models), settings.audit
+            )
+        facts["rows_audited"] = {p.read_model: p.rows_actual for p in passes}
+        others = [rm for rm in READ_MODELS if rm not in read_models]
+        whole = [d for p in passes for d in p.differences]
+        return whole + (audit_load(session, load.touched, others) if others else [])
+
+    return audit
+
+
+def run_backfill(read_models: Collection[str], snapshot_root: Path, log: Path) -> dict[str, Any]:
+    """``python -m flows.backfill`` as an operator runs it, method cql (the one ScyllaDB
+    takes); the summary it prints on its last line."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.backfill",
+            "--read-models",
+            *read_models,
+            "--method",
+            "cql",
+            "--snapshot-root",
+            str(snapshot_root),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    log.write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, f"the backfill failed:\n{(proc.stdout + proc.stderr)[-3000:]}"
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert summary, f"no summary from the backfill:\n{proc.stdout[-3000:]}"
+    result: dict[str, Any] = ast.literal_eval(summary[-1])
+    return result
+
+
+def test_read_models_truncated_and_rebuilt(
+    cdc: CdcGroup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = READ_MODELS  # the whole read side: every model, and every path that writes it
+    facts: dict[str, Any] = {}
+    seeds: list[Seed] = []
+
+    def inject(load: Load, fault: Fault) -> None:
+        fault.facts = facts  # the whole-model audit adds the rows it compared
+        settings = get_settings()
+        seed = write_seed(settings)
+        seeds.append(seed)
+        marks = change_log_ends()
+        with scylla.session(settings.scylla, settings.scylla.keyspace) as session:
+            assert wait_for(lambda: seed_rows(session, seed) == seed.expected, 60, 0.3), (
+                f"CDC did not apply the seed: {seed_rows(session, seed)} != {seed.expected}"
+            )
+            # Every CDC consumer has applied the seed (commits follow writes), so none of
+            # them writes it again after the truncate.
+            wait_for(lambda: not consumers_behind(marks), 30, 0.5)
+            fault.facts["consumers_behind_seed"] = consumers_behind(marks)
+            t0 = time.monotonic()
+            for rm in models:
+                session.execute(f"TRUNCATE {rm}", timeout=300)
+            fault.ended = time.monotonic()
+            fault.facts["truncate_s"] = round(fault.ended - t0, 1)
+            # The seed is in no partition the load writes and CDC applied it before the
+            # truncate: it stays gone until the backfill loads it.
+            left = seed_rows(session, seed)
+            assert not any(left.values()), f"the truncate left rows of the seed: {left}"
+            t1 = time.monotonic()
+            result = run_backfill(models, tmp_path / "snapshots", tmp_path / "backfill.log")
+            fault.facts["backfill_s"] = round(time.monotonic() - t1, 1)
+            fault.facts["rows_rebuilt"] = result["rows_written"]
+            fault.facts["snapshot_rows"] = result["snapshot_rows"]
+            fault.facts["snapshot_s"] = round(result["snapshot_seconds"], 1)
+            fault.facts["load_s"] = round(result["load_seconds"], 1)
+            fault.facts["seed_rows"] = seed.expected
+        fault.healthy = time.monotonic()
+
+    result = run_scenario(
+        "read-models-truncated-rebuilt",
+        cdc,
+        inject,
+        f"TRUNCATE of all {len(models)} read models, then `python -m flows.backfill` (cql)",
+        tmp_path,
+        capsys,
+        audit_whole(models, facts),
+    )
+    assert facts["rows_audited"], facts
+    with scylla.session(get_settings().scylla, get_settings().scylla.keyspace) as session:
+        (seed,) = seeds
+        assert seed_rows(session, seed) == seed.expected, "the seed did not come back"
+    assert result["fault"]["rows_rebuilt"] >= sum(seeds[0].expected.values()), result["fault"]
+
+
+# ------------------------------------------------------- the consumer's host out of memory
+
+CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")  # cgroup v1's memory controller
+
+
+@contextlib.contextmanager
+def memory_cgroup() -> Iterator[Path]:
+    """A memory cgroup of this test's own, removed on leaving (its processes killed first:
+    a cgroup with processes cannot be removed)."""
+    path = CGROUP_MEMORY / f"cqrs-chaos-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir()
+    except OSError as exc:
+        pytest.fail(
+            f"cannot create the memory cgroup {path} ({exc}): this scenario needs root and "
+            "cgroup v1's memory controller at /sys/fs/cgroup/memory"
+        )
+    try:
+        yield path
+    finally:
+        for pid in cgroup_pids(path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not cgroup_pids(path), 10, 0.1)
+        path.rmdir()
+
+
+def cgroup_pids(path: Path) -> list[int]:
+    return [int(p) for p in (path / "cgroup.procs").read_text().split()]
+
+
+def cgroup_counters(path: Path) -> dict[str, int]:
+    """memory.oom_control's counters (oom_kill: processes the OOM killer killed in it),
+    failcnt (times the limit was hit) and the peak usage."""
+    out = {
+        k: int(v)
+        for k, v in (ln.split() for ln in (path / "memory.oom_control").read_text().splitlines())
+    }
+    out["failcnt"] = int((path / "memory.failcnt").read_text())
+    out["max_usage_bytes"] = int((path / "memory.max_usage_in_bytes").read_text())
+    return out
+
+
+def kernel_log(needle: str) -> str | None:
+    """The kernel's last log line holding ``needle`` (dmesg; None where it cannot be read)."""
+    with contextlib.suppress(Exception):
+        out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout
+        lines = [ln for ln in out.splitlines() if needle in ln]
+        return lines[-1].split("] ", 1)[-1][:200] if lines else None
+    return None
+
+
+def squeeze(cgroup: Path) -> int:
+    """Lower the cgroup's limit to the least the kernel accepts: its usage without the page
+    cache it can reclaim (a lower limit is refused, EBUSY, as the rest cannot be swapped
+    out). The limit set."""
+    usage = int((cgroup / "memory.usage_in_bytes").read_text())
+    stat = dict(ln.split() for ln in (cgroup / "memory.stat").read_text().splitlines())
+    for limit in range(usage - int(stat["cache"]), usage, 1 << 20):
+        try:
+            (cgroup / "memory.limit_in_bytes").write_text(str(limit))
+            return limit
+        except OSError:
+            continue
+    (cgroup / "memory.limit_in_bytes").write_text(str(usage))
+    return usage
+
+
+def test_consumer_out_of_memory(
+    cdc: CdcGroup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def inject(load: Load, fault: Fault) -> None:
+        with memory_cgroup() as cgroup:
+            # The group's only member runs in the cgroup: its memory is charged there from
+            # its interpreter's start (it joins right after exec).
+            cdc.stop_all()
+            victim = cdc.spawn(wait=False)
+            victims.append(victim)
+            (cgroup / "cgroup.procs").write_text(str(victim.proc.pid))
+            cdc.wait_consuming(victim)
+            assert wait_for(_committed_past(cdc, cdc.committed()), 60, 0.2), victim.text()[-3000:]
+            # Held for a moment, a backlog builds; the limit goes down to what it uses now;
+            # let go, it takes a batch of the backlog and the next page it needs is one too
+            # many: the kernel's OOM killer ends it (SIGKILL), whatever it was doing.
+            os.kill(victim.proc.pid, signal.SIGSTOP)
+            time.sleep(1.5)
+            fault.facts["limit_bytes"] = squeeze(cgroup)
+            fault.facts["lag_before_kill"] = cdc.lag()
+            committed = cdc.committed()
+            os.kill(victim.proc.pid, signal.SIGCONT)
+            died = wait_for(lambda: not victim.alive(), 30, 0.02)
+            fault.ended = time.monotonic()
+            fault.facts |= cgroup_counters(cgroup)
+            fault.facts["committed_after_limit"] = cdc.committed() - committed
+            assert died, "the consumer outlived a memory limit at its usage for 30 s: no OOM kill"
+            fault.facts["exit"] = victim.proc.returncode
+            fault.facts["kernel_log"] = kernel_log(f"Killed process {victim.proc.pid} ")
+        assert fault.facts["exit"] == -signal.SIGKILL, f"not killed: {victim.text()[-3000:]}"
+        assert fault.facts["oom_kill"] >= 1, f"not the OOM killer: {fault.facts}"
+        # Restarted as the cdc deployment's trigger restarts a crashed run.
+        cdc.wait_consuming(cdc.spawn(wait=False))
+        fault.healthy = time.monotonic()
+
+    victims: list[Member] = []
+    try:
+        result = run_scenario(
+            "consumer-oom-killed",
+            cdc,
+            inject,
+            "the only CDC consumer's memory cgroup limit lowered to its usage with a backlog "
+            "waiting: OOM-killed, restarted",
+            tmp_path,
+            capsys,
+        )
+    finally:
+        # Killed on purpose (or by the cgroup's removal): not a member that died on its own.
+        cdc.members[:] = [m for m in cdc.members if m not in victims]
     assert result["fault"]["lag_before_kill"] > 0, result["fault"]
