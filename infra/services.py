@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra import tls
 from infra.postgres import pg_healthy, pg_start, pg_stop
 from infra.processes import (
     CASSANDRA_JMX_PORT,
@@ -190,7 +191,14 @@ def cassandra_start() -> None:
     for d in ("data", "commitlog", "saved_caches", "hints", "cdc_raw", "tmp"):
         (home / d).mkdir(parents=True, exist_ok=True)
     yaml = CONF / "cassandra.yaml"
-    yaml.write_text((INFRA / "conf" / "cassandra.yaml").read_text().replace("@HOME@", str(home)))
+    # Clients may use TLS with the stack's certificate (docs/security.md, "Transport").
+    keystore = tls.ensure_cassandra_keystore()
+    yaml.write_text(
+        (INFRA / "conf" / "cassandra.yaml")
+        .read_text()
+        .replace("@HOME@", str(home))
+        .replace("@TLS_KEYSTORE@", str(keystore))
+    )
     logback = CONF / "cassandra-logback.xml"
     logback.write_text((INFRA / "conf" / "cassandra-logback.xml").read_text())
     jvm_flags = [

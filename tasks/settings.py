@@ -10,11 +10,24 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal, Self
 
 from cassandra import ConsistencyLevel
 from psycopg.conninfo import make_conninfo
-from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# libpq's sslmode values (docs/security.md, "Transport").
+PgSslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+KafkaSaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 class PostgresSettings(BaseSettings):
@@ -36,6 +49,17 @@ class PostgresSettings(BaseSettings):
     debezium_password: SecretStr = SecretStr("debezium-local")
     slot_name: str = "cqrs_sync"  # Debezium's logical replication slot
     publication_name: str = "cqrs_sync"  # the tables Debezium publishes
+    # Transport (docs/security.md, "Transport"): libpq's TLS settings, for every role's
+    # connection and the Debezium connector's (database.ssl*). prefer encrypts when the
+    # server offers TLS but verifies nothing; production sets verify-full and sslrootcert.
+    sslmode: PgSslMode = "prefer"
+    sslrootcert: str | None = None  # the CA (PEM) that signs the server's certificate
+    sslcert: str | None = None  # a client certificate (PEM), when the server asks for one
+    sslkey: str | None = None  # its key (the connector's: a format the JDBC driver reads)
+    sslcrl: str | None = None  # revoked certificates (PEM; libpq's clients only)
+    # The passphrase of an encrypted sslkey (libpq's clients only: the connector is given
+    # no secret in its config, so its key file is unencrypted and the worker's alone).
+    sslpassword: SecretStr | None = None
 
     def conninfo(self, role: str = "app") -> str:
         """A libpq connection string for one of the roles: admin, app, reader, debezium."""
@@ -54,7 +78,20 @@ class PostgresSettings(BaseSettings):
             user=user,
             password=password.get_secret_value(),
             application_name="cqrs-sync",
+            **self.ssl_params(),
         )
+
+    def ssl_params(self) -> dict[str, str]:
+        """libpq's TLS parameters from the settings (unset files left out)."""
+        params = {
+            "sslmode": self.sslmode,
+            "sslrootcert": self.sslrootcert,
+            "sslcert": self.sslcert,
+            "sslkey": self.sslkey,
+            "sslcrl": self.sslcrl,
+            "sslpassword": self.sslpassword.get_secret_value() if self.sslpassword else None,
+        }
+        return {k: v for k, v in params.items() if v is not None}
 
 
 def _single_node_replication() -> dict[str, str | int]:
@@ -72,9 +109,16 @@ class ScyllaSettings(BaseSettings):
     # {"class": "NetworkTopologyStrategy", "dc1": 3}.
     replication: dict[str, str | int] = Field(default_factory=lambda: _single_node_replication())
     local_dc: str | None = None  # the data center to route to (token-aware, DC-aware)
-    # Authentication, when the cluster requires it.
+    # Authentication, when the cluster requires it (both or neither).
     username: str | None = None
     password: SecretStr | None = None
+    # TLS to the nodes (docs/security.md, "Transport"), for every session of the code.
+    ssl: bool = False
+    ssl_ca_file: str | None = None  # the nodes' CA (PEM); default: the system's
+    ssl_certfile: str | None = None  # a client certificate (PEM), when the nodes require one
+    ssl_keyfile: str | None = None  # its key (PEM)
+    # Whether a node's address must match its certificate (as an IP or DNS SAN).
+    ssl_check_hostname: bool = True
     request_timeout_s: float = 10.0  # per request, before the driver gives up
     # Writes in flight at once from one process (execute_concurrent's window).
     concurrency: int = 64
@@ -110,6 +154,17 @@ class ScyllaSettings(BaseSettings):
             allowed = sorted(set(ConsistencyLevel.name_to_value) - invalid)
             raise ValueError(f"{value!r} is not a consistency level for this; one of {allowed}")
         return name
+
+    @model_validator(mode="after")
+    def _credentials_and_tls(self) -> Self:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("set both CQRS_SCYLLA_USERNAME and CQRS_SCYLLA_PASSWORD, or neither")
+        tls_files = (self.ssl_ca_file, self.ssl_certfile, self.ssl_keyfile)
+        if not self.ssl and any(f is not None for f in tls_files):
+            raise ValueError("TLS files are set but CQRS_SCYLLA_SSL is not true")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("CQRS_SCYLLA_SSL_KEYFILE needs CQRS_SCYLLA_SSL_CERTFILE")
+        return self
 
     @property
     def write_consistency_level(self) -> int:
@@ -169,6 +224,30 @@ class KafkaSettings(BaseSettings):
     # worker needs that provider and the value (docs/operations.md, "Secrets").
     debezium_password_ref: str = "${env:CQRS_PG_DEBEZIUM_PASSWORD}"
     connector_name: str = "cqrs-postgres"  # the Debezium connector's name there
+    # Transport and authentication of every client this code builds (librdkafka's names;
+    # docs/security.md, "Transport"); SASL_SSL in production. Kafka Connect's own
+    # connections are its worker's configuration.
+    security_protocol: KafkaSecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: KafkaSaslMechanism = "SCRAM-SHA-512"  # for the SASL_* protocols
+    sasl_username: str | None = None  # required by the SASL_* protocols
+    sasl_password: SecretStr | None = None  # required by the SASL_* protocols
+    ssl_ca_location: str | None = None  # the brokers' CA (PEM); default: the system's
+    # A client certificate and key (PEM), when the brokers authenticate clients by TLS.
+    ssl_certificate_location: str | None = None
+    ssl_key_location: str | None = None
+    ssl_key_password: SecretStr | None = None
+    # Check the broker's host name against its certificate (ssl.endpoint.identification).
+    ssl_check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _sasl_credentials(self) -> Self:
+        sasl = self.security_protocol.startswith("SASL_")
+        if sasl and (self.sasl_username is None or self.sasl_password is None):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs CQRS_KAFKA_SASL_USERNAME "
+                f"and CQRS_KAFKA_SASL_PASSWORD"
+            )
+        return self
 
     def topic(self, table: str) -> str:
         return f"{self.topic_prefix}.public.{table}"

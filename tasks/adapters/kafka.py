@@ -8,12 +8,53 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from tasks.core.catalog import SOURCE_TABLES
-from tasks.core.errors import ServiceUnavailable, TransientError, classify
+from tasks.core.errors import ConfigurationError, ServiceUnavailable, TransientError, classify
 from tasks.settings import KafkaSettings
 
 
+def client_config(settings: KafkaSettings) -> dict[str, Any]:
+    """What every client of this code needs to reach the brokers: their addresses and the
+    transport and authentication settings (docs/security.md, "Transport"). The consumer,
+    producer and admin configs below start from it, so no client can miss them."""
+    cfg = settings
+    config: dict[str, Any] = {
+        "bootstrap.servers": cfg.bootstrap_servers,
+        "security.protocol": cfg.security_protocol,
+    }
+    if cfg.security_protocol.startswith("SASL_"):
+        # The settings' validator checks this too, but model_copy(update=...) skips it.
+        if cfg.sasl_username is None or cfg.sasl_password is None:
+            raise ConfigurationError(
+                f"Kafka's security_protocol {cfg.security_protocol} needs a SASL username "
+                f"and password (CQRS_KAFKA_SASL_USERNAME, CQRS_KAFKA_SASL_PASSWORD)"
+            )
+        config |= {
+            "sasl.mechanism": cfg.sasl_mechanism,
+            "sasl.username": cfg.sasl_username,
+            "sasl.password": cfg.sasl_password.get_secret_value(),
+        }
+    if cfg.security_protocol in ("SSL", "SASL_SSL"):
+        config["ssl.endpoint.identification.algorithm"] = (
+            "https" if cfg.ssl_check_hostname else "none"
+        )
+        optional = {
+            "ssl.ca.location": cfg.ssl_ca_location,
+            "ssl.certificate.location": cfg.ssl_certificate_location,
+            "ssl.key.location": cfg.ssl_key_location,
+            "ssl.key.password": (
+                cfg.ssl_key_password.get_secret_value() if cfg.ssl_key_password else None
+            ),
+        }
+        config |= {k: v for k, v in optional.items() if v is not None}
+    return config
+
+
+def admin_config(settings: KafkaSettings, /, **overrides: Any) -> dict[str, Any]:
+    return {**client_config(settings), **overrides}
+
+
 def admin(settings: KafkaSettings) -> AdminClient:
-    return AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    return AdminClient(admin_config(settings))
 
 
 def change_topics(settings: KafkaSettings) -> list[str]:
@@ -57,7 +98,7 @@ def consumer_config(settings: KafkaSettings, /, **overrides: Any) -> dict[str, A
     """A consumer of ``settings.consumer_group`` (``overrides`` win, e.g. another group.id)."""
     cfg = settings
     return {
-        "bootstrap.servers": cfg.bootstrap_servers,
+        **client_config(cfg),
         "group.id": cfg.consumer_group,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
@@ -76,7 +117,7 @@ def consumer_config(settings: KafkaSettings, /, **overrides: Any) -> dict[str, A
 def producer_config(settings: KafkaSettings, /, **overrides: Any) -> dict[str, Any]:
     cfg = settings
     return {
-        "bootstrap.servers": cfg.bootstrap_servers,
+        **client_config(cfg),
         "enable.idempotence": True,
         "linger.ms": 5,
         **overrides,

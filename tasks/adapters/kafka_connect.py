@@ -10,12 +10,30 @@ import httpx
 
 from tasks.core.catalog import SOURCE_TABLES
 from tasks.core.errors import ConfigurationError, ServiceUnavailable, TransientError
-from tasks.settings import Settings
+from tasks.settings import PostgresSettings, Settings
 
 
 def connector_config(settings: Settings) -> dict[str, str]:
     """The Debezium connector's settings. Everything that matters is explicit here rather
     than left to defaults that differ between Debezium versions."""
+    return {**_base_config(settings), **debezium_ssl_config(settings.postgres)}
+
+
+def debezium_ssl_config(settings: PostgresSettings) -> dict[str, str]:
+    """The connector's TLS to Postgres, from the same settings as every libpq client
+    (docs/security.md, "Transport"): sslmode always, explicit rather than left to the
+    JDBC driver's default; the files when set, as paths on the Connect workers. No key
+    passphrase: the connector's config is shown by Kafka Connect's REST API."""
+    pg = settings
+    files = {
+        "database.sslrootcert": pg.sslrootcert,
+        "database.sslcert": pg.sslcert,
+        "database.sslkey": pg.sslkey,
+    }
+    return {"database.sslmode": pg.sslmode, **{k: v for k, v in files.items() if v is not None}}
+
+
+def _base_config(settings: Settings) -> dict[str, str]:
     pg, kafka = settings.postgres, settings.kafka
     return {
         "connector.class": "io.debezium.connector.postgresql.PostgresConnector",

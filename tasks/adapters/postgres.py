@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import stringprep
 import unicodedata
 from dataclasses import dataclass
@@ -19,6 +20,14 @@ from tasks.core.errors import ConfigurationError, ServiceUnavailable, TransientE
 from tasks.settings import PostgresSettings
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas" / "postgres"
+# libpq's words for a TLS set-up that cannot work: the server's certificate does not verify
+# or match the host, a CA or client file is missing or unusable, the server has no TLS, or
+# pg_hba refuses a connection because it is not encrypted.
+_TLS_FAILURE = re.compile(
+    r"certificate|private key|does not support SSL|sslmode value|SSL error: (?!.*EOF)"
+    r"|pg_hba\.conf rejects connection .*no encryption",
+    re.IGNORECASE,
+)
 
 
 def connect(role: str, settings: PostgresSettings, autocommit: bool = False) -> psycopg.Connection:
@@ -31,6 +40,15 @@ def connect(role: str, settings: PostgresSettings, autocommit: bool = False) -> 
     except psycopg.Error as exc:
         # The message names host and port but never the password.
         what = f"connecting to PostgreSQL at {cfg.host}:{cfg.port} as {role}"
+        if _TLS_FAILURE.search(str(exc)):
+            # A certificate that does not verify, a missing CA file, a server without TLS:
+            # configuration, which no retry fixes (docs/security.md, "Transport").
+            files = {"sslrootcert": cfg.sslrootcert, "sslcert": cfg.sslcert}
+            named = "".join(f", {k}={v}" for k, v in files.items() if v)
+            raise ConfigurationError(
+                f"{what} with sslmode={cfg.sslmode}{named}: TLS failed: "
+                f"{' '.join(str(exc).split())}"
+            ) from exc
         error = classify(exc, what)
         if isinstance(error, TransientError):
             raise ServiceUnavailable(

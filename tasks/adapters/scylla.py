@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import ssl
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -47,6 +48,11 @@ from tasks.core.projection import Mutation
 from tasks.settings import ScyllaSettings
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas" / "scylla"
+# Python's ssl words for a node's certificate that does not verify or match its address.
+_TLS_FAILURE: Final = re.compile(
+    r"CERTIFICATE_VERIFY_FAILED|certificate verify failed|mismatch, certificate is not valid"
+    r"|WRONG_VERSION_NUMBER"
+)
 
 
 def execution_profile(cfg: ScyllaSettings) -> ExecutionProfile:
@@ -60,32 +66,74 @@ def execution_profile(cfg: ScyllaSettings) -> ExecutionProfile:
     )
 
 
-def connect(settings: ScyllaSettings, keyspace: str | None = None) -> Session:
-    """A connected session (``keyspace`` its default keyspace, if given). Prefer ``session``,
-    which also shuts it down."""
+def ssl_context(settings: ScyllaSettings) -> ssl.SSLContext | None:
+    """The TLS context of every connection to the nodes, or None without TLS
+    (docs/security.md, "Transport"). It verifies the node's certificate always, and its
+    address against the certificate when ``ssl_check_hostname`` (the driver then passes the
+    node's address as the server name: the nodes' certificates need it as an IP SAN)."""
+    cfg = settings
+    if not cfg.ssl:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = cfg.ssl_check_hostname
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        if cfg.ssl_ca_file:
+            context.load_verify_locations(cafile=cfg.ssl_ca_file)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        if cfg.ssl_certfile:
+            context.load_cert_chain(cfg.ssl_certfile, cfg.ssl_keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        # The paths are configuration, not secrets: name them.
+        files = [f for f in (cfg.ssl_ca_file, cfg.ssl_certfile, cfg.ssl_keyfile) if f]
+        raise ConfigurationError(f"Scylla TLS files {files} cannot be used: {exc}") from exc
+    return context
+
+
+def cluster_kwargs(settings: ScyllaSettings) -> dict[str, Any]:
+    """Everything ``Cluster`` is built with, transport and authentication included; kept
+    apart from ``connect`` so that a test sees them without a cluster."""
     cfg = settings
     auth = (
         PlainTextAuthProvider(cfg.username, cfg.password.get_secret_value())
         if cfg.username and cfg.password
         else None
     )
-    cluster = Cluster(
-        cfg.contact_points,
-        port=cfg.port,
-        auth_provider=auth,
-        execution_profiles={EXEC_PROFILE_DEFAULT: execution_profile(cfg)},
-        protocol_version=4,
-        connect_timeout=5,
+    return {
+        "contact_points": cfg.contact_points,
+        "port": cfg.port,
+        "auth_provider": auth,
+        "ssl_context": ssl_context(cfg),
+        "execution_profiles": {EXEC_PROFILE_DEFAULT: execution_profile(cfg)},
+        "protocol_version": 4,
+        "connect_timeout": 5,
         # The driver's default backs off to 10 minutes: after an outage the consumer and the
         # dual-writes kept failing ~40 s after Cassandra was back (fault suite, 60 s outage),
         # and would for minutes after a long one. Retry a node every 1 s up to every 10 s.
-        reconnection_policy=ExponentialReconnectionPolicy(base_delay=1.0, max_delay=10.0),
-    )
+        "reconnection_policy": ExponentialReconnectionPolicy(base_delay=1.0, max_delay=10.0),
+    }
+
+
+def connect(settings: ScyllaSettings, keyspace: str | None = None) -> Session:
+    """A connected session (``keyspace`` its default keyspace, if given). Prefer ``session``,
+    which also shuts it down."""
+    cfg = settings
+    cluster = Cluster(**cluster_kwargs(cfg))
     try:
         return cluster.connect(keyspace)
     except Exception as exc:
         cluster.shutdown()
-        error = classify(exc, f"connecting to Scylla at {cfg.contact_points}:{cfg.port}")
+        where = f"connecting to Scylla at {cfg.contact_points}:{cfg.port}"
+        if cfg.ssl and _TLS_FAILURE.search(str(exc)):
+            # A node whose certificate does not verify: configuration, which no retry fixes
+            # (docs/security.md, "Transport").
+            raise ConfigurationError(
+                f"{where} with TLS (ssl_ca_file={cfg.ssl_ca_file}, "
+                f"ssl_check_hostname={cfg.ssl_check_hostname}): {exc}"
+            ) from exc
+        error = classify(exc, where)
         if isinstance(error, TransientError):
             raise ServiceUnavailable("Scylla", f"{cfg.contact_points}:{cfg.port}: {exc}") from exc
         raise error from exc  # bad credentials, a keyspace that does not exist...

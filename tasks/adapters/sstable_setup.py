@@ -106,6 +106,14 @@ def check_target(session: Session) -> Target:
 
 
 def _check_target(session: Session) -> Target:
+    if session.cluster.ssl_context is not None or session.cluster.ssl_options:
+        # The JVM (SSTableBulkWriter) opens its own connections, CQL and streaming, and
+        # has no TLS settings: it would not reach a node that requires TLS, or would send
+        # the rows in the clear (docs/security.md, "Transport").
+        raise ConfigurationError(
+            "the sstable load method does not support TLS to the cluster "
+            "(CQRS_SCYLLA_SSL); use method=cql"
+        )
     if "scylla_local" in session.cluster.metadata.keyspaces["system"].tables:
         raise ConfigurationError(
             "the sstable load method streams Cassandra SSTables, which ScyllaDB does not "
