@@ -37,6 +37,11 @@ def create_topics() -> list[str]:
 
 
 @task(retries=5, retry_delay_seconds=3, retry_condition_fn=retry_if_transient)
+def grow_topic_partitions() -> dict[str, int]:
+    return kafka.grow_partitions(get_settings().kafka)
+
+
+@task(retries=5, retry_delay_seconds=3, retry_condition_fn=retry_if_transient)
 def register_debezium_connector() -> ConnectorState:
     return register_connector(get_settings())
 
@@ -52,6 +57,15 @@ def setup_flow(register_connector: bool = True) -> dict[str, object]:
     result: dict[str, object] = {"postgres": pg, "scylla": cql}
     if register_connector:
         log.info("Kafka topics created now: %s", create_topics() or "none (all exist)")
+        wanted = settings.kafka.topic_partitions
+        for topic, before in grow_topic_partitions().items():
+            log.warning(
+                "topic %s grown from %d to %d partitions (CQRS_KAFKA_TOPIC_PARTITIONS): some "
+                "keys now land in other partitions, which the versions make safe",
+                topic,
+                before,
+                wanted,
+            )
         state = register_debezium_connector()
         slot = postgres.slot_status(settings.postgres)
         log.info(

@@ -214,6 +214,11 @@ class KafkaSettings(BaseSettings):
     topic_prefix: str = "cqrs"  # Debezium's topic.prefix: topics are <prefix>.public.<table>
     consumer_group: str = "cqrs-sync-cdc"  # the CDC consumers' group: scale out by members
     dead_letter_topic: str = "cqrs.dlq"  # changes that cannot be decoded or written
+    # Partitions of each change topic and of the dead-letter topic: at most this many CDC
+    # members of one group get work. flows.setup creates the topics with it and grows
+    # existing ones to it (never shrinks them; docs/operations.md, "Scaling out CDC").
+    topic_partitions: int = Field(default=3, ge=1, le=10_000)
+    topic_replication_factor: int = Field(default=1, ge=1, le=16)  # for topics it creates
     # How long the group waits for a member that stopped without leaving it (a crash, kill -9)
     # before its partitions move to the others: librdkafka's session.timeout.ms, its default.
     session_timeout_ms: int = Field(default=45_000, ge=6_000, le=300_000)

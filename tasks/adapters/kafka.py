@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
 from tasks.core.catalog import SOURCE_TABLES
 from tasks.core.errors import ConfigurationError, ServiceUnavailable, TransientError, classify
@@ -62,23 +62,23 @@ def change_topics(settings: KafkaSettings) -> list[str]:
 
 
 def ensure_topics(
-    settings: KafkaSettings, partitions: int = 3, replication_factor: int = 1
+    settings: KafkaSettings,
+    partitions: int | None = None,
+    replication_factor: int | None = None,
 ) -> list[str]:
     """Create the change topics and the dead-letter topic if missing; returns those created.
     Partitions are the unit of scale for the CDC consumer group; records are keyed by primary
-    key, so every change of one row stays in order within one partition."""
+    key, so every change of one row stays in order within one partition. ``partitions`` and
+    ``replication_factor`` default to the settings' ``topic_partitions`` and
+    ``topic_replication_factor``."""
     cfg = settings
+    partitions = cfg.topic_partitions if partitions is None else partitions
+    replicas = cfg.topic_replication_factor if replication_factor is None else replication_factor
     client = admin(cfg)
-    try:
-        existing = set(client.list_topics(timeout=10).topics)
-    except KafkaException as exc:
-        error = classify(exc, f"listing topics on {cfg.bootstrap_servers}")
-        if isinstance(error, TransientError):
-            raise ServiceUnavailable("Kafka", f"{cfg.bootstrap_servers}: {exc}") from exc
-        raise error from exc
+    existing = set(_topic_partitions(client, cfg))
     wanted = [*change_topics(cfg), cfg.dead_letter_topic]
     new = [
-        NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
+        NewTopic(t, num_partitions=partitions, replication_factor=replicas)
         for t in wanted
         if t not in existing
     ]
@@ -92,6 +92,47 @@ def ensure_topics(
             if not (isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS):
                 raise classify(exc, f"creating topic {topic}") from exc
     return created
+
+
+def grow_partitions(settings: KafkaSettings, partitions: int | None = None) -> dict[str, int]:
+    """Give every existing change topic and the dead-letter topic ``partitions`` (default:
+    the settings' ``topic_partitions``) if it has fewer; returns {topic: partitions before}
+    of those grown. Kafka cannot take partitions away, so a topic with more keeps them.
+
+    Growing moves some keys to other partitions: a row's changes published before and after
+    may then be applied by different members, out of order. That is safe here because every
+    write carries the source version as its timestamp (docs/operations.md, "Scaling out
+    CDC"), but it is why this runs only from flows.setup, on request of the setting."""
+    cfg = settings
+    partitions = cfg.topic_partitions if partitions is None else partitions
+    client = admin(cfg)
+    counts = _topic_partitions(client, cfg)
+    smaller = {
+        t: n
+        for t in [*change_topics(cfg), cfg.dead_letter_topic]
+        if (n := counts.get(t)) is not None and n < partitions
+    }
+    if not smaller:
+        return {}
+    futures = client.create_partitions([NewPartitions(t, partitions) for t in smaller])
+    for topic, fut in futures.items():
+        try:
+            fut.result()
+        except KafkaException as exc:
+            raise classify(exc, f"growing topic {topic} to {partitions} partitions") from exc
+    return smaller
+
+
+def _topic_partitions(client: AdminClient, cfg: KafkaSettings) -> dict[str, int]:
+    """Every topic on the cluster and its partition count."""
+    try:
+        topics = client.list_topics(timeout=10).topics
+    except KafkaException as exc:
+        error = classify(exc, f"listing topics on {cfg.bootstrap_servers}")
+        if isinstance(error, TransientError):
+            raise ServiceUnavailable("Kafka", f"{cfg.bootstrap_servers}: {exc}") from exc
+        raise error from exc
+    return {name: len(meta.partitions) for name, meta in topics.items()}
 
 
 def consumer_config(settings: KafkaSettings, /, **overrides: Any) -> dict[str, Any]:
