@@ -62,8 +62,9 @@ def _base_config(settings: Settings) -> dict[str, str]:
         # (docs/pitfalls.md #1).
         "heartbeat.interval.ms": "5000",
         "heartbeat.action.query": "UPDATE cqrs_heartbeat SET beat_at = now() WHERE id = 1",
-        # poll.interval.ms bounds end-to-end latency (default 500 ms).
-        "poll.interval.ms": "5",
+        # poll.interval.ms bounds end-to-end latency (Debezium's default is 500 ms) and sets
+        # the idle cost (docs/operations.md, "Idle cost and latency").
+        "poll.interval.ms": str(kafka.debezium_poll_interval_ms),
         "max.batch.size": "4096",
         "max.queue.size": "16384",
         "tombstones.on.delete": "true",
