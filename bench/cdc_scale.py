@@ -40,6 +40,8 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from bench.cdc import commit_offsets, cpu_by_part, end_offsets, write_backlog
+from bench.history import save_with_previous
+from support.cdc_probe import members_with_partitions
 from tasks.adapters import kafka, scylla
 from tasks.cdc.consumer import CdcConsumer
 from tasks.cdc.options import CdcOptions
@@ -86,16 +88,6 @@ def committed(settings: Settings, group: str, tps: list[TopicPartition]) -> int:
         c.close()
 
 
-def working(admin: Any, group: str) -> int:
-    """Members of ``group`` holding partitions now."""
-    (fut,) = admin.describe_consumer_groups([group], request_timeout=10).values()
-    try:
-        desc = fut.result()
-    except Exception:  # the group is not formed yet
-        return 0
-    return sum(1 for m in desc.members if m.assignment and m.assignment.topic_partitions)
-
-
 def drain(
     settings: Settings,
     members: int,
@@ -114,7 +106,6 @@ def drain(
         subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(members)
     ]
     wanted = min(members, len(tps) // max(1, len(kafka.change_topics(settings.kafka))))
-    admin = kafka.admin(settings.kafka)
     began = done = None
     began_at = first
     deadline = time.monotonic() + 900
@@ -123,7 +114,11 @@ def drain(
         now = time.monotonic()
         # The clock starts once every member that can get partitions has them: the first
         # member starts alone and the others join as their processes come up.
-        if began is None and now_committed > first and working(admin, group) >= wanted:
+        if (
+            began is None
+            and now_committed > first
+            and members_with_partitions(settings.kafka, group) >= wanted
+        ):
             began, began_at = now, now_committed
         if now_committed >= last:
             done = now
@@ -207,11 +202,7 @@ def main() -> None:
         "batch_size": a.batch_size,
         "runs": runs,
     }
-    previous = json.loads(a.out.read_text()).get("current") if a.out.exists() else None
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"current": result, "previous": previous}, indent=2) + "\n")
-    a.out.with_suffix(".md").write_text(markdown(result, previous))
-    print(markdown(result, previous))
+    print(save_with_previous(a.out, result, markdown))
 
 
 def markdown(r: dict[str, Any], previous: dict[str, Any] | None) -> str:

@@ -21,7 +21,6 @@ bench/results/idle-cost.json (this run and the previous one) and idle-cost.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from datetime import UTC, datetime
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cdc import cpu_by_part, fixed_rate
+from bench.history import save_with_previous
 from tasks.adapters.kafka_connect import KafkaConnectClient, connector_config
 from tasks.settings import get_settings
 
@@ -105,12 +105,7 @@ def main() -> None:
         "rate_s": a.rate_s,
         "runs": runs,
     }
-    previous = json.loads(a.out.read_text()).get("current") if a.out.exists() else None
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"current": result, "previous": previous}, indent=2) + "\n")
-    md = markdown(result, previous)
-    a.out.with_suffix(".md").write_text(md)
-    print(md)
+    print(save_with_previous(a.out, result, markdown))
 
 
 def markdown(r: dict[str, Any], previous: dict[str, Any] | None) -> str:

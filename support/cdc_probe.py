@@ -149,3 +149,14 @@ class LocalCdc:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def members_with_partitions(settings: KafkaSettings, group: str) -> int:
+    """Members of ``group`` holding partitions now (0 while the group is not formed)."""
+    admin = kafka.admin(settings)  # held: its futures fail if it is collected
+    (fut,) = admin.describe_consumer_groups([group], request_timeout=10).values()
+    try:
+        desc = fut.result()
+    except Exception:  # no such group yet
+        return 0
+    return sum(1 for m in desc.members if m.assignment and m.assignment.topic_partitions)

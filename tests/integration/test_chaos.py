@@ -47,7 +47,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from infra import stack
 from infra.postgres import pg_bindir
-from support.cdc_probe import ChangeTap, position_group_at_end
+from support.cdc_probe import ChangeTap, members_with_partitions, position_group_at_end
 from tasks.adapters import kafka, postgres, scylla
 from tasks.adapters.kafka_connect import KafkaConnectClient
 from tasks.audit.diff import Difference, first_passes
@@ -223,16 +223,6 @@ class CdcGroup:
 
     def committed(self) -> int:
         return _committed_total(self.group)
-
-
-def members_with_partitions(group: str) -> int:
-    admin = kafka.admin(get_settings().kafka)  # held: its futures fail if it is collected
-    (fut,) = admin.describe_consumer_groups([group], request_timeout=10).values()
-    try:
-        desc = fut.result()
-    except Exception:
-        return 0
-    return sum(1 for m in desc.members if m.assignment and m.assignment.topic_partitions)
 
 
 @pytest.fixture(scope="module")
@@ -601,9 +591,9 @@ def test_two_members_one_killed_mid_batch(
     def inject(load: Load, fault: Fault) -> None:
         cdc.ensure_one()
         victim = cdc.spawn()
-        assert wait_for(lambda: members_with_partitions(cdc.group) == 2, 90, 0.5), (
-            "the two members never shared the partitions"
-        )
+        assert wait_for(
+            lambda: members_with_partitions(get_settings().kafka, cdc.group) == 2, 90, 0.5
+        ), "the two members never shared the partitions"
         # Held for a moment, a backlog builds on the victim's partitions; let go, it takes a
         # batch of it and is killed while applying it.
         os.kill(victim.proc.pid, signal.SIGSTOP)
