@@ -467,14 +467,17 @@ def first_pass(
     cfg: AuditSettings,
     *,
     samples: int = 0,
+    rows_hint: int | None = None,
 ) -> ModelAudit:
     """Checksums of both sides, and the rows of the buckets that differ compared: the
-    differences before any re-check (see :func:`recheck`)."""
+    differences before any re-check (see :func:`recheck`). ``rows_hint``: the read model's
+    :func:`estimate_rows`, when the caller has it already."""
     keyspace = check_keyspace(scylla.keyspace)
     sh = shape(read_model)
     started = time.perf_counter()
     try:
-        rows_hint = estimate_rows(pg_conn, read_model)
+        if rows_hint is None:
+            rows_hint = estimate_rows(pg_conn, read_model)
         buckets = Buckets(bucket_bits(rows_hint, cfg.rows_per_bucket, cfg.max_bucket_bits))
         result = ModelAudit(read_model, buckets.bits)
         profile = ensure_profile(session, scylla.read_consistency_level, scylla.request_timeout_s)
@@ -519,16 +522,21 @@ def first_passes(
     free: queue.SimpleQueue[Connection[Any]] = queue.SimpleQueue()
     for conn in conns:
         free.put(conn)
-    if conns and len(read_models) > 1:
-        size = {rm: estimate_rows(conns[0], rm) for rm in read_models}
-        largest_first = sorted(read_models, key=lambda rm: -size[rm])
-    else:
-        largest_first = list(read_models)
+    size = {rm: estimate_rows(conns[0], rm) for rm in read_models} if conns else {}
+    largest_first = sorted(read_models, key=lambda rm: -size.get(rm, 0))
 
     def one(read_model: str) -> ModelAudit:
         conn = free.get()
         try:
-            return first_pass(conn, session, scylla, read_model, cfg, samples=samples)
+            return first_pass(
+                conn,
+                session,
+                scylla,
+                read_model,
+                cfg,
+                samples=samples,
+                rows_hint=size.get(read_model),
+            )
         finally:
             free.put(conn)
 
