@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -130,6 +132,14 @@ class LocalCdc:
             (tp.topic, tp.partition): tp.offset for tp in self._offsets.committed(tps, timeout=10)
         }
         return all(committed.get((e.topic, e.partition), -1) > e.offset for e in wanted)
+
+    def where(self) -> str:
+        """The consumer thread's stack now, for the message of a wait that timed out: a
+        consumer that stopped committing then says where it is blocked."""
+        frame = sys._current_frames().get(self._thread.ident or -1)
+        if frame is None:
+            return f"consumer thread not running; errors: {self.errors!r}"
+        return "consumer thread at:\n" + "".join(traceback.format_stack(frame))
 
     def stop(self) -> None:
         self.consumer.stop()

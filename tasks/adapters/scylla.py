@@ -11,6 +11,7 @@ import hashlib
 import re
 import ssl
 import struct
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,15 +22,22 @@ from cassandra.cluster import (
     EXEC_PROFILE_DEFAULT,
     Cluster,
     ExecutionProfile,
+    ResponseFuture,
+    ResultSet,
     Session,
 )
-from cassandra.concurrent import execute_concurrent
 from cassandra.policies import (
     DCAwareRoundRobinPolicy,
     ExponentialReconnectionPolicy,
     TokenAwarePolicy,
 )
-from cassandra.query import BatchStatement, BatchType, BoundStatement, PreparedStatement
+from cassandra.query import (
+    BatchStatement,
+    BatchType,
+    BoundStatement,
+    PreparedStatement,
+    Statement,
+)
 
 from tasks.adapters.replica_batches import (
     bound_bytes,
@@ -137,6 +145,33 @@ def connect(settings: ScyllaSettings, keyspace: str | None = None) -> Session:
         if isinstance(error, TransientError):
             raise ServiceUnavailable("Scylla", f"{cfg.contact_points}:{cfg.port}: {exc}") from exc
         raise error from exc  # bad credentials, a keyspace that does not exist...
+
+
+def execute_windowed(
+    session: Session,
+    requests: Iterable[tuple[Statement | str, Sequence[Any]]],
+    concurrency: int,
+    execution_profile: object = EXEC_PROFILE_DEFAULT,
+) -> Iterator[ResultSet]:
+    """Each request's result, in order, with at most ``concurrency`` in flight; raises the
+    first failure met in that order (requests still in flight then finish on their own).
+
+    Every request is bounded by its profile's ``request_timeout``. The driver's own
+    ``execute_concurrent`` sends with ``timeout=None``: a response that never comes (a node
+    that stalls, a lost frame) then blocks its caller for ever, without a log line, which is
+    how a CDC consumer once stopped committing (docs/decisions.md, "Every Scylla request has a
+    deadline")."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    inflight: deque[ResponseFuture] = deque()
+    for statement, params in requests:
+        if len(inflight) >= concurrency:
+            yield inflight.popleft().result()
+        inflight.append(
+            session.execute_async(statement, params or None, execution_profile=execution_profile)
+        )
+    while inflight:
+        yield inflight.popleft().result()
 
 
 def close(session: Session) -> None:
@@ -274,7 +309,8 @@ class ScyllaWriter:
         TIMESTAMP and replaying any subset converges. Meant for small sets (Cassandra warns
         above 5 KiB of mutation data per batch and fails above 50 KiB); callers check
         ``batch_bytes`` first. One mutation goes as a plain statement (a batch of one only
-        adds the batch's cost)."""
+        adds the batch's cost). Without ``timeout`` the profile's ``request_timeout`` bounds
+        it."""
         if not mutations:
             return 0
         what = f"Scylla batch of {len(mutations)} mutations"
@@ -287,7 +323,11 @@ class ScyllaWriter:
                 request = self._batch()
                 for i, (stmt, params) in enumerate(statements):
                     request.add(_bind(stmt, params, i))
-            self.session.execute(request, timeout=timeout)
+            # The driver reads timeout=None as "no deadline": leave it unset then.
+            if timeout is None:
+                self.session.execute(request)
+            else:
+                self.session.execute(request, timeout=timeout)
         except Exception as exc:
             raise classify(exc, what) from exc
         return len(mutations)
@@ -332,8 +372,9 @@ class ScyllaWriter:
         return out
 
     def write(self, mutations: Sequence[Mutation], timeout: float | None = None) -> int:
-        """Write all mutations (in replica-set batches, see ``requests``; with ``timeout``,
-        one request per mutation, each bounded by it). Raises TransientError if the cluster
+        """Write all mutations (in replica-set batches, see ``requests``, each bounded by
+        the profile's ``request_timeout``; with ``timeout``, one request per mutation, each
+        bounded by it). Raises TransientError if the cluster
         failed any of them (the caller retries the whole call: the writes are idempotent),
         RejectedData or TerminalError as the class says. Every mutation is bound before any
         is sent, so a RejectedData means nothing of this call was sent."""
@@ -350,20 +391,12 @@ class ScyllaWriter:
                 for f in futures:
                     f.result()
                 return len(statements)
-            results = execute_concurrent(
-                self.session,
-                [(r, ()) for r in self.requests(statements)],
-                concurrency=self.concurrency,
-                raise_on_first_error=True,
-            )
+            for _ in execute_windowed(
+                self.session, ((r, ()) for r in self.requests(statements)), self.concurrency
+            ):
+                pass
         except Exception as exc:
             raise classify(exc, what) from exc
-        failed = [r.result_or_exc for r in results if not r.success]
-        if failed:
-            error = failed[0]
-            raise classify(error, f"{len(failed)} requests of {what}") from (
-                error if isinstance(error, BaseException) else None
-            )
         return len(statements)
 
 

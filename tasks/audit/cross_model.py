@@ -183,15 +183,14 @@ def _each(
     """``keep`` of the rows of ``stmt`` for each parameter tuple, LOOKUP_CHUNK statements in
     flight. ``keep`` iterates the rows page by page (the driver fetches the next page as it
     goes), so what it keeps, not the partition, sizes the memory used."""
-    from cassandra.concurrent import execute_concurrent_with_args
+    from tasks.adapters.scylla import execute_windowed
 
     out: list[Any] = []
     try:
         for chunk in chunks(params, LOOKUP_CHUNK):
-            results = execute_concurrent_with_args(
-                session, stmt, chunk, concurrency=len(chunk), raise_on_first_error=True
+            out.extend(
+                keep(rs) for rs in execute_windowed(session, ((stmt, p) for p in chunk), len(chunk))
             )
-            out.extend(keep(rs) for _ok, rs in results)
     except Exception as exc:
         raise classify(exc, what) from exc
     return out

@@ -310,7 +310,7 @@ def actual_by_key(
     session: Session, keyspace: str, sh: Shape, keys: Collection[Key], profile: str
 ) -> dict[Key, tuple[int, tuple[str | None, ...], int | None, int | None]]:
     """The rows Scylla holds at these keys (single-row reads)."""
-    from cassandra.concurrent import execute_concurrent_with_args
+    from tasks.adapters.scylla import execute_windowed
 
     stmt = session.prepare(sh.point_cql(keyspace))
     key_cols = sh.columns[: sh.key_width]
@@ -320,10 +320,7 @@ def actual_by_key(
     ]
     width = len(sh.columns)
     out: dict[Key, tuple[int, tuple[str | None, ...], int | None, int | None]] = {}
-    results = execute_concurrent_with_args(
-        session, stmt, args, concurrency=32, raise_on_first_error=True, execution_profile=profile
-    )
-    for _ok, rows in results:
+    for rows in execute_windowed(session, ((stmt, a) for a in args), 32, profile):
         for row in rows:
             key, actual = read_back(row, width, sh.key_width)
             out[key] = actual

@@ -11,7 +11,7 @@ import pandas as pd
 from tasks.audit.suites import check_read_model
 from tasks.core.catalog import KEY_COLUMNS
 from tasks.core.cql import check_keyspace
-from tasks.core.errors import ConfigurationError, InvalidInput, TransientError, classify
+from tasks.core.errors import ConfigurationError, InvalidInput, classify
 from tasks.core.write_policy import as_uuid
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def read_model_frame(
     """Rows of the given partitions of a read model, at most ``limit`` in all (partitions in
     the order given, rows in clustering order), with every column of the table (whatever the
     schema holds now) and timestamps as tz-aware UTC."""
-    from cassandra.concurrent import execute_concurrent_with_args
+    from tasks.adapters.scylla import execute_windowed
 
     check_read_model(read_model)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
@@ -67,17 +67,7 @@ def read_model_frame(
     if keys:
         try:
             stmt = session.prepare(f"SELECT * FROM {ks}.{read_model} WHERE {pk} = ? LIMIT ?")
-            results = execute_concurrent_with_args(
-                session,
-                stmt,
-                [(k, limit) for k in keys],
-                concurrency=concurrency,
-                raise_on_first_error=True,
-                results_generator=True,
-            )
-            for ok, rs in results:
-                if not ok:  # not reached with raise_on_first_error; kept for safety
-                    raise TransientError(f"reading {read_model} failed: {rs!r}")
+            for rs in execute_windowed(session, ((stmt, (k, limit)) for k in keys), concurrency):
                 for row in rs:
                     rows.append(_row_dict(row, columns))
                     if len(rows) >= limit:

@@ -228,7 +228,7 @@ def test_truncate_is_refused_loudly_and_a_rebuild_repairs(
         )
         inserts = tap.collect(lambda e: e.change is not None and e.change.table == "steps", 1)
         tap.close()
-        assert inserts and wait_for(lambda: cdc_consumer.applied(inserts))
+        assert inserts and wait_for(lambda: cdc_consumer.applied(inserts)), cdc_consumer.where()
         admin.execute("TRUNCATE steps")
     (dead,) = dlq_messages(
         dlq_end,
@@ -276,7 +276,7 @@ def test_an_agent_turn_at_the_size_cap_reaches_the_read_model(
     )
     tap.close()
     assert [e.event.change.op for e in events if e.event.change] == ["c", "u"]
-    assert wait_for(lambda: cdc_consumer.applied(events), 120)
+    assert wait_for(lambda: cdc_consumer.applied(events), 120), cdc_consumer.where()
     assert timeline_contents(cql, session) == {turn: second}
     # One byte over the cap is refused by Postgres, naming the constraint.
     with pytest.raises(psycopg.errors.CheckViolation, match="agent_turns_content_size"):

@@ -309,7 +309,9 @@ def test_hostile_messages_are_dead_lettered_and_the_genuine_changes_around_them_
         TappedEvent(p.topic, p.partition, p.offset, DecodedEvent("skip", None, None, None))
         for p in produced
     ]  # ``applied`` reads only the positions
-    assert wait_for(lambda: cdc_consumer.applied(positions), 120), "offsets did not move past"
+    assert wait_for(lambda: cdc_consumer.applied(positions), 120), (
+        f"offsets did not move past; {cdc_consumer.where()}"
+    )
     assert not cdc_consumer.errors
     # ...the genuine changes reached Cassandra (the oracle: the SQL views)...
     if not wait_for(lambda: agree(cql, [user], [session], (agent,)), 60):

@@ -170,9 +170,10 @@ def test_reinserted_rows_are_visible_after_cdc_and_after_a_backfill(
         tap.close()
 
     # CDC: the consumer applies the delete and the insert (and any order of them converges).
-    assert wait_for(lambda: all(visible_text(cql, w, t) == "again" for t in TABLES)), {
-        t: visible_text(cql, w, t) for t in TABLES
-    }
+    assert wait_for(lambda: all(visible_text(cql, w, t) == "again" for t in TABLES)), (
+        {t: visible_text(cql, w, t) for t in TABLES},
+        cdc_consumer.where(),
+    )
 
     # Backfill: a keyspace that holds CDC's tombstones of the deletes (the real events,
     # decoded and projected as the consumer does) and nothing else gets the rows back.
@@ -257,7 +258,7 @@ def test_dual_write_create_racing_delete_session_is_visible(
             3,
         )
         assert len(events) == 3, events
-        assert wait_for(lambda: cdc_consumer.applied(events))
+        assert wait_for(lambda: cdc_consumer.applied(events)), cdc_consumer.where()
         assert visible_text(cql, w, "sessions") == "again"
     finally:
         tap.close()

@@ -10,10 +10,12 @@ import random
 import re
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from cassandra import OperationTimedOut
 from cassandra.cluster import Session
 from cassandra.query import BatchStatement
 
@@ -27,6 +29,7 @@ from tasks.core.projection import Delete, Mutation, Upsert, project_row
 from tasks.dual_write.read_model import ScyllaHandle
 from tasks.settings import get_settings
 from tests.integration.conftest import own_keyspace
+from tests.integration.stall_proxy import StallProxy
 
 CFG = get_settings()
 
@@ -312,3 +315,69 @@ def test_a_1_mib_turn_is_written_by_cdc_backfill_and_dual_write(
     for m in (cdc[1], backfill, dual):
         assert _stored(session, ks, m) == big
     assert not [w for w in server_warnings if BATCH_WARNING in w], server_warnings
+
+
+def test_a_reply_that_never_comes_fails_by_the_request_deadline_then_writes_resume(
+    ks: str,
+) -> None:
+    """A node that holds its replies with every connection open: the consumer's write and
+    the audit's reads fail with the driver's request timeout (a TransientError the caller
+    retries), never wait for ever, and work again once the replies flow. Before, both went
+    through the driver's execute_concurrent, which sends with no deadline at all: the write
+    hung until a heartbeat on an idle connection failed, or for ever if heartbeats got
+    through (docs/decisions.md, "Every Scylla request has a deadline")."""
+    deadline_s = 2.0
+    with StallProxy((CFG.scylla.contact_points[0], CFG.scylla.port)) as proxy:
+        cfg = CFG.scylla.model_copy(
+            update={
+                "contact_points": ["127.0.0.1"],
+                "port": proxy.port,
+                "request_timeout_s": deadline_s,
+            }
+        )
+        with scylla.session(cfg, ks) as through_proxy:
+            writer = ScyllaWriter(through_proxy, cfg, keyspace=ks)
+            sid = uuid.uuid4()
+            before = [_turn("before", sid, n) for n in range(3)]
+            assert writer.write(before) == 3
+
+            def write_stalled() -> BaseException | None:
+                try:
+                    writer.write([_turn("while stalled", sid, n) for n in range(3, 40)])
+                except BaseException as exc:
+                    return exc
+                return None
+
+            stmt = through_proxy.prepare(
+                f"SELECT turn_id FROM {ks}.conversation_timeline WHERE session_id = ?"
+            )
+
+            def read_stalled() -> BaseException | None:
+                try:
+                    list(scylla.execute_windowed(through_proxy, [(stmt, (sid,))] * 4, 2))
+                except BaseException as exc:
+                    return exc
+                return None
+
+            proxy.stall()
+            try:
+                with ThreadPoolExecutor(2) as pool:
+                    write, read = pool.submit(write_stalled), pool.submit(read_stalled)
+                    # Far below the heartbeat's 30 s idle interval plus 30 s timeout, which
+                    # would end a request sent without a deadline.
+                    write_error = write.result(timeout=20)
+                    read_error = read.result(timeout=20)
+            finally:
+                proxy.release()
+            assert isinstance(write_error, TransientError), repr(write_error)
+            assert isinstance(write_error.__cause__, OperationTimedOut), repr(write_error.__cause__)
+            assert isinstance(read_error, OperationTimedOut), repr(read_error)
+
+            # The replies flow again: the same session writes and reads.
+            after = [_turn("after", sid, n) for n in range(40, 43)]
+            assert writer.write(after) == 3
+            rows = through_proxy.execute(
+                f"SELECT content FROM {ks}.conversation_timeline WHERE session_id = %s", (sid,)
+            )
+            contents = [r.content for r in rows]
+            assert contents.count("before") == 3 and contents.count("after") == 3, contents
