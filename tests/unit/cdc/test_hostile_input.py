@@ -22,14 +22,13 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 from unittest import mock
 
 import pytest
-from cassandra.concurrent import ExecutionResult
 from cassandra.query import BatchStatement, BoundStatement
 from confluent_kafka import Message, TopicPartition
 from hypothesis import HealthCheck, example, given, settings
@@ -115,15 +114,17 @@ class Executed:
     values: list[list[bytes | None]] = field(default_factory=list)
 
     def __call__(
-        self, _session: Any, requests: Sequence[tuple[Any, Any]], **_kw: Any
-    ) -> list[ExecutionResult]:
+        self, _session: Any, requests: Iterable[tuple[Any, Any]], *_args: Any, **_kw: Any
+    ) -> list[None]:
+        out: list[None] = []
         for request, _ in requests:
             if isinstance(request, BoundStatement):
                 self.values.append(list(request.values))
             elif isinstance(request, BatchStatement):
                 for _is_prepared, _id, params in request._statements_and_parameters:
                     self.values.append(list(params))
-        return [ExecutionResult(True, None) for _ in requests]
+            out.append(None)
+        return out
 
 
 @dataclass
@@ -141,7 +142,7 @@ def offline_io() -> Iterator[Executed]:
     with (
         mock.patch.object(consumer_module, "Consumer", FakeKafka),
         mock.patch.object(consumer_module, "DeadLetters", FakeDeadLetters),
-        mock.patch("tasks.adapters.scylla.execute_concurrent", executed),
+        mock.patch("tasks.adapters.scylla.execute_windowed", executed),
     ):
         yield executed
 

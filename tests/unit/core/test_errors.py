@@ -264,7 +264,7 @@ class FakeSession:
         session = self
 
         class F:
-            """Enough of a ResponseFuture for execute_concurrent."""
+            """Enough of a ResponseFuture for the writer."""
 
             has_more_pages = False
             _col_names = _col_types = _paging_state = None
