@@ -53,8 +53,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     _reattach_log_streams()
 
 
+INTEGRATION = ROOT / "tests" / "integration"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The fault suite runs last: it restarts Postgres, Kafka and Cassandra, and connections
     other modules keep for their whole session (a dual-write session's pool) would meet the
-    restart as an error that is the fault suite's, not theirs."""
+    restart as an error that is the fault suite's, not theirs.
+
+    Every test of the stack is in one xdist group: with `pytest -n 2 --dist loadgroup` (what
+    `make test` runs) they run one after another, in this order, in one worker, and the unit
+    tests run beside them in the other (README, "Development")."""
     items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)
+    for item in items:
+        if INTEGRATION in item.path.parents:
+            item.add_marker(pytest.mark.xdist_group("stack"))
