@@ -39,7 +39,7 @@ demo-stop: venv   ## cancel the demo's CDC run and stop serving the deployments 
 	$(PY) -m flows.demo --stop
 
 test: up          ## install, start the stack, run every test
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m support.run_tests
 
 test-unit: venv   ## fast pure tests, no stack (CI also runs the ones marked slow)
 	$(PY) -m pytest tests/unit -m "not slow"

@@ -53,37 +53,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     _reattach_log_streams()
 
 
-INTEGRATION = ROOT / "tests" / "integration"
-
-
-# tryfirst: xdist's worker reads the xdist_group marks in its own modifyitems hook; a mark added
-# after it is ignored, and the stack's tests were spread over both workers (chaos beside them).
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The fault suite runs last: it restarts Postgres, Kafka and Cassandra, and connections
     other modules keep for their whole session (a dual-write session's pool) would meet the
-    restart as an error that is the fault suite's, not theirs.
-
-    Every test of the stack is in one xdist group: with `pytest -n 2 --dist loadgroup` (what
-    `make test` runs) they run one after another, in this order, in one worker, and the unit
-    tests run beside them in the other (README, "Development")."""
+    restart as an error that is the fault suite's, not theirs. (`make test` runs the unit
+    tests in a second pytest beside these: support/run_tests.py.)"""
     items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)
-    for item in items:
-        if INTEGRATION in item.path.parents:
-            item.add_marker(pytest.mark.xdist_group("stack"))
-
-
-_niced = False
-
-
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Under xdist, the worker running unit tests yields the CPU to the stack's tests.
-
-    Unit tests are CPU-bound; on a 2-core machine at equal priority they took CPU the stack's
-    tests need, and a throughput check of the audit under load failed (452 changes/s against a
-    floor of 500). At nice 10 they run on what the stack leaves idle."""
-    global _niced
-    if _niced or not os.environ.get("PYTEST_XDIST_WORKER") or INTEGRATION in item.path.parents:
-        return
-    os.nice(10)
-    _niced = True
