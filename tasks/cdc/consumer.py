@@ -44,6 +44,9 @@ __all__ = ["CdcConsumer", "CdcOptions", "RunResult"]
 
 log = logging.getLogger("cqrs_sync.cdc")
 
+COMMIT_RESEND_S = 10.0  # an offset commit unanswered this long is sent again
+COMMIT_FLUSH_S = 10.0  # how long a stopping consumer tries to commit what it applied
+
 
 @dataclass
 class RunResult:
@@ -83,6 +86,7 @@ class CdcConsumer:
                     "statistics.interval.ms": 0,
                     "auto.offset.reset": "error",
                     "error_cb": self._on_kafka_error,
+                    "on_commit": self._on_commit,
                     **(consumer_overrides or {}),
                 },
             )
@@ -92,9 +96,10 @@ class CdcConsumer:
         )
         # Named events for what a person must act on (a Prefect event in the flow).
         self.emit: Event = emit or (lambda _name, _payload: None)
-        # Offsets of applied batches whose commit a rebalance interrupted: retried on the
-        # next loop turn, or committed in on_revoke before the partition is given up.
+        # Offsets of applied batches not yet known committed: sent on the next loop turn
+        # (or in on_revoke before the partition is given up), cleared by ``_on_commit``.
         self._uncommitted: dict[tuple[str, int], int] = {}
+        self._commit_sent: float | None = None  # when the commit in flight was sent
         self._fatal: CqrsSyncError | None = None
         self._kafka_down: Waiting | None = None
         self._report: Callable[[MetricsReport], None] | None = None
@@ -168,6 +173,7 @@ class CdcConsumer:
                 )
         finally:
             try:
+                self._flush_commits()
                 self._publish()
             finally:
                 self.close()
@@ -301,38 +307,80 @@ class CdcConsumer:
         return self.applier.apply(batch, self._report_due)
 
     def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Commit what is applied, asynchronously: ``_on_commit`` (served by poll) clears it.
+
+        Never a synchronous commit: librdkafka holds one until a group coordinator answers,
+        with no deadline, and a coordinator lost in a Kafka restart left the loop blocked in
+        it for good: no polling, no reports, the group left after max.poll.interval.ms
+        (docs/decisions.md, "Offsets are committed asynchronously"). One commit is in flight
+        at a time; a newer one waits for its answer, or is sent anyway after
+        ``COMMIT_RESEND_S`` without one."""
         self._uncommitted.update(offsets)
         if not self._uncommitted:
             return
-        tps = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items()]
-        delay = self.options.retry_initial_s
-        for _attempt in range(8):
-            try:
-                self.consumer.commit(offsets=tps, asynchronous=False)
-                self._uncommitted.clear()
+        now = time.monotonic()
+        if self._commit_sent is not None:
+            waited = now - self._commit_sent
+            if waited < COMMIT_RESEND_S:
                 return
-            except KafkaException as exc:
-                code = exc.args[0].code() if exc.args else None
-                if code in (
-                    KafkaError.REBALANCE_IN_PROGRESS,
-                    KafkaError.ILLEGAL_GENERATION,
-                    KafkaError.UNKNOWN_MEMBER_ID,
-                    KafkaError._NO_OFFSET,
-                ):
-                    # Kept in _uncommitted: retried on the next loop turn, or committed in
-                    # on_revoke. A partition that moved on is re-read by its new owner from
-                    # the last commit, and re-applying is idempotent.
-                    log.info("commit deferred by a rebalance: %s", exc)
-                    return
-                error = classify(exc, "offset commit")
-                if not isinstance(error, TransientError):
-                    raise error from exc  # e.g. the group is not authorized: say so, stop
-                log.warning("offset commit failed, retrying in %.1fs: %s", delay, exc)
-                if self.stop_event.wait(delay):
-                    break
-                delay = min(delay * 2, self.options.retry_max_s)
-        # Not committing loses nothing: the batch is re-delivered and re-applied.
-        log.error("offset commit kept failing; the batch will be re-delivered after a restart")
+            log.warning("offset commit unanswered after %.0f s; sending it again", waited)
+        tps = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items()]
+        self._commit_sent = now  # before: an answer may come before commit() returns
+        try:
+            self.consumer.commit(offsets=tps, asynchronous=True)
+        except KafkaException as exc:
+            self._commit_sent = None
+            self._commit_failed(exc.args[0] if exc.args else None, exc)
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        self._commit_sent = None
+        if err is not None:
+            self._commit_failed(err, KafkaException(err))
+            return
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            # A partition's newer offset, applied since this commit was sent, stays.
+            if tp.error is None and self._uncommitted.get(key) == tp.offset:
+                del self._uncommitted[key]
+
+    def _commit_failed(self, err: KafkaError | None, exc: KafkaException) -> None:
+        code = err.code() if err is not None else None
+        if code in (
+            KafkaError.REBALANCE_IN_PROGRESS,
+            KafkaError.ILLEGAL_GENERATION,
+            KafkaError.UNKNOWN_MEMBER_ID,
+            KafkaError._NO_OFFSET,
+        ):
+            # Kept in _uncommitted: sent again on the next loop turn, or in on_revoke. A
+            # partition that moved on is re-read by its new owner from the last commit, and
+            # re-applying is idempotent.
+            log.info("commit deferred by a rebalance: %s", exc)
+            return
+        error = classify(exc, "offset commit")
+        if not isinstance(error, TransientError):
+            self._fatal = error  # e.g. the group is not authorized: say so, stop
+            return
+        # Not committing loses nothing: what is applied is re-delivered and re-applied.
+        log.warning("offset commit failed, sent again on the next loop turn: %s", exc)
+
+    def _flush_commits(self) -> None:
+        """Before leaving the group: commit what is applied, for at most
+        ``COMMIT_FLUSH_S`` (polling serves the answer; what it fetches is not applied, so
+        it is re-delivered to whoever reads the partition next)."""
+        deadline = time.monotonic() + COMMIT_FLUSH_S
+        while self._uncommitted and self._fatal is None and time.monotonic() < deadline:
+            self._commit({})
+            try:
+                self.consumer.poll(0.1)
+            except Exception as exc:  # a closed or failed consumer: nothing more to commit
+                log.warning("could not commit on the way out: %s", exc)
+                return
+        if self._uncommitted:
+            log.warning(
+                "stopping with %d partition(s) applied but not committed: re-delivered and "
+                "re-applied (idempotently) by the next reader",
+                len(self._uncommitted),
+            )
 
     # -- rebalances
 
@@ -376,7 +424,8 @@ class CdcConsumer:
         ]
         if pending:
             try:
-                consumer.commit(offsets=pending, asynchronous=False)
+                # Asynchronous (see ``_commit``): sent before the partitions are given up.
+                consumer.commit(offsets=pending, asynchronous=True)
             except KafkaException as exc:
                 log.warning(
                     "could not commit revoked partitions (re-applied by their next "

@@ -4,6 +4,7 @@ what is dead-lettered (once), what stops the run, and that a transient failure r
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -158,3 +159,61 @@ def test_reports_and_cancellation_checks_that_fail_never_stop_the_consumer() -> 
 
     c._report, c._should_stop, c._last_report = broken_report, broken_check, 0.0
     assert c._report_due() is False
+
+
+# --------------------------------------------------------------------------------------------
+# Offset commits: asynchronous, one in flight, cleared only by their answer
+
+
+class CommitRecorder:
+    def __init__(self) -> None:
+        self.sent: list[dict[tuple[str, int], int]] = []
+
+    def commit(self, offsets: list[Any], asynchronous: bool = True) -> None:
+        assert asynchronous, "a synchronous commit can block the loop for good"
+        self.sent.append({(tp.topic, tp.partition): tp.offset for tp in offsets})
+
+    def close(self) -> None:
+        pass
+
+
+def _answer(c: CdcConsumer, offsets: dict[tuple[str, int], int], err: Any = None) -> None:
+    from confluent_kafka import TopicPartition
+
+    c._on_commit(err, [TopicPartition(t, p, o) for (t, p), o in offsets.items()])
+
+
+def test_commits_are_async_one_in_flight_and_cleared_only_by_their_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    c = consumer(FakeWriter(lambda _ms, _calls: None))
+    c.consumer.close()
+    c.consumer = rec = CommitRecorder()  # type: ignore[assignment]
+    c._commit({("t", 0): 10})
+    c._commit({("t", 0): 20, ("t", 1): 5})  # the first is unanswered: nothing sent
+    assert rec.sent == [{("t", 0): 10}]
+    _answer(c, {("t", 0): 10})  # answers the first; the newer offset 20 stays to commit
+    assert c._uncommitted == {("t", 0): 20, ("t", 1): 5}
+    c._commit({})
+    assert rec.sent[-1] == {("t", 0): 20, ("t", 1): 5}
+    _answer(c, {("t", 0): 20, ("t", 1): 5})
+    assert c._uncommitted == {}
+    # Unanswered past COMMIT_RESEND_S (a coordinator lost): sent again, never waited on.
+    c._commit({("t", 0): 30})
+    clock = time.monotonic() + 11
+    monkeypatch.setattr("tasks.cdc.consumer.time.monotonic", lambda: clock)
+    c._commit({})
+    assert rec.sent[-2:] == [{("t", 0): 30}, {("t", 0): 30}]
+
+
+def test_a_commit_the_group_refuses_for_good_stops_the_run() -> None:
+    from confluent_kafka import KafkaError
+
+    c = consumer(FakeWriter(lambda _ms, _calls: None))
+    c.consumer.close()
+    c.consumer = CommitRecorder()  # type: ignore[assignment]
+    c._commit({("t", 0): 1})
+    _answer(c, {("t", 0): 1}, KafkaError(KafkaError.REBALANCE_IN_PROGRESS))
+    assert c._fatal is None and c._uncommitted == {("t", 0): 1}  # kept, sent again
+    _answer(c, {("t", 0): 1}, KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED))
+    assert isinstance(c._fatal, TerminalError), c._fatal

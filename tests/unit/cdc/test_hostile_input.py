@@ -70,9 +70,10 @@ class FakeKafka:
     """The confluent-kafka Consumer as ``CdcConsumer.run`` uses it: serves ``queue``'s messages
     and records the offsets committed."""
 
-    def __init__(self, _config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any]) -> None:
         self.queue: list[Message] = []
         self.commits: list[TopicPartition] = []
+        self.on_commit = config["on_commit"]
 
     def subscribe(self, _topics: list[str], **_callbacks: Any) -> None:
         pass
@@ -86,6 +87,7 @@ class FakeKafka:
 
     def commit(self, offsets: list[TopicPartition], asynchronous: bool = True) -> None:
         self.commits.extend(offsets)
+        self.on_commit(None, offsets)  # answered at once (the real one: on a later poll)
 
     def close(self) -> None:
         pass
