@@ -315,14 +315,7 @@ class ScyllaWriter:
             return 0
         what = f"Scylla batch of {len(mutations)} mutations"
         try:
-            statements = self.bound(mutations)
-            request: BoundStatement | BatchStatement
-            if len(statements) == 1:
-                request = _bind(*statements[0], 0)
-            else:
-                request = self._batch()
-                for i, (stmt, params) in enumerate(statements):
-                    request.add(_bind(stmt, params, i))
+            request = self.batch_request(mutations)
             # The driver reads timeout=None as "no deadline": leave it unset then.
             if timeout is None:
                 self.session.execute(request)
@@ -331,6 +324,17 @@ class ScyllaWriter:
         except Exception as exc:
             raise classify(exc, what) from exc
         return len(mutations)
+
+    def batch_request(self, mutations: Sequence[Mutation]) -> BoundStatement | BatchStatement:
+        """What ``write_batch`` sends for ``mutations``: one bound statement, or one unlogged
+        batch of them (RejectedData if one cannot be bound)."""
+        statements = self.bound(mutations)
+        if len(statements) == 1:
+            return _bind(*statements[0], 0)
+        request = self._batch()
+        for i, (stmt, params) in enumerate(statements):
+            request.add(_bind(stmt, params, i))
+        return request
 
     def requests(
         self, statements: Sequence[tuple[PreparedStatement, Sequence[Any]]]
@@ -345,14 +349,33 @@ class ScyllaWriter:
         ``batch_max_bytes`` as the server counts them (see ``bound_bytes``); a statement
         alone in its group, e.g. a row larger than that, goes as a plain statement, never as
         a batch of one (Cassandra refuses batches over 50 KiB, however many rows)."""
-        if self.replica_batch_rows == 1 or len(statements) == 1:
-            return [_bind(stmt, params, i) for i, (stmt, params) in enumerate(statements)]
+        return self._grouped(
+            [_bind(stmt, params, i) for i, (stmt, params) in enumerate(statements)]
+        )
+
+    def requests_of_values(
+        self, prepared: PreparedStatement, rows: Sequence[Sequence[bytes | None]]
+    ) -> list[BoundStatement | BatchStatement]:
+        """``requests`` for rows whose values are already in CQL's binary format, as
+        ``prepared.bind`` would give them (tasks/adapters/cql_binary.py): the bound statements
+        are made without the driver's per-value ``serialize``, the backfill's largest client
+        cost (docs/decisions.md, "The cql load binds columns, not values")."""
+        bounds: list[BoundStatement] = []
+        for values in rows:
+            bound = BoundStatement(prepared)
+            bound.values = list(values)
+            bound.raw_values = values  # what its repr shows
+            bounds.append(bound)
+        return self._grouped(bounds)
+
+    def _grouped(self, bounds: list[BoundStatement]) -> list[BoundStatement | BatchStatement]:
+        if self.replica_batch_rows == 1 or len(bounds) <= 1:
+            return list(bounds)
         metadata = self.session.cluster.metadata
         # One host: one replica set, nothing to look up (the lookup is costly per row).
         single = len(metadata.all_hosts()) <= 1
         members: list[tuple[tuple[int, ...], bytes, int, BoundStatement]] = []
-        for i, (prepared, params) in enumerate(statements):
-            bound = _bind(prepared, params, i)
+        for bound in bounds:
             key: bytes = b""
             replicas: tuple[int, ...] = ()
             if not single:

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.adapters.sstable_payload import cql_values, rows_payload
+from tasks.adapters.cql_binary import cql_values
+from tasks.adapters.sstable_payload import rows_payload
 from tasks.core.catalog import READ_MODELS, SOURCE_TABLES
 from tasks.core.columnar import project_arrow, project_arrow_columns
 from tasks.core.errors import DecodeError
