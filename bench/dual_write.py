@@ -8,7 +8,10 @@ it buys in staleness.
    (Postgres only), interleaved call by call so both see the same load; p50/p99 of the whole
    call and of its Postgres and Scylla parts. After each call (outside the timing) the turn is
    looked up in ``conversation_timeline``: a dual-written turn that succeeded must be there
-   (staleness 0 by construction; the check counts exceptions).
+   (staleness 0 by construction; the check counts exceptions). Then the same request the
+   step sent (``ScyllaWriter.batch_request`` of the call's mutations, bound outside the
+   timing) is sent again with a bare ``session.execute``: the floor the step is compared to
+   (issue #13: step p50 <= 1.3x bare p50).
 2. staleness of the CDC path: with a CDC consumer running in-process from the topics' end,
    Postgres-only calls are followed by polling the read model every millisecond until the turn
    shows up: the time from the call's return until it is visible.
@@ -35,8 +38,10 @@ from typing import Any
 from cassandra.cluster import Session
 from cassandra.query import PreparedStatement
 
+from bench.history import save_with_previous
 from support.cdc_probe import LocalCdc
 from tasks.adapters import scylla
+from tasks.adapters.scylla import ScyllaWriter
 from tasks.core.metrics import percentile
 from tasks.core.timestamps import cql_timestamp, sub_millis
 from tasks.core.write_policy import DualWritePolicy, Operation
@@ -99,6 +104,8 @@ def latency_phase(
     failed: list[str] = []
     visible_now = {p: 0 for p in paths}
     missing_after_success = 0
+    bare_ms: list[float] = []
+    bare = ScyllaWriter(lookup.cql, get_settings().scylla)
     for i in range(warmup + calls):
         for name, deps in paths.items():
             sid = sessions[name][i % SESSIONS_PER_PATH]
@@ -115,6 +122,10 @@ def latency_phase(
                 if r.read_model_updated:
                     scylla_ms.append(r.scylla_ms or 0.0)
                     missing_after_success += not seen
+                    request = bare.batch_request(r.mutations)  # same statements, same stamps
+                    t1 = time.perf_counter()
+                    lookup.cql.execute(request)
+                    bare_ms.append((time.perf_counter() - t1) * 1000)
                 else:
                     failed.append(r.error or "?")
     return {
@@ -122,6 +133,7 @@ def latency_phase(
         "call_ms": {p: stats(v) for p, v in wall.items()},
         "postgres_ms": {p: stats(v) for p, v in pg_ms.items()},
         "scylla_step_ms": stats(scylla_ms),
+        "bare_execute_ms": stats(bare_ms),
         "dual_write_failures": len(failed),
         "dual_write_failure_examples": sorted(set(failed))[:3],
         "visible_right_after_call": visible_now,
@@ -183,6 +195,7 @@ def markdown(out: dict[str, Any]) -> str:
         )
 
     d, p = lat["call_ms"]["dual-write"], lat["call_ms"]["postgres-only"]
+    step_over_bare = lat["scylla_step_ms"]["p50"] / lat["bare_execute_ms"]["p50"]
     return "\n".join(
         [
             f"### Dual-write, {out['config']['calls']} calls per path, deadline "
@@ -195,6 +208,11 @@ def markdown(out: dict[str, Any]) -> str:
             row("call, Postgres only", p),
             row("  Postgres part, dual-write", lat["postgres_ms"]["dual-write"]),
             row("  Scylla step (projection + write), when it succeeded", lat["scylla_step_ms"]),
+            row(
+                "  bare session.execute of the same request",
+                lat["bare_execute_ms"],
+                f"step/bare p50 {step_over_bare:.2f}x",
+            ),
             f"| cost of the Scylla step (p50 / p99 difference) | {d['p50'] - p['p50']:.2f} | "
             f"{d['p99'] - p['p99']:.2f} | | |",
             row(
@@ -266,10 +284,32 @@ def main(argv: list[str] | None = None) -> int:
         }
         if not args.keep:
             cleanup(pg_only, latency["sessions"] + staleness["sessions"])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "dual_write.json").write_text(json.dumps(out, indent=2, default=str))
-    print(markdown(out))
+    out = json.loads(json.dumps(out, default=str))  # datetimes and UUIDs as text
+    print(save_with_previous(RESULTS / "dual_write.json", out, with_previous))
     return 0
+
+
+def with_previous(out: dict[str, Any], previous: dict[str, Any] | None) -> str:
+    """The run's table, then its p50s beside the previous results file's (a regression
+    shows; machines differ between sessions, so compare ratios rather than milliseconds)."""
+    md = markdown(out)
+    if previous is None:
+        return md + "\n"
+    lines = ["\n| p50 (ms) | now | previous | now/previous |", "|---|---|---|---|"]
+    for label, path in [
+        ("call, dual-write", ("call_ms", "dual-write")),
+        ("call, Postgres only", ("call_ms", "postgres-only")),
+        ("Scylla step", ("scylla_step_ms",)),
+        ("bare execute", ("bare_execute_ms",)),
+    ]:
+        now_s, prev_s = out["latency"], previous.get("latency", {})
+        for key in path:
+            now_s, prev_s = now_s.get(key, {}), prev_s.get(key, {})
+        now, prev = now_s.get("p50"), prev_s.get("p50")
+        ratio = f"{now / prev:.2f}x" if now and prev else "-"
+        prev_text = f"{prev:.2f}" if prev else "-"
+        lines.append(f"| {label} | {now:.2f} | {prev_text} | {ratio} |")
+    return md + "\n" + "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
