@@ -358,8 +358,8 @@ class ScyllaWriter:
     ) -> list[BoundStatement | BatchStatement]:
         """``requests`` for rows whose values are already in CQL's binary format, as
         ``prepared.bind`` would give them (tasks/adapters/cql_binary.py): the bound statements
-        are made without the driver's per-value ``serialize``, the backfill's largest client
-        cost (docs/decisions.md, "The cql load binds columns, not values")."""
+        are made without the driver's per-value ``serialize`` (docs/decisions.md, "The cql
+        load binds columns, not values")."""
         bounds: list[BoundStatement] = []
         for values in rows:
             bound = BoundStatement(prepared)
