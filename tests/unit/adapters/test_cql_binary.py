@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from support.offline_scylla import OfflineSession
 from tasks.adapters.cql_binary import cql_cells
 from tasks.adapters.scylla import ScyllaWriter
-from tasks.core.catalog import READ_MODELS, SOURCE_TABLES
+from tasks.core.catalog import READ_MODELS
 from tasks.core.columnar import project_arrow, project_arrow_columns
 from tasks.settings import get_settings
-from tests.unit.core.test_projection_arrow import _batch, _row
+from tests.unit.core.test_projection_arrow import _batch, table_rows
 
 KS = "ks"
 
@@ -32,9 +32,7 @@ def _writer(**kw: Any) -> ScyllaWriter:
 @pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(
-    st.sampled_from(SOURCE_TABLES).flatmap(
-        lambda t: st.tuples(st.just(t), st.lists(_row(t), min_size=1, max_size=12))
-    ),
+    table_rows(),
     st.sets(st.sampled_from(READ_MODELS), min_size=1),
 )
 def test_cells_are_the_bytes_the_driver_binds(

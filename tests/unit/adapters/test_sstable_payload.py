@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 from tasks.adapters.cql_binary import cql_values
 from tasks.adapters.sstable_payload import rows_payload
-from tasks.core.catalog import READ_MODELS, SOURCE_TABLES
+from tasks.core.catalog import READ_MODELS
 from tasks.core.columnar import project_arrow, project_arrow_columns
 from tasks.core.errors import DecodeError
-from tests.unit.core.test_projection_arrow import KS, _batch, _row
+from tests.unit.core.test_projection_arrow import KS, _batch, table_rows
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -59,9 +59,7 @@ def as_cql(v: Any) -> Any:
 @pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(
-    st.sampled_from(SOURCE_TABLES).flatmap(
-        lambda t: st.tuples(st.just(t), st.lists(_row(t), min_size=1, max_size=12))
-    ),
+    table_rows(),
     st.sets(st.sampled_from(READ_MODELS), min_size=1),
     st.integers(0, 3),
 )

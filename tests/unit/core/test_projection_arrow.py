@@ -75,12 +75,17 @@ def _batch(table: str, rows: list[dict[str, Any]]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
 
+def table_rows() -> st.SearchStrategy[tuple[str, list[dict[str, Any]]]]:
+    """A source table and 1-12 arbitrary rows of it (the columnar tests' input)."""
+    return st.sampled_from(SOURCE_TABLES).flatmap(
+        lambda t: st.tuples(st.just(t), st.lists(_row(t), min_size=1, max_size=12))
+    )
+
+
 @pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(
-    st.sampled_from(SOURCE_TABLES).flatmap(
-        lambda t: st.tuples(st.just(t), st.lists(_row(t), min_size=1, max_size=12))
-    ),
+    table_rows(),
     st.sets(st.sampled_from(READ_MODELS), min_size=1),
 )
 def test_columnar_equals_row_by_row(
@@ -148,9 +153,7 @@ def _as_cql(v: Any) -> Any:
 @pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(
-    st.sampled_from(SOURCE_TABLES).flatmap(
-        lambda t: st.tuples(st.just(t), st.lists(_row(t), min_size=1, max_size=12))
-    ),
+    table_rows(),
     st.sets(st.sampled_from(READ_MODELS), min_size=1),
 )
 def test_cql_typed_columns_equal_the_columnar_parameters(
