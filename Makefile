@@ -5,7 +5,7 @@ export PREFECT_API_URL ?= http://127.0.0.1:4200/api
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.stack/data/prefect-client
 
-.PHONY: venv up down status clean schemas demo demo-stop test test-unit chaos lint bench cdc
+.PHONY: venv up down status clean schemas demo demo-stop test test-unit chaos lint bench profile cdc
 
 venv: .venv/.installed
 .venv/pyvenv.cfg:
@@ -62,6 +62,9 @@ bench: schemas    ## every benchmark, ~30 min; results in bench/results/, tables
 	$(PY) -m bench.backfill --turns 100000
 	$(PY) -m bench.backfill --turns 1000000
 	$(PY) -m bench.audit --rows 100000 1000000
+
+profile: schemas  ## py-spy flame graphs of the dual-write, backfill and CDC paths, ~6 min; bench/results/profile-*
+	$(PY) -m bench.profile
 
 cdc: schemas      ## run the CDC consumer in the foreground until interrupted
 	$(PY) -m flows.cdc

@@ -434,6 +434,7 @@ def main(argv: list[str] | None = None) -> None:
         help="load methods to measure",
     )
     ap.add_argument("--keep", action="store_true", help="keep the schema, keyspaces, files")
+    ap.add_argument("--out", type=Path, help="results file (bench/results/backfill-TURNS.json)")
     ap.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -492,17 +493,16 @@ def main(argv: list[str] | None = None) -> None:
             result = {
                 "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                "params": vars(a) | {"stage": None, "config": None},
+                "params": vars(a) | {"stage": None, "config": None, "out": None},
                 "rows": counts,
                 "generate_seconds": round(gen_s, 2),
                 "snapshot": snap,
                 "cqlsh": cq,
                 "methods": methods,
             }
-            RESULTS.mkdir(exist_ok=True)
-            (RESULTS / f"backfill-{a.turns}.json").write_text(
-                json.dumps(result, indent=2, default=str)
-            )
+            out = a.out or RESULTS / f"backfill-{a.turns}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2, default=str))
             print(markdown(result))
         finally:
             if not a.keep:

@@ -10,6 +10,7 @@ from typing import Final
 from unittest import mock
 
 from cassandra import cqltypes
+from cassandra.metadata import ColumnMetadata, KeyspaceMetadata, TableMetadata
 from cassandra.query import PreparedStatement
 
 from tasks.core.catalog import TABLES
@@ -51,6 +52,23 @@ def offline_prepared(cql: str, keyspace: str) -> PreparedStatement:
     return PreparedStatement(columns, b"id", pk, cql, keyspace, 4, None, None)
 
 
+def offline_keyspace(keyspace: str) -> KeyspaceMetadata:
+    """The read models' schema metadata as the driver holds it (only the keys: what the
+    writer's batch sizing reads)."""
+    ks = KeyspaceMetadata(keyspace, True, "SimpleStrategy", {"replication_factor": "1"})
+    for name, model in TABLES.items():
+        table = TableMetadata(keyspace, name)
+        for role, columns in (
+            ("partition_key", model.partition_key),
+            ("clustering_key", model.clustering_key),
+        ):
+            getattr(table, role).extend(
+                ColumnMetadata(table, c.name, CQL_TYPES[c.cql_type].typename) for c in columns
+            )
+        ks.tables[name] = table
+    return ks
+
+
 class OfflineSession:
     """Prepares offline; one host, so the writer batches without a replica lookup."""
 
@@ -58,6 +76,8 @@ class OfflineSession:
         self.keyspace = keyspace
         self.cluster = mock.Mock()
         self.cluster.metadata.all_hosts.return_value = [object()]
+        # A real dict: the writer reads it per statement until it finds the table.
+        self.cluster.metadata.keyspaces = {keyspace: offline_keyspace(keyspace)}
 
     def prepare(self, cql: str) -> PreparedStatement:
         return offline_prepared(cql, self.keyspace)

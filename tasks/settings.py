@@ -124,16 +124,18 @@ class ScyllaSettings(BaseSettings):
     concurrency: int = 64
     # Rows per UNLOGGED batch of writes that share their replicas (CDC and backfill); 1 sends
     # one request per row. Batches stay under batch_max_bytes of mutation data as the server
-    # counts it (Cassandra warns above 5 KiB per batch, fails above 50 KiB); a row larger
-    # than that is sent alone, as a plain statement. CQRS_SCYLLA_BATCH_ROWS, its former
-    # name, is still read.
+    # counts it (Cassandra warns above 5 KiB per batch, fails above 50 KiB; ScyllaDB warns
+    # above 128 KiB); a row larger than that is sent alone, as a plain statement. With small
+    # rows the bytes bind first: each request costs the client far more than each row in it,
+    # so batches are filled to the bytes (docs/decisions.md, "Batches as full as the server
+    # allows"). CQRS_SCYLLA_BATCH_ROWS, its former name, is still read.
     replica_batch_rows: int = Field(
-        default=20,
+        default=100,
         ge=1,
         le=500,
         validation_alias=AliasChoices("CQRS_SCYLLA_REPLICA_BATCH_ROWS", "CQRS_SCYLLA_BATCH_ROWS"),
     )
-    batch_max_bytes: int = Field(default=4000, ge=100, le=40_000)  # see replica_batch_rows
+    batch_max_bytes: int = Field(default=5000, ge=100, le=40_000)  # see replica_batch_rows
     # Consistency levels (names of cassandra.ConsistencyLevel). QUORUM in the local DC for
     # both: a write acknowledged by a majority of the replicas is seen by any later
     # majority read, so a user reads their own dual-written message whichever replica

@@ -6,7 +6,7 @@ cause."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Final, TypeVar
 
 from tasks.core.projection import Mutation, Upsert
@@ -45,20 +45,52 @@ def replica_batches(
 # TTL (4) and local deletion time (4, or 8 in Cassandra 5); per row its clustering values,
 # liveness info (8, 16 with a TTL) and deletion time (12, 16); per partition its deletion
 # time. It checks only batches that touch more than one partition, and does not count the
-# partition key. The estimates below are upper bounds of that: every bound value (the
-# partition key and USING TIMESTAMP included) as a cell, and a row's and a partition's
-# overhead for every statement.
+# partition key. The estimates below are upper bounds of that. With a statement's size plan
+# (``size_plan``) they count what the server counts: regular cells with their overhead,
+# clustering values alone, neither the partition key nor USING TIMESTAMP; without one, every
+# bound value as a cell. Either way a row's and a partition's overhead for every statement,
+# ``_STATEMENT_OVERHEAD``: Cassandra 5.0 counted 50 bytes a statement beside the cells and
+# clustering values, for turns and session headers alike
+# (tests/integration/test_scylla_adapter.py, test_the_estimate_bounds_what_the_server_counts).
+# The plan matters for small rows: a conversation_timeline row with a short message was
+# counted about twice its size, so batches held half the rows the server allows, and each
+# request costs the client far more than each row in it (docs/decisions.md, "Batches as full
+# as the server allows").
 _CELL_OVERHEAD: Final = 20
-_STATEMENT_OVERHEAD: Final = 48
+_STATEMENT_OVERHEAD: Final = 56
 _FIXED_VALUE_MAX: Final = 16  # the largest fixed-size value these tables hold (uuid)
+NOT_COUNTED: Final = -1
 
 
-def bound_bytes(values: Sequence[Any]) -> int:
-    """A bound statement's size in a batch, as the server counts it (an upper bound): the
-    serialized values, ``_CELL_OVERHEAD`` each, ``_STATEMENT_OVERHEAD``."""
+def size_plan(
+    markers: Sequence[str], partition_key: Collection[int], clustering: Collection[str]
+) -> tuple[int, ...]:
+    """Per bind marker of a prepared statement (its column names, ``partition_key`` the
+    markers' indexes of the partition key), what the server adds to a batch's size beside
+    the value's bytes: ``NOT_COUNTED`` for the partition key and markers that are not
+    columns (``[timestamp]``), 0 for a clustering column, ``_CELL_OVERHEAD`` for a cell."""
+    return tuple(
+        NOT_COUNTED
+        if i in partition_key or name.startswith("[")
+        else 0
+        if name in clustering
+        else _CELL_OVERHEAD
+        for i, name in enumerate(markers)
+    )
+
+
+def bound_bytes(values: Sequence[Any], plan: Sequence[int] | None = None) -> int:
+    """A bound statement's size in a batch, as the server counts it (an upper bound):
+    ``_STATEMENT_OVERHEAD`` plus, per value, its serialized bytes and the overhead ``plan``
+    gives it (``_CELL_OVERHEAD`` each without a plan)."""
     n = _STATEMENT_OVERHEAD
-    for v in values:
-        n += _CELL_OVERHEAD + (len(v) if type(v) is bytes else 0)
+    if plan is None:
+        for v in values:
+            n += _CELL_OVERHEAD + (len(v) if type(v) is bytes else 0)
+        return n
+    for v, extra in zip(values, plan, strict=True):
+        if extra != NOT_COUNTED:
+            n += extra + (len(v) if type(v) is bytes else 0)
     return n
 
 

@@ -26,6 +26,7 @@ from cassandra.cluster import (
     ResultSet,
     Session,
 )
+from cassandra.metadata import TableMetadata
 from cassandra.policies import (
     DCAwareRoundRobinPolicy,
     ExponentialReconnectionPolicy,
@@ -43,6 +44,7 @@ from tasks.adapters.replica_batches import (
     bound_bytes,
     drop_replica_batch_warnings,
     replica_batches,
+    size_plan,
 )
 from tasks.core.cql import is_cql_identifier, to_cql
 from tasks.core.errors import (
@@ -276,6 +278,7 @@ class ScyllaWriter:
         if self.replica_batch_rows > 1:
             drop_replica_batch_warnings()
         self._prepared: dict[str, PreparedStatement] = {}
+        self._size_plans: dict[PreparedStatement, tuple[int, ...]] = {}
 
     def prepare(self, cql: str) -> PreparedStatement:
         stmt = self._prepared.get(cql)
@@ -382,7 +385,8 @@ class ScyllaWriter:
                 key = bound.routing_key or b""
                 # Host objects live as long as the cluster: their ids name a replica set.
                 replicas = tuple(sorted(map(id, metadata.get_replicas(self.keyspace, key))))
-            members.append((replicas, key, bound_bytes(bound.values), bound))
+            plan = self._size_plan(bound.prepared_statement)
+            members.append((replicas, key, bound_bytes(bound.values, plan), bound))
         out: list[BoundStatement | BatchStatement] = []
         for group in replica_batches(members, self.replica_batch_rows, self.batch_max_bytes):
             if len(group) == 1:
@@ -393,6 +397,28 @@ class ScyllaWriter:
                 batch.add(bound)
             out.append(batch)
         return out
+
+    def _size_plan(self, prepared: PreparedStatement) -> tuple[int, ...] | None:
+        """``size_plan`` of ``prepared`` from the cluster's schema metadata, once per
+        statement; None (every value counted as a cell) while the metadata does not say."""
+        try:
+            return self._size_plans[prepared]
+        except KeyError:
+            pass
+        columns = prepared.column_metadata or []
+        if not columns or not prepared.routing_key_indexes:
+            return None
+        keyspace = self.session.cluster.metadata.keyspaces.get(columns[0].keyspace_name)
+        table = keyspace.tables.get(columns[0].table_name) if keyspace else None
+        if not isinstance(table, TableMetadata):
+            return None  # not cached: a table created a moment ago may be in it soon
+        plan = size_plan(
+            [c.name for c in columns],
+            prepared.routing_key_indexes,
+            {c.name for c in table.clustering_key},
+        )
+        self._size_plans[prepared] = plan
+        return plan
 
     def write(self, mutations: Sequence[Mutation], timeout: float | None = None) -> int:
         """Write all mutations (in replica-set batches, see ``requests``, each bounded by

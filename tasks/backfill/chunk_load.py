@@ -42,7 +42,7 @@ class LoadConfig:
     scylla: ScyllaSettings
     sstable: SSTableSettings | None = None  # needed by method "sstable"
     concurrency: int | None = None  # writes in flight per process (default: the settings')
-    replica_batch_rows: int = 20  # rows per UNLOGGED replica-set batch ("cql")
+    replica_batch_rows: int = 100  # rows per UNLOGGED replica-set batch ("cql")
     record_batch_rows: int = 2_000  # rows per record batch read from a chunk file ("cql")
 
     def __post_init__(self) -> None:

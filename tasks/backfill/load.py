@@ -101,7 +101,7 @@ def load_snapshot(
     rate_limit_rows_per_s: float | None = None,
     resume: bool = False,
     record_batch_rows: int = 2_000,
-    replica_batch_rows: int = 20,
+    replica_batch_rows: int = 100,
     workers: int = 1,
     method: str = "cql",
     on_progress: Callable[[LoadProgress], None] | None = None,

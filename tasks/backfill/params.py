@@ -64,7 +64,7 @@ class BackfillParams(BaseModel):
         64, gt=0, le=MAX_CONCURRENCY, description="Scylla writes in flight at once while loading"
     )
     write_batch_rows: int = Field(
-        20,
+        100,
         gt=0,
         le=MAX_WRITE_BATCH_ROWS,
         description="method cql: at most this many rows per UNLOGGED batch, each batch "

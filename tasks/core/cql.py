@@ -4,6 +4,7 @@ identifiers that go into it unquoted."""
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any, Final
 
 from tasks.core.catalog import KEY_COLUMNS, READ_MODELS, VALUE_COLUMNS
@@ -47,18 +48,42 @@ def delete_text(keyspace: str, read_model: str) -> str:
 def to_cql(m: Mutation, keyspace: str) -> tuple[str, tuple[Any, ...]]:
     """Statement text and bind parameters. The text depends only on the read model and the
     column names, so the writer can cache prepared statements by it."""
-    check_keyspace(keyspace)
-    if m.read_model not in READ_MODELS:
-        raise InvalidInput(f"unknown read model {m.read_model!r}")
     key_cols = tuple(c for c, _ in m.key)
-    if key_cols != KEY_COLUMNS[m.read_model]:
-        raise InvalidInput(f"{m.read_model}: key columns {key_cols} are not the primary key")
     if isinstance(m, Upsert):
-        cols = key_cols + tuple(c for c, _ in m.values)
-        if unknown := set(cols[len(key_cols) :]).difference(VALUE_COLUMNS[m.read_model]):
-            raise InvalidInput(f"{m.read_model}: unknown columns {sorted(unknown)}")
+        value_cols = tuple(c for c, _ in m.values)
         return (
-            insert_text(keyspace, m.read_model, cols),
+            _upsert_text(keyspace, m.read_model, key_cols, value_cols),
             (*(v for _, v in m.key), *(v for _, v in m.values), m.timestamp_us),
         )
-    return delete_text(keyspace, m.read_model), (m.timestamp_us, *(v for _, v in m.key))
+    return _delete_text(keyspace, m.read_model, key_cols), (
+        m.timestamp_us,
+        *(v for _, v in m.key),
+    )
+
+
+# A dual-write or CDC batch renders the same few statement shapes over and over: checking the
+# names and rendering the text once per shape took a third of the time of binding a turn's
+# three mutations (docs/decisions.md, "The dual-write step"). Invalid names raise, and an
+# exception is never cached, so every bad mutation is still refused.
+@lru_cache(maxsize=1024)
+def _upsert_text(
+    keyspace: str, read_model: str, key_cols: tuple[str, ...], value_cols: tuple[str, ...]
+) -> str:
+    _check_shape(keyspace, read_model, key_cols)
+    if unknown := set(value_cols).difference(VALUE_COLUMNS[read_model]):
+        raise InvalidInput(f"{read_model}: unknown columns {sorted(unknown)}")
+    return insert_text(keyspace, read_model, key_cols + value_cols)
+
+
+@lru_cache(maxsize=256)
+def _delete_text(keyspace: str, read_model: str, key_cols: tuple[str, ...]) -> str:
+    _check_shape(keyspace, read_model, key_cols)
+    return delete_text(keyspace, read_model)
+
+
+def _check_shape(keyspace: str, read_model: str, key_cols: tuple[str, ...]) -> None:
+    check_keyspace(keyspace)
+    if read_model not in READ_MODELS:
+        raise InvalidInput(f"unknown read model {read_model!r}")
+    if key_cols != KEY_COLUMNS[read_model]:
+        raise InvalidInput(f"{read_model}: key columns {key_cols} are not the primary key")

@@ -9,7 +9,7 @@ import struct
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import cassandra
 import httpx
@@ -226,6 +226,8 @@ def test_prefect_retry_condition_and_tenacity_share_is_transient() -> None:
 
 class FakeCluster:
     class metadata:  # the driver's attribute name
+        keyspaces: ClassVar[dict[str, object]] = {}  # no schema: sized without a plan
+
         @staticmethod
         def all_hosts() -> list[object]:
             return [object()]

@@ -452,6 +452,13 @@ def test_to_cql_insert_and_delete() -> None:
         to_cql(up, "cqrs; DROP TABLE x")
     with pytest.raises(InvalidInput):
         to_cql(Upsert("sessions_by_id", (("session_id", uid(1)),), (("evil", 1),), 1), "cqrs")
+    # The texts are cached by shape; a refusal is not, so it is refused every time.
+    bad_key = Upsert("sessions_by_id", (("user_id", uid(1)),), (), 1)
+    for _ in range(2):
+        with pytest.raises(InvalidInput, match="not the primary key"):
+            to_cql(bad_key, "cqrs")
+        with pytest.raises(InvalidInput, match="unknown read model"):
+            to_cql(Upsert("nope", (("id", uid(1)),), (), 1), "cqrs")
 
 
 # --- expected rows ---------------------------------------------------------------------------
