@@ -39,6 +39,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from psycopg import sql
 
+from bench.history import save_with_previous
 from bench.proc import proc_stat
 from tasks.adapters import postgres, scylla
 from tasks.settings import PostgresSettings, ScyllaSettings, get_settings
@@ -404,12 +405,52 @@ def markdown(r: dict[str, Any]) -> str:
         for a, b, c, d, e, st in rows
     ]
     for method, m in r["methods"].items():
+        cpu_ratio = load_cpu_vs_cqlsh(r, method)
         lines.append(
             f"\n{method}: whole backfill / cqlsh COPY FROM: "
             f"**{m['ratio_flow_vs_cqlsh']:.2f}x**; conversation_timeline load / "
-            f"cqlsh COPY FROM: **{m['ratio_timeline_vs_cqlsh']:.2f}x**"
+            f"cqlsh COPY FROM: **{m['ratio_timeline_vs_cqlsh']:.2f}x**; load client CPU per "
+            f"written row / COPY's per row: **{'-' if cpu_ratio is None else f'{cpu_ratio:.2f}x'}**"
         )
     return "\n".join(lines)
+
+
+def load_cpu_vs_cqlsh(r: dict[str, Any], method: str) -> float | None:
+    """The issue's measure of the loader's cost: client CPU per row written by the load
+    stage over ``cqlsh COPY FROM``'s per row, in the same run."""
+    load, cq = r["methods"][method]["load"], r["cqlsh"]
+    if not (load.get("client_cpu_s") and cq.get("client_cpu_s")):
+        return None
+    return float((load["client_cpu_s"] / load["rows_written"]) / (cq["client_cpu_s"] / cq["rows"]))
+
+
+def with_previous(r: dict[str, Any], previous: dict[str, Any] | None) -> str:
+    """The run's table, then its headline figures beside the previous results file's (a
+    regression shows; the machine drifts, so the ratios to COPY in one run say more than
+    rows/s across runs)."""
+    md = markdown(r)
+    if previous is None:
+        return md + "\n"
+
+    def figures(run: dict[str, Any]) -> dict[str, float | None]:
+        out: dict[str, float | None] = {"cqlsh COPY rows/s": run["cqlsh"]["rows_per_s"]}
+        for method, m in run.get("methods", {}).items():
+            out[f"{method} load rows/s"] = m["load"]["rows_per_s"]
+            out[f"{method} whole flow rows/s"] = m["flow"]["rows_per_s"]
+            out[f"{method} whole flow / COPY"] = m["ratio_flow_vs_cqlsh"]
+            out[f"{method} load CPU per row / COPY's"] = load_cpu_vs_cqlsh(run, method)
+        return out
+
+    now, before = figures(r), figures(previous)
+    lines = ["\n| figure | now | previous | now/previous |", "|---|---:|---:|---:|"]
+    for name, value in now.items():
+        prev = before.get(name)
+        ratio = f"{value / prev:.2f}x" if value and prev else "-"
+        lines.append(
+            f"| {name} | {'-' if value is None else f'{value:,.2f}'} | "
+            f"{'-' if prev is None else f'{prev:,.2f}'} | {ratio} |"
+        )
+    return md + "\n" + "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -501,9 +542,8 @@ def main(argv: list[str] | None = None) -> None:
                 "methods": methods,
             }
             out = a.out or RESULTS / f"backfill-{a.turns}.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2, default=str))
-            print(markdown(result))
+            result = json.loads(json.dumps(result, default=str))
+            print(save_with_previous(out, result, with_previous))
         finally:
             if not a.keep:
                 for name in (*keyspaces.values(), ks_cqlsh):
