@@ -40,6 +40,7 @@ from cassandra.query import (
     Statement,
 )
 
+from tasks.adapters.cql_binary import bind_row
 from tasks.adapters.replica_batches import (
     bound_bytes,
     drop_replica_batch_warnings,
@@ -455,10 +456,10 @@ _BIND_ERRORS: Final = (UnicodeError, struct.error, TypeError, ValueError, Overfl
 
 
 def _bind(prepared: PreparedStatement, params: Sequence[Any], index: int) -> BoundStatement:
-    """``prepared.bind(params)``, or RejectedData naming the table and column (not the
-    value, which may be private) and the statement's ``index``."""
+    """``prepared.bind(params)`` (as ``bind_row`` computes it), or RejectedData naming the
+    table and column (not the value, which may be private) and the statement's ``index``."""
     try:
-        return prepared.bind(params)
+        return bind_row(prepared, params)
     except _BIND_ERRORS as exc:
         column = "?"
         for spec, value in zip(prepared.column_metadata, params, strict=False):

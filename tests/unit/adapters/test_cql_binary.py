@@ -6,19 +6,23 @@ bound ones (same grouping into replica-set batches)."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pyarrow as pa
 import pytest
+from cassandra import cqltypes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from support.offline_scylla import OfflineSession
-from tasks.adapters.cql_binary import cql_cells
+from tasks.adapters.cql_binary import bind_row, cql_cells
 from tasks.adapters.scylla import ScyllaWriter
-from tasks.core.catalog import READ_MODELS
+from tasks.core.catalog import READ_MODELS, TABLES
 from tasks.core.columnar import project_arrow, project_arrow_columns
+from tasks.core.cql import insert_text
+from tasks.core.projection import Change, normalize_row, project, project_row
 from tasks.settings import get_settings
 from tests.unit.core.test_projection_arrow import _batch, table_rows
 
@@ -92,3 +96,81 @@ def _values(request: Any) -> Any:
     if hasattr(request, "_statements_and_parameters"):
         return [list(v) for _, _, v in request._statements_and_parameters]
     return list(request.values)
+
+
+# --- rows of Python values: bind_row ----------------------------------------------------------
+
+_OFFSETS = st.builds(
+    timezone, st.timedeltas(min_value=timedelta(hours=-23), max_value=timedelta(hours=23))
+)
+_DATETIMES = st.one_of(
+    st.datetimes(),  # naive: the driver reads it as UTC
+    st.datetimes(timezones=st.just(UTC)),
+    st.datetimes(timezones=_OFFSETS),  # to the driver's path
+)
+# Per CQL type: values bind accepts, and values it refuses (which bind_row must refuse alike).
+_VALUES: dict[type[cqltypes._CassandraType], st.SearchStrategy[Any]] = {
+    cqltypes.UUIDType: st.one_of(st.uuids(), st.text(max_size=3), st.integers()),
+    cqltypes.DateType: st.one_of(_DATETIMES, st.integers(-(2**62), 2**62), st.text(max_size=3)),
+    cqltypes.UTF8Type: st.one_of(st.text(), st.integers(), st.binary(max_size=5)),
+    cqltypes.Int32Type: st.one_of(st.integers(-(2**33), 2**33), st.booleans(), st.text(max_size=2)),
+    cqltypes.LongType: st.one_of(st.integers(-(2**65), 2**65), st.floats(), st.text(max_size=2)),
+}
+
+
+def _outcome(f: Callable[[], Any]) -> Any:
+    try:
+        return f()
+    except Exception as exc:
+        return type(exc)
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_bind_row_encodes_and_refuses_every_value_as_bind_does(data: st.DataObject) -> None:
+    model = data.draw(st.sampled_from(READ_MODELS))
+    names = [c.name for c in (*TABLES[model].key, *TABLES[model].values)]
+    prepared = OfflineSession(KS).prepare(insert_text(KS, model, tuple(names)))
+    params = [data.draw(st.one_of(st.none(), _VALUES[c.type])) for c in prepared.column_metadata]
+    want = _outcome(lambda: prepared.bind(params).values)
+    got = _outcome(lambda: bind_row(prepared, params).values)
+    assert got == want, (params, got, want)
+
+
+@pytest.mark.slow
+@settings(max_examples=100, deadline=None)
+@given(table_rows())
+def test_bind_row_binds_the_projection_as_bind_does(
+    table_rows: tuple[str, list[dict[str, Any]]],
+) -> None:
+    table, rows = table_rows
+    writer = _writer()
+    for row in rows:
+        mutations = [*project_row(table, row)]
+        mutations += project(Change(table, "d", normalize_row(table, row), None, 7))
+        for prepared, params in writer.bound(mutations):
+            bound = bind_row(prepared, params)
+            assert bound.values == prepared.bind(params).values
+            assert bound.routing_key == prepared.bind(params).routing_key
+
+
+def test_bind_row_edges() -> None:
+    prepared = OfflineSession(KS).prepare(
+        f"INSERT INTO {KS}.conversation_timeline (session_id, created_at, created_at_micros, "
+        "turn_id, role, content, model) VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+    )
+    sid = uuid.uuid4()
+    for created in (
+        datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),  # floors to -1 ms
+        datetime(1, 1, 1),
+        datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+    ):
+        params = (sid, created, 999, sid, "human", "héllo \U0001f600", None, 2**62)
+        assert bind_row(prepared, params).values == prepared.bind(params).values
+    # A lone surrogate is refused by both, alike.
+    bad = (sid, datetime.now(UTC), 0, sid, "human", "x\ud800", None, 1)
+    with pytest.raises(UnicodeEncodeError):
+        bind_row(prepared, bad)
+    with pytest.raises(UnicodeEncodeError):
+        prepared.bind(bad)
