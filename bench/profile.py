@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Final
@@ -58,12 +59,31 @@ def frame_totals(svg: str) -> Counter[str]:
     return totals
 
 
-def summary(path: str, command: list[str], totals: Counter[str], top: int = 30) -> str:
+def _commit() -> str:
+    """The code profiled: the checkout's commit, marked when it has local changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head
+
+
+def summary(
+    path: str, command: list[str], totals: Counter[str], top: int = 30, commit: str = ""
+) -> str:
     total = max(totals.values(), default=0)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
         f"# Profile: {path}",
         "",
-        f"`py-spy record --nonblocking --subprocesses -- python -m {' '.join(command)}`; "
+        f"`py-spy record --nonblocking --subprocesses -- python -m {' '.join(command)}`, "
+        f"code {commit or _commit()}, {when}; "
         f"{total:,} samples in the widest frame. Flame graph: `profile-{path}.svg`.",
         "",
         "Frames by inclusive samples, threads' and imports' plumbing and the benchmark's own "

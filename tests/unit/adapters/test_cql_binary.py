@@ -22,7 +22,7 @@ from tasks.adapters.scylla import ScyllaWriter
 from tasks.core.catalog import READ_MODELS, TABLES
 from tasks.core.columnar import project_arrow, project_arrow_columns
 from tasks.core.cql import insert_text
-from tasks.core.projection import Change, normalize_row, project, project_row
+from tasks.core.projection import Change, Mutation, normalize_row, project, project_row
 from tasks.settings import get_settings
 from tests.unit.core.test_projection_arrow import _batch, table_rows
 
@@ -147,7 +147,7 @@ def test_bind_row_binds_the_projection_as_bind_does(
     table, rows = table_rows
     writer = _writer()
     for row in rows:
-        mutations = [*project_row(table, row)]
+        mutations: list[Mutation] = [*project_row(table, row)]
         mutations += project(Change(table, "d", normalize_row(table, row), None, 7))
         for prepared, params in writer.bound(mutations):
             bound = bind_row(prepared, params)
