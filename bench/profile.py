@@ -60,18 +60,21 @@ def frame_totals(svg: str) -> Counter[str]:
 
 
 def _commit() -> str:
-    """The code profiled: the checkout's commit, marked when it has local changes."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            check=True,
+    """The code profiled: the checkout's commit, marked when files other than the results
+    (which a run itself rewrites) have local changes."""
+    root = str(Path(__file__).resolve().parents[1])
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", root, *args], capture_output=True, text=True, check=True
         ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return head
+    return f"{head} with local changes" if changed else head
 
 
 def summary(
