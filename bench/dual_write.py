@@ -122,9 +122,9 @@ def latency_phase(
                 if i >= warmup:
                     bare_after_commit_ms.append((time.perf_counter() - t1) * 1000)
                 pending = None
+            if name == "dual-write" and r.read_model_updated:
+                pending = bare.batch_request(r.mutations)  # same statements, same stamps
             if i < warmup:
-                if name == "dual-write" and r.read_model_updated:
-                    pending = bare.batch_request(r.mutations)
                 continue
             seen = lookup.visible(r)  # right after the return, outside the timing
             visible_now[name] += seen
@@ -134,11 +134,9 @@ def latency_phase(
                 if r.read_model_updated:
                     scylla_ms.append(r.scylla_ms or 0.0)
                     missing_after_success += not seen
-                    request = bare.batch_request(r.mutations)  # same statements, same stamps
                     t1 = time.perf_counter()
-                    lookup.cql.execute(request)
+                    lookup.cql.execute(pending)
                     bare_ms.append((time.perf_counter() - t1) * 1000)
-                    pending = request
                 else:
                     failed.append(r.error or "?")
     return {

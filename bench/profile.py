@@ -77,16 +77,14 @@ def _commit() -> str:
     return f"{head} with local changes" if changed else head
 
 
-def summary(
-    path: str, command: list[str], totals: Counter[str], top: int = 30, commit: str = ""
-) -> str:
+def summary(path: str, command: list[str], totals: Counter[str], top: int = 30) -> str:
     total = max(totals.values(), default=0)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
         f"# Profile: {path}",
         "",
         f"`py-spy record --nonblocking --subprocesses -- python -m {' '.join(command)}`, "
-        f"code {commit or _commit()}, {when}; "
+        f"code {_commit()}, {when}; "
         f"{total:,} samples in the widest frame. Flame graph: `profile-{path}.svg`.",
         "",
         "Frames by inclusive samples, threads' and imports' plumbing and the benchmark's own "
