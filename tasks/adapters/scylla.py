@@ -317,28 +317,75 @@ class ScyllaWriter:
         it."""
         if not mutations:
             return 0
-        what = f"Scylla batch of {len(mutations)} mutations"
         try:
-            request = self.batch_request(mutations)
+            statements = self.bound(mutations)
+        except Exception as exc:
+            raise classify(exc, f"Scylla batch of {len(mutations)} mutations") from exc
+        return self.send_batch(statements, timeout)
+
+    def send_batch(
+        self, statements: Sequence[tuple[PreparedStatement, Sequence[Any]]], timeout: float | None
+    ) -> int:
+        """``write_batch`` of statements already prepared and paired with their values
+        (``bound`` or ``prepared_statements``)."""
+        if not statements:
+            return 0
+        try:
+            request = self._request_of(statements)
             # The driver reads timeout=None as "no deadline": leave it unset then.
             if timeout is None:
                 self.session.execute(request)
             else:
                 self.session.execute(request, timeout=timeout)
         except Exception as exc:
-            raise classify(exc, what) from exc
-        return len(mutations)
+            raise classify(exc, f"Scylla batch of {len(statements)} mutations") from exc
+        return len(statements)
 
     def batch_request(self, mutations: Sequence[Mutation]) -> BoundStatement | BatchStatement:
         """What ``write_batch`` sends for ``mutations``: one bound statement, or one unlogged
         batch of them (RejectedData if one cannot be bound)."""
-        statements = self.bound(mutations)
+        return self._request_of(self.bound(mutations))
+
+    def _request_of(
+        self, statements: Sequence[tuple[PreparedStatement, Sequence[Any]]]
+    ) -> BoundStatement | BatchStatement:
         if len(statements) == 1:
             return _bind(*statements[0], 0)
         request = self._batch()
         for i, (stmt, params) in enumerate(statements):
             request.add(_bind(stmt, params, i))
         return request
+
+    def prepared_statements(
+        self, mutations: Iterable[Mutation]
+    ) -> list[tuple[PreparedStatement, Sequence[Any]]] | None:
+        """``bound(mutations)`` when every statement is prepared already, else None: preparing
+        is a round trip that blocks its caller for up to the session's default timeout."""
+        out: list[tuple[PreparedStatement, Sequence[Any]]] = []
+        for m in mutations:
+            cql, params = to_cql(m, self.keyspace)
+            stmt = self._prepared.get(cql)
+            if stmt is None:
+                return None
+            out.append((stmt, params))
+        return out
+
+    def connections_open(self) -> bool:
+        """Whether the session has connections and none of them is closed or defunct. The
+        driver borrows a connection inside ``execute_async``, on the caller's thread, and when
+        the one it picks is closed it waits up to 2 s (hard-coded) for another: with every
+        connection open, sending does not wait (docs/decisions.md, "The dual-write sends on
+        the caller's thread while the pool is healthy")."""
+        pools = list(getattr(self.session, "_pools", {}).values())
+        if not pools:
+            return False
+        for pool in pools:
+            conns = list(getattr(pool, "_connections", {}).values())
+            if getattr(pool, "is_shutdown", True) or not conns:
+                return False
+            if any(c.is_closed or c.is_defunct for c in conns):
+                return False
+        return True
 
     def requests(
         self, statements: Sequence[tuple[PreparedStatement, Sequence[Any]]]

@@ -13,10 +13,15 @@ statement not yet prepared is prepared synchronously with the session's default 
   retries the connection;
 - a call's mutations go as one unlogged batch when they are few and small (one round trip),
   else as concurrent writes;
-- each write runs on a small pool of threads and the caller waits at most the deadline; a
-  write still running then finishes (or fails) in the background, which is harmless since
-  every cell carries its source version. At most ``max_in_flight`` such writes exist: beyond
-  that the step is skipped at once rather than queued behind a slow cluster.
+- a small batch whose statements are all prepared, on a session whose connections are all
+  open, is sent on the caller's thread with the deadline as its request timeout: nothing on
+  that path waits longer (docs/decisions.md, "The dual-write sends on the caller's thread
+  while the pool is healthy");
+- any other write runs on a small pool of threads and the caller waits at most the
+  deadline; a write still running then finishes (or fails) in the background, which is
+  harmless since every cell carries its source version. At most ``max_in_flight`` such
+  writes exist: beyond that the step is skipped at once rather than queued behind a slow
+  cluster.
 """
 
 from __future__ import annotations
@@ -93,8 +98,10 @@ class ScyllaHandle:
         max_in_flight: int = 16,
         batch_max_statements: int = 16,
         batch_max_bytes: int | None = None,
+        inline: bool = True,
     ) -> None:
         self._batch_max_statements = batch_max_statements
+        self._inline = inline
         self._settings = settings
         # The writer's own bound (CQRS_SCYLLA_BATCH_MAX_BYTES, under the server's warning).
         self._batch_max_bytes = batch_max_bytes or settings.batch_max_bytes
@@ -134,6 +141,17 @@ class ScyllaHandle:
         writer = self.writer()
         if writer is None:
             raise ServiceUnavailable("Scylla", "not connected (a background thread retries)")
+        small = (
+            len(mutations) <= self._batch_max_statements
+            and batch_bytes(mutations) <= self._batch_max_bytes
+        )
+        if small and self._inline:
+            # The common case, on the caller's thread: nothing here can wait past the
+            # deadline, so the hop to a worker thread (~0.35 ms of a ~1 ms step) is saved.
+            statements = writer.prepared_statements(mutations)
+            if statements is not None and writer.connections_open():
+                writer.send_batch(statements, deadline_s)
+                return
         if not self._slots.acquire(blocking=False):
             raise ServiceUnavailable(
                 "Scylla",
@@ -141,13 +159,6 @@ class ScyllaHandle:
                 "flight past their deadline: the cluster is slow",
             )
         try:
-            # A turn's few small mutations go as one unlogged batch (one round trip); long
-            # content goes as separate concurrent writes, each a plain statement, under the
-            # store's batch-size limits (a 1 MiB message is one plain INSERT).
-            small = (
-                len(mutations) <= self._batch_max_statements
-                and batch_bytes(mutations) <= self._batch_max_bytes
-            )
             future = self._executor.submit(
                 writer.write_batch if small else writer.write, mutations, deadline_s
             )

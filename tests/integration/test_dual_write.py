@@ -23,7 +23,7 @@ from tasks.core.errors import InvalidInput
 from tasks.core.projection import Mutation, Upsert, change_from_row, project, version_of
 from tasks.core.write_policy import DualWritePolicy, StepInput
 from tasks.dual_write import service as dw
-from tasks.dual_write.read_model import ScyllaHandle
+from tasks.dual_write.read_model import ScyllaHandle, warm_up_statements
 from tasks.settings import get_settings
 from tests.integration import readmodels
 from tests.integration.readmodels import postgres_rows, wait_for
@@ -376,9 +376,17 @@ def test_cassandra_stopped_calls_succeed_and_cdc_converges(
     # The state before the outage is in the read models, by the dual-write within its 50 ms or
     # by CDC when a busy machine made it miss them: which one is not what this test is about.
     assert wait_for(lambda: agree(cql, [sid], [uid]), timeout=60)
+    # While healthy, a turn's write is sent on the caller's thread: every statement is
+    # prepared and every connection open (what the handle checks on the driver's objects).
+    writer = d.scylla.writer()
+    assert writer is not None and writer.connections_open()
+    assert writer.prepared_statements(warm_up_statements()) is not None
     stack = [sys.executable, "-m", "infra.stack"]
     subprocess.run([*stack, "down", "cassandra"], cwd=ROOT, check=True, timeout=180)
     try:
+        # Stopped: the pool has no open connection, so writes go to the worker threads
+        # whose wait the deadline bounds (the driver would wait 2 s to borrow one).
+        assert wait_for(lambda: not writer.connections_open(), timeout=30)
         results: list[tuple[dw.WriteResult, float]] = []
         for i in range(5):
             t0 = time.monotonic()

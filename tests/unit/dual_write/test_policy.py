@@ -4,6 +4,7 @@ happens before any connection is taken, and of the Scylla step's wall-clock dead
 from __future__ import annotations
 
 import math
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -262,18 +263,35 @@ def test_warm_up_covers_every_read_model_upsert_and_delete() -> None:
 
 
 class _SlowWriter:
-    """Blocks like the driver did when a pooled connection had just gone defunct (2 s)."""
+    """Blocks like the driver did when a pooled connection had just gone defunct (2 s).
+    ``prepared`` and ``open_`` are what the handle checks before sending on the caller's
+    thread; by default a statement is not prepared yet, so every write takes the worker."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, *, prepared: bool = False, open_: bool = True) -> None:
         self.seconds = seconds
+        self.prepared = prepared
+        self.open_ = open_
         self.calls = 0
         self.batches = 0
+        self.threads: list[str] = []
 
     def bound(self, mutations: Any) -> list[Any]:
         return list(mutations)
 
+    def prepared_statements(self, mutations: Any) -> list[Any] | None:
+        return list(mutations) if self.prepared else None
+
+    def connections_open(self) -> bool:
+        return self.open_
+
+    def send_batch(self, statements: Any, timeout: float | None) -> int:
+        self.threads.append(threading.current_thread().name)
+        return self.write_batch(statements, timeout)
+
     def write(self, mutations: Any, timeout: float | None = None) -> int:
         self.calls += 1
+        if not self.threads or self.threads[-1] != threading.current_thread().name:
+            self.threads.append(threading.current_thread().name)
         time.sleep(self.seconds)
         return len(mutations)
 
@@ -328,3 +346,51 @@ def test_scylla_step_batches_small_writes_and_not_large_ones() -> None:
         handle.close()
     with pytest.raises(ServiceUnavailable, match="not connected"):
         ScyllaHandle(SCYLLA, connect=False).write([], 0.05)
+
+
+@pytest.mark.parametrize(
+    ("prepared", "open_", "inline"),
+    [(True, True, True), (False, True, False), (True, False, False)],
+    ids=[
+        "prepared and open: caller's thread",
+        "not prepared: worker",
+        "a closed connection: worker",
+    ],
+)
+def test_a_small_write_is_sent_on_the_callers_thread_only_when_nothing_can_block(
+    prepared: bool, open_: bool, inline: bool
+) -> None:
+    writer = _SlowWriter(0.0, prepared=prepared, open_=open_)
+    handle = ScyllaHandle(SCYLLA, writer)  # type: ignore[arg-type]
+    try:
+        handle.write(warm_up_statements()[:3], 0.5)
+        caller = threading.current_thread().name
+        assert (writer.batches, writer.threads[-1] == caller) == (1, inline), writer.threads
+    finally:
+        handle.close()
+
+
+def test_a_write_that_would_block_keeps_its_deadline_when_a_connection_is_closed() -> None:
+    # Statements prepared, but a connection closed: the driver would wait 2 s to borrow one,
+    # so the write goes to a worker and the caller waits only the deadline.
+    handle = ScyllaHandle(SCYLLA, _SlowWriter(0.5, prepared=True, open_=False))  # type: ignore[arg-type]
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TransientError, match="exceeded the 50 ms deadline"):
+            handle.write(warm_up_statements()[:3], 0.05)
+        assert time.monotonic() - t0 < 0.2
+    finally:
+        handle.close()
+
+
+def test_large_writes_take_the_worker_even_when_the_pool_is_healthy() -> None:
+    writer = _SlowWriter(0.0, prepared=True)
+    handle = ScyllaHandle(SCYLLA, writer, batch_max_bytes=1000)  # type: ignore[arg-type]
+    sid, now = uuid.uuid4(), datetime.now(UTC)
+    turn = {"id": uuid.uuid4(), "session_id": sid, "created_at": now, "updated_at": now}
+    try:
+        handle.write(project_row("human_turns", {**turn, "content": "x" * 1001}), 0.5)
+        assert writer.batches == 0
+        assert writer.threads[-1].startswith("dual-write-scylla"), writer.threads
+    finally:
+        handle.close()
