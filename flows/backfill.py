@@ -288,7 +288,7 @@ def backfill_flow(
     created_to: datetime | str | None = None,
     chunk_size: int = 50_000,
     concurrency: int = 64,
-    write_batch_rows: int = 100,
+    write_batch_rows: int | None = None,
     workers: int = 1,
     method: str = "cql",
     readers: int = 4,

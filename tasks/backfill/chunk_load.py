@@ -42,7 +42,8 @@ class LoadConfig:
     scylla: ScyllaSettings
     sstable: SSTableSettings | None = None  # needed by method "sstable"
     concurrency: int | None = None  # writes in flight per process (default: the settings')
-    replica_batch_rows: int = 100  # rows per UNLOGGED replica-set batch ("cql")
+    # Rows per UNLOGGED replica-set batch ("cql"); default: the settings' replica_batch_rows.
+    replica_batch_rows: int | None = None
     record_batch_rows: int = 2_000  # rows per record batch read from a chunk file ("cql")
 
     def __post_init__(self) -> None:

@@ -101,7 +101,7 @@ def load_snapshot(
     rate_limit_rows_per_s: float | None = None,
     resume: bool = False,
     record_batch_rows: int = 2_000,
-    replica_batch_rows: int = 100,
+    replica_batch_rows: int | None = None,
     workers: int = 1,
     method: str = "cql",
     on_progress: Callable[[LoadProgress], None] | None = None,
@@ -112,8 +112,8 @@ def load_snapshot(
     processes (spawned, one session each, ``concurrency`` writes in flight each, one shared
     rate limit); a kill then redoes at most one chunk per worker. ``method``: "cql" or
     "sstable" (``chunk_load``; "sstable" needs ``sstable``). ``replica_batch_rows``: rows per
-    UNLOGGED replica-set batch; ``record_batch_rows``: rows per record batch read from a
-    chunk file (both "cql"). Never touches Postgres."""
+    UNLOGGED replica-set batch (default: the settings'); ``record_batch_rows``: rows per
+    record batch read from a chunk file (both "cql"). Never touches Postgres."""
     if workers < 1:
         raise InvalidInput(f"workers must be >= 1, got {workers}")
     if method not in LOAD_METHODS:

@@ -63,13 +63,13 @@ class BackfillParams(BaseModel):
     concurrency: int = Field(
         64, gt=0, le=MAX_CONCURRENCY, description="Scylla writes in flight at once while loading"
     )
-    write_batch_rows: int = Field(
-        100,
+    write_batch_rows: int | None = Field(
+        None,
         gt=0,
         le=MAX_WRITE_BATCH_ROWS,
         description="method cql: at most this many rows per UNLOGGED batch, each batch "
         "holding rows of one replica set (and under CQRS_SCYLLA_BATCH_MAX_BYTES); 1 sends one "
-        "INSERT per row",
+        "INSERT per row (default: CQRS_SCYLLA_REPLICA_BATCH_ROWS, 100)",
     )
     workers: int = Field(
         1,

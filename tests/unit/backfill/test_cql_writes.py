@@ -93,3 +93,27 @@ def test_replica_batches_drop_only_the_server_warning_they_cause(
     assert [r.getMessage() for r in caplog.records] == [
         "Server warning: Batch for [ks.t] is of size 6.1KiB"
     ]
+
+
+def test_the_loads_batch_rows_default_to_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One default (CQRS_SCYLLA_REPLICA_BATCH_ROWS): the flow's parameter, the load's config
+    # and load_snapshot leave it unset unless given, so the environment decides.
+    from tasks.adapters.scylla import ScyllaWriter
+    from tasks.backfill.chunk_load import LoadConfig, open_chunk_writer
+    from tasks.backfill.params import BackfillParams
+    from tasks.settings import ScyllaSettings
+
+    monkeypatch.setenv("CQRS_SCYLLA_REPLICA_BATCH_ROWS", "37")
+    settings = ScyllaSettings()
+    assert BackfillParams().write_batch_rows is None
+    config = LoadConfig("cql", "ks", settings)
+    assert config.replica_batch_rows is None
+    built: list[ScyllaWriter] = []
+    monkeypatch.setattr(
+        "tasks.backfill.chunk_load.PipelinedWriter", lambda w: built.append(w) or w
+    )
+    open_chunk_writer(config, object(), None, [])  # type: ignore[arg-type]
+    assert [w.replica_batch_rows for w in built] == [37]
+    given = LoadConfig("cql", "ks", settings, replica_batch_rows=5)
+    open_chunk_writer(given, object(), None, [])  # type: ignore[arg-type]
+    assert built[-1].replica_batch_rows == 5
