@@ -6,13 +6,14 @@ loop writing the same mutations with the same prepared statements.
                                     [--soak-seconds 600] [--soak-rate 2000]
 
 Needs the local stack with the connector registered (`make schemas`). Results go to
-bench/results/cdc.json and a markdown table on stdout.
+bench/results/cdc.json (this run and the previous one) and cdc.md, the tables also on stdout.
+``--backlog 0`` skips the backlog run. Each rate reports CPU µs per event of every part of the
+path and the slope of the consumer's lag while writing (flat: about 0).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -27,6 +28,7 @@ from typing import Any
 from cassandra.concurrent import execute_concurrent
 from confluent_kafka import Consumer, TopicPartition
 
+from bench.history import save_with_previous
 from bench.proc import proc_stat
 from support import cdc_probe
 from tasks.adapters import kafka, postgres, scylla
@@ -244,6 +246,8 @@ def fixed_rate(
     )
     # Whole-run percentiles of commit → applied, after a 2 s warm-up.
     steady_lat = sorted(ms for at, ms in samples if at >= started + 2)
+    shares = {k: (cpu1[k] - cpu0.get(k, 0.0)) / cpu_span for k in sorted(cpu1)}
+    writing = [r.total_lag for r in reports[1 : max(2, int(seconds / report_s) - 1)]]
     return {
         "target_events_per_s": rate,
         "overall_p50_ms": round(percentile(steady_lat, 0.5), 1) if steady_lat else None,
@@ -255,9 +259,13 @@ def fixed_rate(
         "max_lag_events": lag_at_end_of_writes,
         "kept_up": bool(p99s) and max(p99s) < 1000 and lag_at_end_of_writes < rate,
         # Share of one core each part used while the writer ran (from /proc).
-        "cpu_share_of_a_core": {
-            k: round((cpu1[k] - cpu0.get(k, 0.0)) / cpu_span, 2) for k in sorted(cpu1)
+        "cpu_share_of_a_core": {k: round(v, 2) for k, v in shares.items()},
+        # The same as CPU µs per change event written (issue #13: per-unit costs).
+        "cpu_us_per_event": {
+            k: round(v * 1e6 / achieved, 1) if achieved else None for k, v in shares.items()
         },
+        # Least-squares slope of the lag over the reports while writing: ~0 when it is flat.
+        "lag_slope_events_per_min": lag_slope(writing, report_s),
         # Process RSS (the consumer; the writer is another process) at each report.
         "rss_mib_first_last_max": [round(rss[0], 1), round(rss[-1], 1), round(max(rss), 1)]
         if rss
@@ -266,6 +274,17 @@ def fixed_rate(
         "lag_per_report": [r.total_lag for r in reports],
         "rss_mib_per_report": [round(x, 1) for x in rss],
     }
+
+
+def lag_slope(lags: list[int], interval_s: float) -> float | None:
+    """Least-squares slope of ``lags`` (one per ``interval_s``), in events per minute."""
+    if len(lags) < 3:
+        return None
+    n = len(lags)
+    mean_x, mean_y = (n - 1) / 2, sum(lags) / n
+    var = sum((i - mean_x) ** 2 for i in range(n))
+    cov = sum((i - mean_x) * (y - mean_y) for i, y in enumerate(lags))
+    return round(cov / var * 60 / interval_s, 1)
 
 
 def backlog(settings: Settings, turns: int) -> dict[str, Any]:
@@ -364,31 +383,89 @@ def main() -> None:
         res = fixed_rate(settings, rate, args.seconds)
         print(res, flush=True)
         out["fixed_rate"].append(res)
-    out["backlog"] = backlog(settings, args.backlog)
-    print(out["backlog"], flush=True)
+    if args.backlog:
+        out["backlog"] = backlog(settings, args.backlog)
+        print(out["backlog"], flush=True)
     if args.soak_seconds:
         out["soak"] = fixed_rate(
             settings, args.soak_rate, args.soak_seconds, report_s=10.0, keep_samples=False
         )
         print(out["soak"], flush=True)
     out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
-    print("\n| target events/s | achieved | p50 ms | p99 ms | worst 1 s p99 | max lag | kept up |")
-    print("|---|---|---|---|---|---|---|")
-    for r in out["fixed_rate"]:
-        print(
-            f"| {r['target_events_per_s']} | {r['achieved_write_events_per_s']} | "
-            f"{r['overall_p50_ms']} | {r['overall_p99_ms']} | {r['worst_interval_p99_ms']} | "
-            f"{r['max_lag_events']} | {r['kept_up']} |"
-        )
-    b = out["backlog"]
-    print(
-        f"\nbacklog of {b['events']} events: consumer {b['consumer_events_per_s']} events/s "
-        f"({b['consumer_mutations_per_s']} mutations/s), bare execute_concurrent "
-        f"{b['bare_loop_mutations_per_s']} mutations/s ({b['bare_loop_seconds']} s), "
-        f"consumer/bare speed ratio {b['ratio_consumer_to_bare']}"
+    print(save_with_previous(args.out, out, markdown))
+
+
+_CONSUMER = "consumer (bench process)"
+_STACK = ("kafka", "kafka connect + debezium", "cassandra")
+
+
+def _rate_row(r: dict[str, Any]) -> str:
+    us = r.get("cpu_us_per_event", {})
+    stack = sum(r["cpu_share_of_a_core"].get(k, 0.0) for k in _STACK)
+    p50 = r["overall_p50_ms"] if r["overall_p50_ms"] is not None else r["median_interval_p50_ms"]
+    p99 = r["overall_p99_ms"] if r["overall_p99_ms"] is not None else r["worst_interval_p99_ms"]
+    return (
+        f"| {r['target_events_per_s']} | {r['achieved_write_events_per_s']} | {p50} | {p99} | "
+        f"{r['max_lag_events']} | {r.get('lag_slope_events_per_min')} | {r['kept_up']} | "
+        f"{us.get(_CONSUMER, '-')} | {round(stack, 2)} |"
     )
+
+
+def markdown(current: dict[str, Any], previous: dict[str, Any] | None) -> str:
+    """The run as tables: each fixed rate (and the soak), the backlog, and the previous run's
+    figures beside this one's."""
+    head = (
+        "| target events/s | achieved | p50 ms | p99 ms | max lag | lag slope /min | kept up "
+        "| consumer µs/event | Kafka + Connect + Cassandra (cores) |\n"
+        "|---:|---:|---:|---:|---:|---:|---|---:|---:|"
+    )
+    lines = [
+        "# CDC end to end (python -m bench.cdc)",
+        "",
+        f"{current['started']}, {current['machine']}. Each rate: a paced writer of human turns "
+        "(2 change events each) for the run's seconds, a consumer in a new group; latency is "
+        "commit → applied. The soak reports per 10 s interval (its p50 and p99 are the median "
+        "and the worst of the intervals').",
+        "",
+        head,
+        *(_rate_row(r) for r in current["fixed_rate"]),
+    ]
+    if "soak" in current:
+        lines += ["", "Soak:", "", head, _rate_row(current["soak"])]
+    if "backlog" in current:
+        b = current["backlog"]
+        lines += [
+            "",
+            f"Backlog of {b['events']} events: consumer {b['consumer_events_per_s']} events/s "
+            f"({b['consumer_mutations_per_s']} mutations/s), bare execute_concurrent "
+            f"{b['bare_loop_mutations_per_s']} mutations/s, consumer/bare speed ratio "
+            f"{b['ratio_consumer_to_bare']}.",
+        ]
+    if previous:
+        before = {r["target_events_per_s"]: r for r in previous.get("fixed_rate", [])}
+        lines += [
+            "",
+            f"Against the previous run ({previous.get('started')}):",
+            "",
+            "| target events/s | p50 ms now / before | consumer µs/event now / before "
+            "| kept up now / before |",
+            "|---:|---|---|---|",
+        ]
+        for r in current["fixed_rate"]:
+            b = before.get(r["target_events_per_s"])
+            if b is None:
+                continue
+            us_now = r.get("cpu_us_per_event", {}).get(_CONSUMER)
+            share = b["cpu_share_of_a_core"].get(_CONSUMER)
+            rate = b["achieved_write_events_per_s"]
+            us_before = b.get("cpu_us_per_event", {}).get(_CONSUMER) or (
+                round(share * 1e6 / rate, 1) if share is not None and rate else None
+            )
+            lines.append(
+                f"| {r['target_events_per_s']} | {r['overall_p50_ms']} / {b['overall_p50_ms']} "
+                f"| {us_now} / {us_before} | {r['kept_up']} / {b['kept_up']} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
