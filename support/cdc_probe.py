@@ -15,6 +15,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
@@ -143,7 +144,16 @@ class LocalCdc:
 
     def stop(self) -> None:
         self.consumer.stop()
+        t0 = time.monotonic()
         self._thread.join(30)
+        if self._thread.is_alive():
+            # Not an error of the test that ends the session, but a consumer that does not
+            # stop is worth a line in the run's warnings summary, with where it is stuck.
+            warnings.warn(
+                f"the local CDC consumer did not stop within {time.monotonic() - t0:.0f} s; "
+                + self.where(),
+                stacklevel=2,
+            )
         self._offsets.close()
         scylla.close(self._session)
         if self.errors:
