@@ -146,7 +146,7 @@ def consumer_config(settings: KafkaSettings, /, **overrides: Any) -> dict[str, A
         # Rebalances move partitions one at a time instead of stopping the whole group.
         "partition.assignment.strategy": "cooperative-sticky",
         "session.timeout.ms": cfg.session_timeout_ms,
-        "fetch.wait.max.ms": 10,
+        "fetch.wait.max.ms": cfg.fetch_wait_max_ms,  # CQRS_KAFKA_FETCH_WAIT_MAX_MS
         # Bound the prefetch queue (librdkafka's default is 64 MiB): memory stays flat
         # however far behind the consumer is.
         "queued.max.messages.kbytes": 8192,

@@ -136,3 +136,11 @@ def test_the_cdc_consumer_and_its_dead_letter_producer_get_the_transport(
     for built in (Consumers.configs, Producers.configs, Admins.configs):
         assert len(built) == 1
         assert {k: built[0].get(k) for k in EXPECTED} == EXPECTED
+
+
+def test_the_consumers_fetch_wait_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert kafka.consumer_config(KafkaSettings())["fetch.wait.max.ms"] == 10
+    monkeypatch.setenv("CQRS_KAFKA_FETCH_WAIT_MAX_MS", "100")
+    assert kafka.consumer_config(KafkaSettings())["fetch.wait.max.ms"] == 100
+    with pytest.raises(ValidationError):
+        KafkaSettings(fetch_wait_max_ms=0)
