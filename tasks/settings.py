@@ -227,7 +227,7 @@ class KafkaSettings(BaseSettings):
     # The CDC consumer's librdkafka fetch.wait.max.ms: how long the broker holds a fetch that
     # finds nothing new. Each empty fetch costs the broker and the consumer CPU: at rest, 10 ms
     # costs Kafka about 0.08 of a core and the consumer 0.014, 100 ms 0.03 and 0.004; but p99
-    # at 200 events/s rose from about 115 ms to 155 ms (docs/operations.md, "Idle cost and
+    # at 200 events/s rose from 106-129 ms to 154-166 ms (docs/operations.md, "Idle cost and
     # latency").
     fetch_wait_max_ms: int = Field(default=10, ge=1, le=5_000)
     connect_url: str = "http://127.0.0.1:8083"  # Kafka Connect's REST API
