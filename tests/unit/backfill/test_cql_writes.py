@@ -109,9 +109,7 @@ def test_the_loads_batch_rows_default_to_the_settings(monkeypatch: pytest.Monkey
     config = LoadConfig("cql", "ks", settings)
     assert config.replica_batch_rows is None
     built: list[ScyllaWriter] = []
-    monkeypatch.setattr(
-        "tasks.backfill.chunk_load.PipelinedWriter", lambda w: built.append(w) or w
-    )
+    monkeypatch.setattr("tasks.backfill.chunk_load.PipelinedWriter", lambda w: built.append(w) or w)
     open_chunk_writer(config, object(), None, [])  # type: ignore[arg-type]
     assert [w.replica_batch_rows for w in built] == [37]
     given = LoadConfig("cql", "ks", settings, replica_batch_rows=5)
