@@ -105,11 +105,16 @@ def test_the_loads_batch_rows_default_to_the_settings(monkeypatch: pytest.Monkey
 
     monkeypatch.setenv("CQRS_SCYLLA_REPLICA_BATCH_ROWS", "37")
     settings = ScyllaSettings()
-    assert BackfillParams().write_batch_rows is None
+    assert BackfillParams.model_validate({}).write_batch_rows is None
     config = LoadConfig("cql", "ks", settings)
     assert config.replica_batch_rows is None
     built: list[ScyllaWriter] = []
-    monkeypatch.setattr("tasks.backfill.chunk_load.PipelinedWriter", lambda w: built.append(w) or w)
+
+    def pipelined(writer: ScyllaWriter) -> ScyllaWriter:
+        built.append(writer)
+        return writer
+
+    monkeypatch.setattr("tasks.backfill.chunk_load.PipelinedWriter", pipelined)
     open_chunk_writer(config, object(), None, [])  # type: ignore[arg-type]
     assert [w.replica_batch_rows for w in built] == [37]
     given = LoadConfig("cql", "ks", settings, replica_batch_rows=5)
