@@ -98,10 +98,8 @@ class ScyllaHandle:
         max_in_flight: int = 16,
         batch_max_statements: int = 16,
         batch_max_bytes: int | None = None,
-        inline: bool = True,
     ) -> None:
         self._batch_max_statements = batch_max_statements
-        self._inline = inline
         self._settings = settings
         # The writer's own bound (CQRS_SCYLLA_BATCH_MAX_BYTES, under the server's warning).
         self._batch_max_bytes = batch_max_bytes or settings.batch_max_bytes
@@ -145,7 +143,7 @@ class ScyllaHandle:
             len(mutations) <= self._batch_max_statements
             and batch_bytes(mutations) <= self._batch_max_bytes
         )
-        if small and self._inline:
+        if small:
             # The common case, on the caller's thread: nothing here can wait past the
             # deadline, so the hop to a worker thread (~0.35 ms of a ~1 ms step) is saved.
             statements = writer.prepared_statements(mutations)
