@@ -23,13 +23,15 @@ def ready(seconds: float) -> int:
     return os.getpid()
 
 
-def take_rows(end_at: float) -> tuple[int, float]:
+def take_rows(end_at: float) -> tuple[int, float, float]:
     """Take rows 20 at a time until ``end_at`` (time.monotonic is one clock for all the
-    processes of a machine); returns (rows, when the first was taken)."""
-    limiter, rows = _joined[0], 0
+    processes of a machine); returns (rows, when the first was granted, when the last was)."""
+    limiter = _joined[0]
     limiter.acquire(20)
-    started, rows = time.monotonic(), 20
-    while time.monotonic() < end_at:
+    started = last = time.monotonic()
+    rows = 20
+    while last < end_at:
         limiter.acquire(20)
         rows += 20
-    return rows, started
+        last = time.monotonic()
+    return rows, started, last
