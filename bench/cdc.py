@@ -3,7 +3,7 @@ whole path sustains, and the consumer's rate draining a backlog against a bare s
 loop writing the same mutations with the same prepared statements.
 
     .venv/bin/python -m bench.cdc [--rates 200 1000 2000 3000] [--seconds 20] [--backlog 50000]
-                                    [--soak-seconds 600] [--soak-rate 2000]
+                                    [--soak-seconds 600] [--soak-rate 2000] [--warm-up-s 60]
 
 Needs the local stack with the connector registered (`make schemas`). Results go to
 bench/results/cdc.json (this run and the previous one) and cdc.md, the tables also on stdout.
@@ -371,13 +371,28 @@ def main() -> None:
     )
     parser.add_argument("--soak-rate", type=int, default=2000, help="events/s of the soak")
     parser.add_argument("--out", type=Path, default=RESULTS / "cdc.json", help="results file")
+    parser.add_argument(
+        "--warm-up-s",
+        type=float,
+        default=60,
+        help="an unmeasured run at 1000 events/s first (0: none), so that the JVMs' JIT "
+        "compilers have compiled the path before the first measured rate",
+    )
     args = parser.parse_args()
+    if args.warm_up_s < 0:
+        parser.error(f"--warm-up-s must be >= 0, got {args.warm_up_s}")
     settings = get_settings()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {
         "machine": f"{platform.node()} {os.cpu_count()} cores",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "warm_up_s": args.warm_up_s,
     }
+    if args.warm_up_s:
+        # Right after `make up` the services' JIT compilers take a large share of a core
+        # under the first minutes of traffic: without this the first rate measures mostly
+        # compilation, not the path (docs/operations.md, "Idle cost and latency").
+        fixed_rate(settings, 1000, args.warm_up_s, keep_samples=False)
     out["fixed_rate"] = []
     for rate in args.rates:
         res = fixed_rate(settings, rate, args.seconds)
@@ -422,7 +437,9 @@ def markdown(current: dict[str, Any], previous: dict[str, Any] | None) -> str:
     lines = [
         "# CDC end to end (python -m bench.cdc)",
         "",
-        f"{current['started']}, {current['machine']}. Each rate: a paced writer of human turns "
+        f"{current['started']}, {current['machine']}, after "
+        f"{current.get('warm_up_s', 0):g} s of unmeasured warm-up at 1000 events/s. "
+        "Each rate: a paced writer of human turns "
         "(2 change events each) for the run's seconds, a consumer in a new group; latency is "
         "commit → applied. The soak reports per 10 s interval (its p50 and p99 are the median "
         "and the worst of the intervals').",

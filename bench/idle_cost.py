@@ -80,10 +80,18 @@ def main() -> None:
     ap.add_argument("--rate-s", type=float, default=30.0)
     ap.add_argument("--settle-s", type=float, default=15.0)
     ap.add_argument("--out", type=Path, default=RESULTS / "idle-cost.json")
+    ap.add_argument(
+        "--warm-up-s", type=float, default=60.0, help="unmeasured 1000 events/s first (0: none)"
+    )
     a = ap.parse_args()
+    if a.warm_up_s < 0:
+        ap.error(f"--warm-up-s must be >= 0, got {a.warm_up_s}")
     settings = get_settings()
     client = KafkaConnectClient(settings.kafka.connect_url)
     runs = []
+    if a.warm_up_s:
+        # As in bench.cdc: the first value measured is not the JVMs' JIT warm-up.
+        fixed_rate(settings, 1000, a.warm_up_s, keep_samples=False)
     try:
         for ms in a.poll_ms:
             r = measure(ms, a.rest_s, a.rate_s, a.settle_s)
