@@ -381,9 +381,10 @@ def test_an_audit_during_steady_cdc_traffic_reports_no_drift(settings: Settings)
         assert not cdc.errors
     # A precondition, not a speed claim: the writer asks ~640 changes/s, and the audit must
     # have run under real traffic. It shares this process's GIL with the audit and, under
-    # `make test`, the CPU with the unit tests' run: 300 keeps the point without timing the
-    # machine (CI saw 398-452 with the unit tests beside it).
-    assert rate >= 300, f"only {rate:.0f} changes/s during the audit"
+    # `make test`, the CPU with the unit tests' run: CI saw 398-452, and 280 on a slower day
+    # of the same machine. 150 (hundreds of changes in each 5 s window) keeps the point
+    # without timing the machine.
+    assert rate >= 150, f"only {rate:.0f} changes/s during the audit"
     assert new_since(baseline, found) == set(), [
         d.describe() for d in found if ident(d) in new_since(baseline, found)
     ][:10]
