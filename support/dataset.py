@@ -101,13 +101,15 @@ def generate(rows: int, settings: PostgresSettings) -> DataSet:
             "topic int, created_at timestamptz, nturns int)"
         )
         # A few power users hold many sessions (random()^2 skews towards the first users);
-        # sessions start over the last 30 days, with 2 to 20 turns each.
+        # sessions start over the last 30 days, with 2 to 20 turns each. A session starts at
+        # least 21 minutes ago: its last turn comes at most 20 min 40 s after its start, and a
+        # turn in the future fails the audit's "not in the future" expectations.
         conn.execute(f"""
             WITH u AS (SELECT array_agg(gen_random_uuid()) AS ids
                          FROM generate_series(1, {users}))
             INSERT INTO demo_sessions
             SELECT n, gen_random_uuid(), u.ids[1 + floor({users} * random() ^ 2)::int],
-                   n % {len(TOPICS)}, now() - interval '30 days' * random(),
+                   n % {len(TOPICS)}, now() - interval '21 minutes' - interval '30 days' * random(),
                    2 + (random() * 18)::int
               FROM generate_series(1, {sessions}) n, u""")
         conn.commit()
