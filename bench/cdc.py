@@ -276,6 +276,15 @@ def fixed_rate(
     }
 
 
+def warm_up(settings: Settings, seconds: float) -> None:
+    """Unmeasured traffic at 1000 events/s for ``seconds`` (0: none). Right after `make up`
+    the services' JIT compilers take a large share of a core under the first minutes of
+    traffic: without this the first rate measures mostly compilation, not the path
+    (docs/operations.md, "Idle cost and latency")."""
+    if seconds:
+        fixed_rate(settings, 1000, seconds, keep_samples=False)
+
+
 def lag_slope(lags: list[int], interval_s: float) -> float | None:
     """Least-squares slope of ``lags`` (one per ``interval_s``), in events per minute."""
     if len(lags) < 3:
@@ -388,11 +397,7 @@ def main() -> None:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "warm_up_s": args.warm_up_s,
     }
-    if args.warm_up_s:
-        # Right after `make up` the services' JIT compilers take a large share of a core
-        # under the first minutes of traffic: without this the first rate measures mostly
-        # compilation, not the path (docs/operations.md, "Idle cost and latency").
-        fixed_rate(settings, 1000, args.warm_up_s, keep_samples=False)
+    warm_up(settings, args.warm_up_s)
     out["fixed_rate"] = []
     for rate in args.rates:
         res = fixed_rate(settings, rate, args.seconds)

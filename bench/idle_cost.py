@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.cdc import cpu_by_part, fixed_rate
+from bench.cdc import cpu_by_part, fixed_rate, warm_up
 from bench.history import save_with_previous
 from tasks.adapters.kafka_connect import KafkaConnectClient, connector_config
 from tasks.settings import get_settings
@@ -89,9 +89,7 @@ def main() -> None:
     settings = get_settings()
     client = KafkaConnectClient(settings.kafka.connect_url)
     runs = []
-    if a.warm_up_s:
-        # As in bench.cdc: the first value measured is not the JVMs' JIT warm-up.
-        fixed_rate(settings, 1000, a.warm_up_s, keep_samples=False)
+    warm_up(settings, a.warm_up_s)
     try:
         for ms in a.poll_ms:
             r = measure(ms, a.rest_s, a.rate_s, a.settle_s)
