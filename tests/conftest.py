@@ -56,6 +56,24 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The fault suite runs last: it restarts Postgres, Kafka and Cassandra, and connections
     other modules keep for their whole session (a dual-write session's pool) would meet the
-    restart as an error that is the fault suite's, not theirs. (`make test` runs the unit
-    tests in a second pytest beside these: support/run_tests.py.)"""
+    restart as an error that is the fault suite's, not theirs. (`make test` runs the stack's
+    tests in lanes, see tests/integration/lanes.py, and the unit tests beside them:
+    support/run_tests.py.)"""
+    lane = config.getoption("stack_lane")
+    if lane is not None:
+        from tests.integration import lanes
+
+        lanes.select(config, items, lane)
     items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    from tests.integration import lanes
+
+    parser.addoption(
+        "--stack-lane",
+        choices=lanes.CHOICES,
+        default=None,
+        help="run only the stack tests of one lane (tests/integration/lanes.py); `make test` "
+        "runs lanes A and B at once, then solo",
+    )

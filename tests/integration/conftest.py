@@ -3,6 +3,7 @@ up fails these tests loudly; they are never skipped."""
 
 from __future__ import annotations
 
+import fcntl
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,11 +12,14 @@ import pytest
 from cassandra.cluster import Session
 
 from infra import stack
+from infra.processes import STACK
 from support.cdc_probe import LocalCdc
 from tasks.adapters import postgres, scylla
 from tasks.cdc.options import CdcOptions
 from tasks.settings import get_settings
 from tests.integration import readmodels
+
+SETUP_LOCK = STACK / "setup.lock"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,7 +29,12 @@ def stack_ready() -> Iterator[None]:
     assert not unhealthy, f"the local stack is not healthy ({unhealthy}): run `make up`"
     from flows.setup import setup_flow
 
-    result = setup_flow()  # applies the migrations, the oracle's views included
+    # Lanes start at once (tests/integration/lanes.py): one setup at a time, or two
+    # migrations' ALTER ROLEs race ("tuple concurrently updated").
+    SETUP_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with SETUP_LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = setup_flow()  # applies the migrations, the oracle's views included
     assert result["connector"] == "RUNNING", result
     yield
     readmodels.close_reader()

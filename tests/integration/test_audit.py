@@ -49,6 +49,10 @@ from tests.integration.test_oracle import (
     write_varied_data,
 )
 
+# Alone (docs/decisions.md, "How `make test` runs"): the drift tests audit the whole shared
+# keyspace and need their own Postgres changes left unapplied by any other consumer.
+pytestmark = pytest.mark.solo
+
 ROOT = Path(__file__).resolve().parents[2]
 Ident = tuple[str, str, tuple[str | None, ...]]  # read model, kind, key
 

@@ -211,6 +211,7 @@ def test_offsets_deleted_by_retention_stop_the_run_with_the_missing_range() -> N
     assert result.messages == 4 and result.committed == {f"{topic}[0]": 10}
 
 
+@pytest.mark.solo  # TRUNCATEs the shared `steps` table and rebuilds `steps_by_turn`
 def test_truncate_is_refused_loudly_and_a_rebuild_repairs(
     cdc_consumer: LocalCdc, cql: Any, dlq_end, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -323,6 +324,7 @@ def _turn(pg: psycopg.Connection, session: uuid.UUID, content: str) -> uuid.UUID
     return turn
 
 
+@pytest.mark.solo  # SIGSTOPs Cassandra
 def test_a_hung_scylla_is_reported_while_waiting_and_nothing_is_lost(
     reporting_consumer, pg_app: psycopg.Connection, cql: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -344,6 +346,7 @@ def test_a_hung_scylla_is_reported_while_waiting_and_nothing_is_lost(
     assert wait_for(lambda: reports[-1].waiting_for is None, 30)
 
 
+@pytest.mark.solo  # stops Kafka
 def test_kafka_down_is_reported_while_waiting_and_consumption_resumes(
     reporting_consumer, pg_app: psycopg.Connection, cql: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -362,6 +362,7 @@ def test_scylla_timeout_or_absence_never_fails_the_call(deps, cql, pg_app, cdc_c
 
 
 # Stops and restarts the stack's Cassandra: `make test` owns its stack, so this always runs.
+@pytest.mark.solo
 def test_cassandra_stopped_calls_succeed_and_cdc_converges(
     cql, pg_app, cdc_consumer, local_cdc, deps
 ):

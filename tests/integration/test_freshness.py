@@ -25,6 +25,10 @@ from tasks.core.metrics import MetricsReport, latency_variable
 from tasks.settings import Settings, get_settings
 from tests.integration.readmodels import wait_for
 
+# Alone (docs/decisions.md, "How `make test` runs"): a fresh group must read lag 0 on every
+# partition, which any other writer to the source tables breaks.
+pytestmark = pytest.mark.solo
+
 LOG = logging.getLogger("test_freshness")
 
 

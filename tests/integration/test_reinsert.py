@@ -23,6 +23,10 @@ from tasks.settings import get_settings
 from tests.integration.conftest import own_keyspace
 from tests.integration.readmodels import wait_for
 
+# Alone (docs/decisions.md, "How `make test` runs"): its trigger on the shared `sessions`
+# table takes a lock every other writer would queue behind.
+pytestmark = pytest.mark.solo
+
 CFG = get_settings()
 
 TABLES = ("sessions", "human_turns", "agent_turns", "steps")

@@ -74,6 +74,7 @@ def other_database(settings: Settings) -> Iterator[str]:
             )
 
 
+@pytest.mark.solo  # the slot's bounds hold only without other writers and decoders
 def test_heartbeats_keep_an_idle_slot_advancing(settings: Settings, other_database: str) -> None:
     """WAL from another database only, about 3.5 MiB/s for a minute (200 MiB): the
     pipeline's slot confirms past it, because Debezium's heartbeat action query writes to

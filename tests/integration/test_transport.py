@@ -195,6 +195,7 @@ def _stored_config(client: KafkaConnectClient, name: str) -> dict[str, str]:
         time.sleep(0.5)
 
 
+@pytest.mark.solo  # re-registers the shared connector with TLS, then restores it
 def test_the_connector_replicates_over_verified_tls(wrong_ca: Path) -> None:
     base = get_settings()
     pg_tls = verified(base.postgres)
