@@ -37,16 +37,16 @@ LANES: dict[str, tuple[str, ...]] = {
         "test_catalog.py",
         "test_role_passwords.py",
         "test_secrets.py",
+        "test_sstable_load.py",
+        "test_slot_safety.py",
     ),
     "B": (
         "test_cdc.py",
         "test_cdc_faults.py",
         "test_scylla_adapter.py",
-        "test_sstable_load.py",
         "test_stack.py",
         "test_topics.py",
         "test_transport.py",
-        "test_slot_safety.py",
         "test_backfill.py",
     ),
 }
